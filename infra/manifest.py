@@ -1,0 +1,181 @@
+"""Manifests: a directory of outputs is complete only once its MANIFEST.json is written, last.
+
+The manifest lists every file with its size and sha256 (plus row counts where they apply) and who
+produced it. File digests depend only on file contents; the production time lives in the manifest
+alone, so re-running a deterministic stage reproduces the same digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import socket
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+from infra.store import ArtifactStore, NotFoundError, StoreError
+
+MANIFEST_NAME = "MANIFEST.json"
+MANIFEST_FORMAT = 1
+_CHUNK = 1 << 20
+
+
+class IncompleteOutputError(StoreError):
+    """The output has no manifest, or a file its manifest lists is missing."""
+
+
+class CorruptOutputError(StoreError):
+    """A file's size or sha256 differs from its manifest entry."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One listed file: name relative to the output prefix, size in bytes, sha256 hex digest."""
+
+    name: str
+    size: int
+    sha256: str
+    rows: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What an output directory holds and who produced it."""
+
+    files: dict[str, FileEntry]
+    producer: dict[str, Any] = field(default_factory=dict)
+    format: int = MANIFEST_FORMAT
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": self.format,
+            "producer": self.producer,
+            "files": [asdict(e) for e in sorted(self.files.values(), key=lambda e: e.name)],
+        }
+        return json.dumps(doc, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        doc = json.loads(data)
+        files = {e["name"]: FileEntry(**e) for e in doc["files"]}
+        return cls(files=files, producer=doc.get("producer", {}), format=doc["format"])
+
+    def check(self, name: str, data: bytes, uri: str) -> bytes:
+        """Return `data` if it matches the entry for `name`, else raise CorruptOutputError naming `uri`."""
+        entry = self.files.get(name)
+        if entry is None:
+            raise IncompleteOutputError(f"{uri}: not listed in the manifest")
+        if len(data) != entry.size:
+            raise CorruptOutputError(f"{uri}: size {len(data)} != {entry.size} in the manifest")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.sha256:
+            raise CorruptOutputError(f"{uri}: sha256 {digest} != {entry.sha256} in the manifest")
+        return data
+
+
+def _join(prefix: str, name: str) -> str:
+    return posixpath.join(prefix, name) if prefix else name
+
+
+def _code_version() -> str:
+    try:
+        return metadata.version("fdm-pipeline")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def file_digest(store: ArtifactStore, path: str) -> tuple[int, str]:
+    """Size and sha256 of a stored file, streamed in chunks."""
+    h, size = hashlib.sha256(), 0
+    with store.open_input(path) as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def write_manifest(
+    store: ArtifactStore, prefix: str, producer: dict[str, Any], rows: dict[str, int] | None = None
+) -> Manifest:
+    """Hash every file under `prefix` and write the manifest last, marking the output complete.
+
+    `producer` (e.g. stage, key, config) is completed with time, host and code version unless given.
+    """
+    rows = rows or {}
+    files = {}
+    for path in store.list(prefix):
+        name = posixpath.relpath(path, prefix) if prefix else path
+        if name == MANIFEST_NAME:
+            continue
+        size, sha = file_digest(store, path)
+        files[name] = FileEntry(name, size, sha, rows.get(name))
+    unknown = sorted(set(rows) - set(files))
+    if unknown:
+        raise ValueError(f"{store.uri(_join(prefix, unknown[0]))}: row count given for a file not written")
+    info = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "code_version": _code_version(),
+        **producer,
+    }
+    manifest = Manifest(files=files, producer=info)
+    store.write_bytes(_join(prefix, MANIFEST_NAME), manifest.to_json())
+    return manifest
+
+
+def read_manifest(store: ArtifactStore, prefix: str) -> Manifest:
+    """The manifest of `prefix`; IncompleteOutputError if there is none."""
+    path = _join(prefix, MANIFEST_NAME)
+    try:
+        data = store.read_bytes(path)
+    except NotFoundError as err:
+        raise IncompleteOutputError(f"{store.uri(path)}: no manifest, the output is incomplete") from err
+    try:
+        return Manifest.from_json(data)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CorruptOutputError(f"{store.uri(path)}: unreadable manifest ({err})") from err
+
+
+def verify(store: ArtifactStore, prefix: str) -> Manifest:
+    """Check every listed file is present with the listed size and sha256; return the manifest."""
+    manifest = read_manifest(store, prefix)
+    for name, entry in sorted(manifest.files.items()):
+        uri = store.uri(_join(prefix, name))
+        try:
+            size, sha = file_digest(store, _join(prefix, name))
+        except NotFoundError as err:
+            raise IncompleteOutputError(f"{uri}: listed in the manifest but missing") from err
+        if (size, sha) != (entry.size, entry.sha256):
+            raise CorruptOutputError(f"{uri}: size/sha256 {size}/{sha} != {entry.size}/{entry.sha256}")
+    return manifest
+
+
+def is_complete(store: ArtifactStore, prefix: str) -> bool:
+    """Whether `prefix` holds a manifest whose files are all present and intact."""
+    try:
+        verify(store, prefix)
+    except (IncompleteOutputError, CorruptOutputError):
+        return False
+    return True
+
+
+def read_verified(store: ArtifactStore, prefix: str, name: str, manifest: Manifest | None = None) -> bytes:
+    """Read one file of a complete output, refusing it unless it matches its manifest entry."""
+    manifest = manifest or read_manifest(store, prefix)
+    path = _join(prefix, name)
+    if name not in manifest.files:
+        raise IncompleteOutputError(f"{store.uri(path)}: not listed in the manifest")
+    try:
+        data = store.read_bytes(path)
+    except NotFoundError as err:
+        raise IncompleteOutputError(f"{store.uri(path)}: listed in the manifest but missing") from err
+    return manifest.check(name, data, store.uri(path))
+
+
+def clear_output(store: ArtifactStore, prefix: str) -> None:
+    """Remove an output directory, its manifest first, so a re-run never looks complete midway."""
+    store.delete(_join(prefix, MANIFEST_NAME))
+    store.delete_prefix(prefix)

@@ -1,0 +1,301 @@
+"""One artifact-store interface over a local directory and an ``s3://bucket/prefix`` root.
+
+Stages read and write through this, so the same code runs on a laptop and on a cluster with S3.
+Paths are relative to the store root and '/'-separated; writes are atomic (a reader sees the old
+object or the whole new one, never a partial file).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pyarrow.fs as pafs
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+ENDPOINT_ENV_VARS = ("FDM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+# Transient S3 errors (throttling, 5xx, connection resets) are retried with exponential backoff.
+S3_MAX_ATTEMPTS = 5
+_TMP_PREFIX = ".tmp-"
+
+
+class StoreError(Exception):
+    """Base class of artifact-store errors; messages name the offending URI."""
+
+
+class NotFoundError(StoreError, FileNotFoundError):
+    """A file the caller asked for is not in the store."""
+
+
+def _clean(path: str) -> str:
+    """Normalise a store-relative path ('a//b/./c' -> 'a/b/c') and refuse '..' escaping the root."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise StoreError(f"path {path!r} may not contain '..'")
+    return "/".join(parts)
+
+
+class ArtifactStore(ABC):
+    """Files under one root URI; all paths are relative to it."""
+
+    root_uri: str
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str | None]]:
+        # Stores pickle by reconstruction (clients are not picklable), so they can enter Ray tasks.
+        return open_store, (self.root_uri, getattr(self, "endpoint_url", None))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.root_uri!r})"
+
+    def uri(self, path: str = "") -> str:
+        """Full URI of `path` (the root itself for '')."""
+        path = _clean(path)
+        return f"{self.root_uri}/{path}" if path else self.root_uri
+
+    @abstractmethod
+    def read_bytes(self, path: str) -> bytes:
+        """Whole content of a file; raises NotFoundError if absent."""
+
+    @abstractmethod
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Atomically create or replace a file."""
+
+    @abstractmethod
+    def exists(self, path: str) -> bool:
+        """Whether `path` is a file in the store."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted store-relative paths of all files under the directory `prefix` (recursive)."""
+
+    @abstractmethod
+    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> None:
+        """Copy every file under a local directory to `prefix`, keeping relative paths."""
+
+    @abstractmethod
+    def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> None:
+        """Copy every file under `prefix` into a local directory, keeping relative paths."""
+
+    @abstractmethod
+    def delete(self, path: str) -> None:
+        """Delete one file (no error if it is absent)."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every file under the directory `prefix` (no error if there is none)."""
+
+    @abstractmethod
+    def arrow_path(self, path: str = "") -> tuple[pafs.FileSystem, str]:
+        """A pyarrow FileSystem and the path of `path` in it, for pyarrow readers and writers."""
+
+    def open_input(self, path: str) -> pafs.NativeFile:
+        """Seekable file-like object for reading (suits ``pyarrow.parquet.ParquetFile``)."""
+        fs, fs_path = self.arrow_path(path)
+        try:
+            return fs.open_input_file(fs_path)
+        except FileNotFoundError as err:
+            raise NotFoundError(f"{self.uri(path)}: file not found") from err
+
+
+class LocalStore(ArtifactStore):
+    """A directory on the local filesystem; atomic writes via a temp file and ``os.replace``."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).expanduser().absolute()
+        self.root_uri = str(self.root)
+
+    def _path(self, path: str) -> Path:
+        return self.root / _clean(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        try:
+            return self._path(path).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
+            raise NotFoundError(f"{self.uri(path)}: file not found") from err
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self._write_atomic(self._path(path), lambda f: f.write(data))
+
+    @staticmethod
+    def _write_atomic(target: Path, fill: Any) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                fill(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, path: str) -> bool:
+        return self._path(path).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(_TMP_PREFIX)
+        )
+
+    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> None:
+        src = Path(local_dir)
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                with p.open("rb") as fin:
+                    target = self._path(posixpath.join(_clean(prefix), p.relative_to(src).as_posix()))
+                    self._write_atomic(target, lambda f, fin=fin: shutil.copyfileobj(fin, f))
+
+    def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> None:
+        base = _clean(prefix)
+        for rel in self.list(prefix):
+            dest = Path(local_dir) / posixpath.relpath(rel, base or ".")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self._path(rel), dest)
+
+    def delete(self, path: str) -> None:
+        self._path(path).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        target = self._path(prefix)
+        if not target.is_dir():
+            return
+        if target != self.root:
+            shutil.rmtree(target)
+            return
+        for child in list(target.iterdir()):  # keep the root directory itself
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def arrow_path(self, path: str = "") -> tuple[pafs.FileSystem, str]:
+        return pafs.LocalFileSystem(), str(self._path(path))
+
+
+class S3Store(ArtifactStore):
+    """``s3://bucket/prefix`` through boto3 (writes, listing) and pyarrow's S3FileSystem (random reads).
+
+    An object becomes visible only once its upload completes (single PUT or completed multipart
+    upload), which is what makes writes atomic. Credentials come from the standard AWS chain.
+    """
+
+    def __init__(self, root_uri: str, endpoint_url: str | None = None):
+        bucket, _, key_prefix = root_uri.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise StoreError(f"{root_uri!r}: no bucket in S3 URI")
+        self.bucket = bucket
+        self.key_prefix = _clean(key_prefix)
+        self.root_uri = f"s3://{bucket}/{self.key_prefix}".rstrip("/")
+        self.endpoint_url = endpoint_url
+
+    @cached_property
+    def _client(self) -> Any:
+        config = Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
+
+    @cached_property
+    def _arrow_fs(self) -> pafs.S3FileSystem:
+        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
+        if self.endpoint_url is None:
+            return pafs.S3FileSystem(region=pafs.resolve_s3_region(self.bucket), retry_strategy=retry)
+        scheme, _, host = self.endpoint_url.partition("://")
+        return pafs.S3FileSystem(
+            endpoint_override=host.rstrip("/"),
+            scheme=scheme,
+            region=self._client.meta.region_name or "us-east-1",
+            retry_strategy=retry,
+        )
+
+    def _key(self, path: str) -> str:
+        return "/".join(p for p in (self.key_prefix, _clean(path)) if p)
+
+    def _rel(self, key: str) -> str:
+        return key[len(self.key_prefix) + 1 :] if self.key_prefix else key
+
+    def read_bytes(self, path: str) -> bytes:
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"].read()
+        except ClientError as err:
+            if err.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                raise NotFoundError(f"{self.uri(path)}: file not found") from err
+            raise StoreError(f"{self.uri(path)}: {err}") from err
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self._client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data)
+
+    def exists(self, path: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(path))
+        except ClientError as err:
+            if err.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return False
+            raise StoreError(f"{self.uri(path)}: {err}") from err
+        return True
+
+    def _keys(self, prefix: str) -> list[str]:
+        key = self._key(prefix)
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=f"{key}/" if key else ""
+        )
+        keys = (obj["Key"] for page in pages for obj in page.get("Contents", []))
+        return [k for k in keys if not k.endswith("/")]  # skip "directory" marker objects
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(self._rel(k) for k in self._keys(prefix))
+
+    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> None:
+        src = Path(local_dir)
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                key = self._key(posixpath.join(_clean(prefix), p.relative_to(src).as_posix()))
+                self._client.upload_file(str(p), self.bucket, key)
+
+    def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> None:
+        base = _clean(prefix)
+        for rel in self.list(prefix):
+            dest = Path(local_dir) / posixpath.relpath(rel, base or ".")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._client.download_file(self.bucket, self._key(rel), str(dest))
+
+    def delete(self, path: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=self._key(path))
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self._keys(prefix)
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys per call
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def arrow_path(self, path: str = "") -> tuple[pafs.FileSystem, str]:
+        key = self._key(path)
+        return self._arrow_fs, f"{self.bucket}/{key}" if key else self.bucket
+
+
+def open_store(root_uri: str, endpoint_url: str | None = None) -> ArtifactStore:
+    """The store for a local path, ``file://`` URI or ``s3://bucket/prefix``.
+
+    For S3 the endpoint is `endpoint_url`, else env ``FDM_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``,
+    else AWS itself.
+    """
+    if root_uri.startswith("s3://"):
+        endpoint = endpoint_url or next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+        return S3Store(root_uri, endpoint)
+    if root_uri.startswith("file://"):
+        return LocalStore(root_uri.removeprefix("file://"))
+    if "://" in root_uri:
+        raise StoreError(f"{root_uri!r}: unsupported URI scheme (use a local path or s3://)")
+    return LocalStore(root_uri)
