@@ -12,7 +12,7 @@ import posixpath
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,25 @@ class LocalStore(ArtifactStore):
         return pafs.LocalFileSystem(), str(self._path(path))
 
 
+@cache
+def _s3_client(endpoint_url: str | None) -> Any:
+    """One boto3 client per endpoint: clients are thread-safe and slow (~0.1 s) to create."""
+    config = Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+@cache
+def _arrow_s3(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
+    """One pyarrow S3 filesystem per endpoint and region, with the same bounded retries as boto3."""
+    retry = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
+    if endpoint_url is None:
+        return pafs.S3FileSystem(region=region, retry_strategy=retry)
+    scheme, _, host = endpoint_url.partition("://")
+    return pafs.S3FileSystem(
+        endpoint_override=host.rstrip("/"), scheme=scheme, region=region, retry_strategy=retry
+    )
+
+
 class S3Store(ArtifactStore):
     """``s3://bucket/prefix`` through boto3 (writes, listing) and pyarrow's S3FileSystem (random reads).
 
@@ -202,23 +221,15 @@ class S3Store(ArtifactStore):
         self.root_uri = f"s3://{bucket}/{self.key_prefix}".rstrip("/")
         self.endpoint_url = endpoint_url
 
-    @cached_property
+    @property
     def _client(self) -> Any:
-        config = Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
-        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
+        return _s3_client(self.endpoint_url)
 
     @cached_property
     def _arrow_fs(self) -> pafs.S3FileSystem:
-        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
         if self.endpoint_url is None:
-            return pafs.S3FileSystem(region=pafs.resolve_s3_region(self.bucket), retry_strategy=retry)
-        scheme, _, host = self.endpoint_url.partition("://")
-        return pafs.S3FileSystem(
-            endpoint_override=host.rstrip("/"),
-            scheme=scheme,
-            region=self._client.meta.region_name or "us-east-1",
-            retry_strategy=retry,
-        )
+            return _arrow_s3(None, pafs.resolve_s3_region(self.bucket))
+        return _arrow_s3(self.endpoint_url, self._client.meta.region_name or "us-east-1")
 
     def _key(self, path: str) -> str:
         return "/".join(p for p in (self.key_prefix, _clean(path)) if p)

@@ -1,0 +1,186 @@
+"""Reading a prepared dataset (local or s3://): a streaming, shuffled batch loader and small helpers.
+
+Every read goes through the dataset's manifest: dataset.json and each shard are checked against their
+sha256 before use, so a corrupt or partial dataset is refused with the offending file's URI. Shards are
+verified as they are streamed (one shard's bytes in memory at a time), not all up front.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import count
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from infra.manifest import Manifest, read_manifest, read_verified
+from infra.store import ArtifactStore, open_store
+from tasks.prepare_data import DATASET_META_NAME, DataError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """What dataset.json records: sample shape, classes, normalisation, source and files per split."""
+
+    shape: tuple[int, ...]
+    num_classes: int
+    class_names: tuple[str, ...]
+    normalization: dict[str, Any] | None
+    source: dict[str, Any]
+    splits: dict[str, dict[str, Any]]
+
+    def files(self, split: str) -> list[str]:
+        """Shard names of `split`, in written order."""
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; the dataset has {sorted(self.splits)}")
+        return list(self.splits[split]["files"])
+
+    def rows(self, split: str) -> int:
+        """Number of samples in `split`."""
+        self.files(split)
+        return int(self.splits[split]["rows"])
+
+
+def _open(dataset_uri: str, endpoint_url: str | None) -> tuple[ArtifactStore, Manifest, DatasetMeta]:
+    store = open_store(dataset_uri, endpoint_url)
+    manifest = read_manifest(store, "")
+    doc = json.loads(read_verified(store, "", DATASET_META_NAME, manifest))
+    meta = DatasetMeta(
+        shape=tuple(doc["shape"]),
+        num_classes=doc["num_classes"],
+        class_names=tuple(doc["class_names"]),
+        normalization=doc["normalization"],
+        source=doc["source"],
+        splits=doc["splits"],
+    )
+    return store, manifest, meta
+
+
+def dataset_meta(dataset_uri: str, endpoint_url: str | None = None) -> DatasetMeta:
+    """The verified metadata of a prepared dataset."""
+    return _open(dataset_uri, endpoint_url)[2]
+
+
+def _shard(store: ArtifactStore, manifest: Manifest, name: str) -> pq.ParquetFile:
+    """A shard whose bytes match the manifest, opened from memory."""
+    data = read_verified(store, "", name, manifest)
+    try:
+        return pq.ParquetFile(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{store.uri(name)}: not a readable Parquet shard ({err})") from err
+
+
+def _row_group(
+    shard: pq.ParquetFile, i: int, shape: tuple[int, ...], uri: str
+) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        # No Arrow thread pool: a row group is small, and pool threads alive at interpreter exit can abort
+        # the process (apache/arrow#34314).
+        table = shard.read_row_group(i, columns=["x", "label"], use_threads=False)
+        x = table.column("x").combine_chunks().flatten().to_numpy()
+        labels = table.column("label").to_numpy()
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        raise DataError(f"{uri}: unreadable row group {i} ({err})") from err
+    return x.reshape(-1, *shape), labels
+
+
+def load_split(
+    dataset_uri: str, split: str = "train", endpoint_url: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, DatasetMeta]:
+    """All of one split in memory, in stored order: x float32 [N, *shape], labels int64 [N], metadata."""
+    store, manifest, meta = _open(dataset_uri, endpoint_url)
+    xs, ys = [np.empty((0, *meta.shape), np.float32)], [np.empty(0, np.int64)]
+    for name in meta.files(split):
+        shard = _shard(store, manifest, name)
+        for i in range(shard.num_row_groups):
+            x, y = _row_group(shard, i, meta.shape, store.uri(name))
+            xs.append(x)
+            ys.append(y)
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), meta
+
+
+@dataclass
+class ParquetBatches:
+    """Shuffled (x, labels) torch batches streamed from a prepared dataset's shards.
+
+    Each epoch visits the shards and their row groups in a seeded random order and mixes rows through a
+    shuffle buffer of about `shuffle_buffer` rows, so memory stays bounded by one shard plus the buffer.
+    The same seed gives the same batches. Plain fields only, so it pickles into Ray tasks.
+    `epochs=None` repeats forever.
+    """
+
+    dataset_uri: str
+    batch_size: int = 128
+    split: str = "train"
+    seed: int = 0
+    epochs: int | None = 1
+    shuffle_buffer: int = 8192
+    drop_last: bool = True
+    endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.shuffle_buffer < 0 or (self.epochs is not None and self.epochs < 0):
+            raise ValueError("need batch_size >= 1, shuffle_buffer >= 0 and epochs >= 0 (or None)")
+
+    def __iter__(self) -> Iterator[Batch]:
+        store, manifest, meta = _open(self.dataset_uri, self.endpoint_url)
+        files = meta.files(self.split)
+        for epoch in count() if self.epochs is None else range(self.epochs):
+            rng = np.random.default_rng([self.seed, epoch])
+            chunks = self._chunks(store, manifest, files, meta.shape, rng)
+            yield from self._shuffled_batches(chunks, rng)
+
+    @staticmethod
+    def _chunks(
+        store: ArtifactStore,
+        manifest: Manifest,
+        files: list[str],
+        shape: tuple[int, ...],
+        rng: np.random.Generator,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for f in rng.permutation(len(files)):
+            shard = _shard(store, manifest, files[f])
+            for i in rng.permutation(shard.num_row_groups):
+                yield _row_group(shard, int(i), shape, store.uri(files[f]))
+
+    def _shuffled_batches(
+        self, chunks: Iterator[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator
+    ) -> Iterator[Batch]:
+        # Let the buffer grow to twice its size, shuffle it, emit the first half as batches, keep the rest:
+        # every row is copied a bounded number of times, and rows mix across row groups and shards.
+        keep = max(self.shuffle_buffer, self.batch_size)
+        xs: list[np.ndarray] = []
+        ys: list[np.ndarray] = []
+        held = 0
+        for x, y in chunks:
+            xs.append(x)
+            ys.append(y)
+            held += len(y)
+            if held >= 2 * keep:
+                x_all, y_all = self._shuffle(xs, ys, rng)
+                n_out = (held - keep) // self.batch_size * self.batch_size
+                yield from self._batches(x_all[:n_out], y_all[:n_out])
+                xs, ys, held = [x_all[n_out:]], [y_all[n_out:]], held - n_out
+        if held:
+            x_all, y_all = self._shuffle(xs, ys, rng)
+            n_out = held // self.batch_size * self.batch_size if self.drop_last else held
+            yield from self._batches(x_all[:n_out], y_all[:n_out])
+
+    @staticmethod
+    def _shuffle(
+        xs: list[np.ndarray], ys: list[np.ndarray], rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        perm = rng.permutation(sum(len(y) for y in ys))
+        return np.concatenate(xs)[perm], np.concatenate(ys)[perm]
+
+    def _batches(self, x: np.ndarray, y: np.ndarray) -> Iterator[Batch]:
+        for start in range(0, len(y), self.batch_size):
+            end = start + self.batch_size
+            yield torch.from_numpy(x[start:end]), torch.from_numpy(y[start:end])

@@ -1,0 +1,347 @@
+"""prepare_data -> Parquet + manifest -> loader, for every source kind, on local paths and on S3 (moto)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+from sklearn.datasets import load_digits
+
+from infra.manifest import (
+    MANIFEST_NAME,
+    CorruptOutputError,
+    IncompleteOutputError,
+    is_complete,
+    read_manifest,
+    verify,
+    write_manifest,
+)
+from infra.store import ArtifactStore, open_store
+from tasks import prepare_data as prep
+from tasks.dataset import ParquetBatches, dataset_meta, load_split
+from tasks.prepare_data import CIFAR10_TRAIN_BATCHES, DataConfig, DataError, prepare_data
+from tasks.stage import StageContext
+
+
+@dataclass
+class Place:
+    """Where a test keeps its source files and stage outputs: a local dir or an S3 prefix."""
+
+    root: str
+    endpoint: str | None
+
+    @property
+    def store(self) -> ArtifactStore:
+        return open_store(self.root, self.endpoint)
+
+    def ctx(self, out: str = "stages/prepare_data/k") -> StageContext:
+        return StageContext(store_uri=self.root, out_prefix=out, key="k", endpoint_url=self.endpoint)
+
+
+@pytest.fixture
+def local(tmp_path) -> Place:
+    return Place(str(tmp_path / "store"), None)
+
+
+@pytest.fixture(params=["local", "s3"])
+def place(request, tmp_path) -> Place:
+    if request.param == "local":
+        return Place(str(tmp_path / "store"), None)
+    return Place(request.getfixturevalue("s3_root"), request.getfixturevalue("s3_server"))
+
+
+def to_model_space(x: np.ndarray, hi: float) -> np.ndarray:
+    return (x.astype(np.float64) * (2 / hi) - 1).astype(np.float32)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_cifar(store: ArtifactStore, prefix: str, per_batch: int = 4, seed: int = 0) -> tuple:
+    """Tiny batches in the CIFAR-10 python format; returns (x uint8 [N, 3, 32, 32], labels)."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for name in CIFAR10_TRAIN_BATCHES:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data}
+        store.write_bytes(f"{prefix}/{name}", pickle.dumps(batch, protocol=2))
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.extend(labels)
+    return np.concatenate(xs), np.asarray(ys)
+
+
+def write_image_folder(store: ArtifactStore, prefix: str, seed: int = 0) -> tuple:
+    """Two class folders of 6x8 RGB PNGs plus a non-image file; returns (x uint8 [N, 3, 6, 8], labels)."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for label, cls in enumerate(["cat", "dog"]):
+        for i in range(3):
+            pixels = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+            store.write_bytes(f"{prefix}/{cls}/{i}.png", png_bytes(pixels))
+            xs.append(pixels.transpose(2, 0, 1))
+            ys.append(label)
+    store.write_bytes(f"{prefix}/README.txt", b"not an image")
+    return np.stack(xs), np.asarray(ys)
+
+
+def write_npz(store: ArtifactStore, name: str, seed: int = 0) -> tuple:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (15, 5, 5), dtype=np.uint8)
+    y = rng.integers(0, 3, 15)
+    buf = io.BytesIO()
+    np.savez(buf, x=x, y=y)
+    store.write_bytes(name, buf.getvalue())
+    return x[:, None], y
+
+
+def source_case(kind: str, place: Place) -> tuple[dict, np.ndarray | None, np.ndarray | None, tuple, int]:
+    """(source config, expected x in [-1, 1] or None, expected labels, shape, num_classes) per kind."""
+    store = place.store
+    if kind == "cifar10":
+        x, y = write_cifar(store, "src/cifar")
+        return {"kind": kind, "path": store.uri("src/cifar")}, to_model_space(x, 255), y, (3, 32, 32), 10
+    if kind == "image_folder":
+        x, y = write_image_folder(store, "src/images")
+        return {"kind": kind, "path": store.uri("src/images")}, to_model_space(x, 255), y, (3, 6, 8), 2
+    if kind == "npy":
+        x, y = write_npz(store, "src/arrays.npz")
+        src = {"kind": kind, "path": store.uri("src/arrays.npz"), "labels_key": "y"}
+        return src, to_model_space(x, 255), y, (1, 5, 5), int(y.max()) + 1
+    if kind == "digits":
+        d = load_digits()
+        return {"kind": kind}, to_model_space(d.images[:, None], 16), d.target, (1, 8, 8), 10
+    return {"kind": "toy2d", "toy": "two_moons", "n": 60}, None, None, (2,), 0
+
+
+def sorted_rows(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Rows (label, pixels...) in lexicographic order, to compare datasets regardless of order."""
+    rows = np.concatenate(
+        [np.asarray(y, np.float64)[:, None], np.asarray(x, np.float64).reshape(len(y), -1)], 1
+    )
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def stream_all(uri: str, place: Place, split: str = "train", **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(ParquetBatches(uri, split=split, endpoint_url=place.endpoint, **kw))
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "image_folder", "npy", "digits", "toy2d"])
+def test_round_trip(kind, place):
+    src, x_expected, y_expected, shape, num_classes = source_case(kind, place)
+    cfg = DataConfig(source=src, seed=3, val_fraction=0.2, shard_rows=7, row_group_rows=3)
+    if kind == "digits":
+        cfg = cfg.model_copy(update={"shard_rows": 500, "row_group_rows": 128})
+    result = prepare_data(cfg, place.ctx())
+
+    uri = result.outputs["dataset"]
+    assert uri == place.store.uri("stages/prepare_data/k")
+    assert result.info["shape"] == list(shape) and result.info["num_classes"] == num_classes
+    manifest = verify(open_store(uri, place.endpoint), "")
+    assert manifest.producer["stage"] == "prepare_data" and manifest.producer["key"] == "k"
+    meta = dataset_meta(uri, place.endpoint)
+    assert meta.shape == shape and meta.num_classes == num_classes
+    n = int(result.metrics["n_train"] + result.metrics["n_val"])
+    assert result.metrics["n_val"] == round(0.2 * n) == meta.rows("val")
+    assert sum(manifest.files[f].rows for f in meta.files("train")) == meta.rows("train")
+
+    x_train, y_train = stream_all(uri, place, batch_size=5, shuffle_buffer=4, drop_last=False)
+    x_val, y_val, _ = load_split(uri, "val", place.endpoint)
+    assert x_train.dtype == torch.float32 and x_train.shape[1:] == shape and y_train.dtype == torch.int64
+    assert len(y_train) == meta.rows("train") and len(y_val) == meta.rows("val")
+    x_all, y_all = torch.cat([x_train, x_val]), torch.cat([y_train, y_val])
+    if x_expected is None:  # toy2d: generated, so compare the loader with the stored split
+        x_stored, y_stored, _ = load_split(uri, "train", place.endpoint)
+        np.testing.assert_array_equal(sorted_rows(x_train, y_train), sorted_rows(x_stored, y_stored))
+        assert (y_all == -1).all() and torch.isfinite(x_all).all()
+    else:
+        np.testing.assert_allclose(sorted_rows(x_all, y_all), sorted_rows(x_expected, y_expected), atol=1e-6)
+
+
+def test_same_inputs_give_same_digests(local):
+    write_image_folder(local.store, "src/images")
+    cfg = DataConfig(source={"kind": "image_folder", "path": local.store.uri("src/images")}, shard_rows=4)
+    prepare_data(cfg, local.ctx("a"))
+    prepare_data(cfg, local.ctx("b"))
+    prepare_data(cfg.model_copy(update={"seed": 1}), local.ctx("c"))
+    a, b, c = (read_manifest(local.store, p) for p in "abc")
+    assert a.files == b.files
+    assert a.files != c.files  # the seed changes the split and row order
+
+
+def test_split_is_seeded():
+    first, again, other = (prep.split_indices(100, 0.1, s) for s in (0, 0, 1))
+    assert all(np.array_equal(first[k], again[k]) for k in ("train", "val"))
+    assert set(first["val"]) != set(other["val"])
+    assert sorted(np.concatenate([first["train"], first["val"]])) == list(range(100))
+
+
+def test_digits_pad_and_resize(local):
+    cfg = DataConfig(source={"kind": "digits", "pad_to": 16, "resize_to": 32})
+    result = prepare_data(cfg, local.ctx())
+    x, _, meta = load_split(result.outputs["dataset"], "val")
+    assert meta.shape == (1, 32, 32) and x.shape[1:] == (1, 32, 32)
+    assert x.min() == -1 and x.max() <= 1 and (x[:, :, :4] == -1).all()  # padding is background
+
+
+def test_loader_batches_epochs_and_seed(local):
+    result = prepare_data(
+        DataConfig(source={"kind": "digits"}, shard_rows=300, row_group_rows=64), local.ctx()
+    )
+    uri, n_train = result.outputs["dataset"], int(result.metrics["n_train"])
+    loader = ParquetBatches(uri, batch_size=64, seed=5, epochs=2, shuffle_buffer=200)
+    batches = list(loader)
+    assert all(len(y) == 64 for _, y in batches) and len(batches) == 2 * (n_train // 64)
+    again = list(pickle.loads(pickle.dumps(loader)))  # plain fields: ships into Ray tasks
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    other = list(ParquetBatches(uri, batch_size=64, seed=6, epochs=1, shuffle_buffer=200))
+    assert not torch.equal(batches[0][1], other[0][1])
+    half = len(batches) // 2
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(batches[:half], batches[half:]))  # epochs differ
+    labels = torch.cat([y for _, y in batches[:half]])
+    assert set(labels.tolist()) == set(range(10))
+
+
+def test_flipped_byte_in_shard_is_refused(place):
+    result = prepare_data(DataConfig(source={"kind": "digits"}, shard_rows=600), place.ctx())
+    store = open_store(result.outputs["dataset"], place.endpoint)
+    data = bytearray(store.read_bytes("train-00001.parquet"))
+    data[len(data) // 2] ^= 0x01
+    store.write_bytes("train-00001.parquet", bytes(data))
+    shard_uri = re.escape(store.uri("train-00001.parquet"))
+    with pytest.raises(CorruptOutputError, match=shard_uri):
+        list(ParquetBatches(result.outputs["dataset"], endpoint_url=place.endpoint))
+    with pytest.raises(CorruptOutputError, match=shard_uri):
+        load_split(result.outputs["dataset"], "train", place.endpoint)
+    assert not is_complete(store, "")
+
+
+def test_corrupt_parquet_with_matching_manifest_names_file(local):
+    result = prepare_data(DataConfig(source={"kind": "digits"}), local.ctx())
+    store = open_store(result.outputs["dataset"])
+    store.write_bytes("val-00000.parquet", b"PAR1 this is not parquet PAR1")
+    write_manifest(store, "", {"stage": "prepare_data"})  # digests now match the garbage
+    with pytest.raises(DataError, match=re.escape(store.uri("val-00000.parquet"))):
+        load_split(result.outputs["dataset"], "val")
+
+
+def test_interrupted_stage_leaves_nothing_complete(place, monkeypatch):
+    cfg = DataConfig(source={"kind": "digits"}, shard_rows=400)
+    prepare_data(cfg, place.ctx())  # an earlier complete output at the same prefix
+    calls = []
+    real = prep._shard_bytes
+
+    def fail_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("worker killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "_shard_bytes", fail_on_third)
+    with pytest.raises(OSError, match="worker killed"):
+        prepare_data(cfg, place.ctx())
+    store = place.store
+    out = "stages/prepare_data/k"
+    assert not store.exists(f"{out}/{MANIFEST_NAME}") and store.list(out)  # shards written, no manifest
+    assert not is_complete(store, out)
+    with pytest.raises(IncompleteOutputError, match=MANIFEST_NAME):
+        list(ParquetBatches(store.uri(out), endpoint_url=place.endpoint))
+
+
+def assert_refused(place: Place, cfg: DataConfig, names: str) -> None:
+    with pytest.raises(DataError, match=re.escape(names)) as info:
+        prepare_data(cfg, place.ctx())
+    assert not place.store.exists(f"stages/prepare_data/k/{MANIFEST_NAME}")
+    return info.value
+
+
+def test_bad_images(place):
+    store = place.store
+    write_image_folder(store, "src/images")
+    folder = {"kind": "image_folder", "path": store.uri("src/images")}
+    store.write_bytes("src/images/dog/big.png", png_bytes(np.zeros((6, 9, 3), np.uint8)))
+    err = assert_refused(place, DataConfig(source=folder), store.uri("src/images/dog/big.png"))
+    assert "9x6" in str(err)
+    # resize_to makes differently sized images acceptable
+    assert prepare_data(DataConfig(source={**folder, "resize_to": 4}), place.ctx()).info["shape"] == [3, 4, 4]
+    store.delete("stages/prepare_data/k/MANIFEST.json")
+    store.write_bytes("src/images/dog/big.png", b"\x89PNG garbage")
+    assert_refused(place, DataConfig(source=folder), store.uri("src/images/dog/big.png"))
+    good = store.read_bytes("src/images/cat/0.png")
+    store.write_bytes("src/images/dog/big.png", good[: len(good) // 2])  # truncated
+    assert_refused(place, DataConfig(source=folder), store.uri("src/images/dog/big.png"))
+
+
+def test_missing_and_empty_folders(place, tmp_path):
+    store = place.store
+    missing = store.uri("src/nowhere")
+    assert_refused(place, DataConfig(source={"kind": "image_folder", "path": missing}), missing)
+    assert_refused(place, DataConfig(source={"kind": "cifar10", "path": missing}), f"{missing}/data_batch_1")
+    assert_refused(place, DataConfig(source={"kind": "npy", "path": f"{missing}/x.npy"}), f"{missing}/x.npy")
+    store.write_bytes("src/empty/notes.txt", b"no images here")
+    empty = store.uri("src/empty")
+    assert_refused(place, DataConfig(source={"kind": "image_folder", "path": empty}), empty)
+
+
+def test_bad_cifar_batches(place):
+    store = place.store
+    write_cifar(store, "src/cifar")
+    cfg = DataConfig(source={"kind": "cifar10", "path": store.uri("src/cifar")})
+    bad = store.uri("src/cifar/data_batch_3")
+    whole = store.read_bytes("src/cifar/data_batch_3")
+    store.write_bytes("src/cifar/data_batch_3", whole[: len(whole) // 2])  # truncated pickle
+    assert_refused(place, cfg, bad)
+    wrong = {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}
+    store.write_bytes("src/cifar/data_batch_3", pickle.dumps(wrong))
+    assert "3072" in str(assert_refused(place, cfg, bad))
+    store.write_bytes("src/cifar/data_batch_3", pickle.dumps({b"data": Exploit()}))
+    assert "not allowed" in str(assert_refused(place, cfg, bad))
+
+
+class Exploit:
+    """A pickle that would run code when loaded by a plain unpickler."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_bad_arrays(local):
+    store = local.store
+    arrays = {"vector": np.zeros(10), "nan": np.full((3, 2), np.nan)}
+    for name, arr in arrays.items():
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        store.write_bytes(f"src/{name}.npy", buf.getvalue())
+        assert_refused(local, DataConfig(source={"kind": "npy", "path": store.uri(f"src/{name}.npy")}), name)
+    store.write_bytes("src/cut.npy", store.read_bytes("src/nan.npy")[:60])
+    assert_refused(local, DataConfig(source={"kind": "npy", "path": store.uri("src/cut.npy")}), "cut.npy")
+    write_npz(store, "src/a.npz")
+    src = {"kind": "npy", "path": store.uri("src/a.npz"), "labels_key": "labels"}
+    assert "'labels'" in str(assert_refused(local, DataConfig(source=src), store.uri("src/a.npz")))
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"source": {"kind": "toy2d", "toy": "spiral"}}, "toy"),
+        ({"source": {"kind": "digits"}, "val_fraction": 1.0}, "val_fraction"),
+        ({"source": {"kind": "digits"}, "shards": 3}, "shards"),
+        ({"source": {"kind": "cifar10", "path": "x", "colour": True}}, "colour"),
+        ({"source": {"kind": "npy", "path": "x", "value_range": [1, 0]}}, "value_range"),
+        ({"source": {"kind": "parquet"}}, "kind"),
+    ],
+)
+def test_config_errors_name_the_field(config, field):
+    with pytest.raises(ValidationError, match=field):
+        DataConfig.model_validate(config)
