@@ -194,7 +194,7 @@ class UNet(nn.Module):
         return nn.ModuleList(layers)
 
     @staticmethod
-    def _apply(layer: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+    def _run(layer: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
         if isinstance(layer, nn.ModuleList):
             h = layer[0](h, emb)
             for extra in layer[1:]:
@@ -207,14 +207,14 @@ class UNet(nn.Module):
         h = self.inp(x)
         hs = [h]
         for layer in self.down:
-            h = self._apply(layer, h, emb)
+            h = self._run(layer, h, emb)
             hs.append(h)
         for layer in self.mid:
-            h = self._apply(layer, h, emb)
+            h = self._run(layer, h, emb)
         for layer in self.up:
             if isinstance(layer, nn.ModuleList):
                 h = torch.cat([h, hs.pop()], dim=1)
-            h = self._apply(layer, h, emb)
+            h = self._run(layer, h, emb)
         return self.out(h)
 
 
