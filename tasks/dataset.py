@@ -8,6 +8,7 @@ verified as they are streamed (one shard's bytes in memory at a time), not all u
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
@@ -77,9 +78,8 @@ def _shard(store: ArtifactStore, manifest: Manifest, name: str) -> pq.ParquetFil
         raise DataError(f"{store.uri(name)}: not a readable Parquet shard ({err})") from err
 
 
-def _row_group(
-    shard: pq.ParquetFile, i: int, shape: tuple[int, ...], uri: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _row_group(shard: pq.ParquetFile, i: int, uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """Row group `i` as x [n, D] (flat: numpy concatenates and permutes 2-D rows far faster) and labels."""
     try:
         # No Arrow thread pool: a row group is small, and pool threads alive at interpreter exit can abort
         # the process (apache/arrow#34314).
@@ -88,7 +88,7 @@ def _row_group(
         labels = table.column("label").to_numpy()
     except (pa.ArrowInvalid, OSError, KeyError) as err:
         raise DataError(f"{uri}: unreadable row group {i} ({err})") from err
-    return x.reshape(-1, *shape), labels
+    return x.reshape(len(labels), -1), labels
 
 
 def load_split(
@@ -96,14 +96,15 @@ def load_split(
 ) -> tuple[torch.Tensor, torch.Tensor, DatasetMeta]:
     """All of one split in memory, in stored order: x float32 [N, *shape], labels int64 [N], metadata."""
     store, manifest, meta = _open(dataset_uri, endpoint_url)
-    xs, ys = [np.empty((0, *meta.shape), np.float32)], [np.empty(0, np.int64)]
+    xs, ys = [np.empty((0, math.prod(meta.shape)), np.float32)], [np.empty(0, np.int64)]
     for name in meta.files(split):
         shard = _shard(store, manifest, name)
         for i in range(shard.num_row_groups):
-            x, y = _row_group(shard, i, meta.shape, store.uri(name))
+            x, y = _row_group(shard, i, store.uri(name))
             xs.append(x)
             ys.append(y)
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), meta
+    x = np.concatenate(xs).reshape(-1, *meta.shape)
+    return torch.from_numpy(x), torch.from_numpy(np.concatenate(ys)), meta
 
 
 @dataclass
@@ -134,24 +135,26 @@ class ParquetBatches:
         files = meta.files(self.split)
         for epoch in count() if self.epochs is None else range(self.epochs):
             rng = np.random.default_rng([self.seed, epoch])
-            chunks = self._chunks(store, manifest, files, meta.shape, rng)
-            yield from self._shuffled_batches(chunks, rng)
+            chunks = self._chunks(store, manifest, files, rng)
+            yield from self._shuffled_batches(chunks, rng, meta.shape)
 
     @staticmethod
     def _chunks(
         store: ArtifactStore,
         manifest: Manifest,
         files: list[str],
-        shape: tuple[int, ...],
         rng: np.random.Generator,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for f in rng.permutation(len(files)):
             shard = _shard(store, manifest, files[f])
             for i in rng.permutation(shard.num_row_groups):
-                yield _row_group(shard, int(i), shape, store.uri(files[f]))
+                yield _row_group(shard, int(i), store.uri(files[f]))
 
     def _shuffled_batches(
-        self, chunks: Iterator[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator
+        self,
+        chunks: Iterator[tuple[np.ndarray, np.ndarray]],
+        rng: np.random.Generator,
+        shape: tuple[int, ...],
     ) -> Iterator[Batch]:
         # Let the buffer grow to twice its size, shuffle it, emit the first half as batches, keep the rest:
         # every row is copied a bounded number of times, and rows mix across row groups and shards.
@@ -166,12 +169,12 @@ class ParquetBatches:
             if held >= 2 * keep:
                 x_all, y_all = self._shuffle(xs, ys, rng)
                 n_out = (held - keep) // self.batch_size * self.batch_size
-                yield from self._batches(x_all[:n_out], y_all[:n_out])
+                yield from self._batches(x_all[:n_out], y_all[:n_out], shape)
                 xs, ys, held = [x_all[n_out:]], [y_all[n_out:]], held - n_out
         if held:
             x_all, y_all = self._shuffle(xs, ys, rng)
             n_out = held // self.batch_size * self.batch_size if self.drop_last else held
-            yield from self._batches(x_all[:n_out], y_all[:n_out])
+            yield from self._batches(x_all[:n_out], y_all[:n_out], shape)
 
     @staticmethod
     def _shuffle(
@@ -180,7 +183,7 @@ class ParquetBatches:
         perm = rng.permutation(sum(len(y) for y in ys))
         return np.concatenate(xs)[perm], np.concatenate(ys)[perm]
 
-    def _batches(self, x: np.ndarray, y: np.ndarray) -> Iterator[Batch]:
+    def _batches(self, x: np.ndarray, y: np.ndarray, shape: tuple[int, ...]) -> Iterator[Batch]:
         for start in range(0, len(y), self.batch_size):
             end = start + self.batch_size
-            yield torch.from_numpy(x[start:end]), torch.from_numpy(y[start:end])
+            yield torch.from_numpy(x[start:end]).view(-1, *shape), torch.from_numpy(y[start:end])
