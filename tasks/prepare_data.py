@@ -366,6 +366,8 @@ def _shard_bytes(
 
 def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
     """Read the source, split it by seed, write shuffled Parquet shards, dataset.json, then the manifest."""
+    if not ctx.out_prefix.strip("/"):
+        raise ValueError("out_prefix: must name a directory inside the store (it is cleared before writing)")
     samples = _load_source(cfg, ctx.endpoint_url)
     shape = list(samples.x.shape[1:])
     splits = split_indices(len(samples.x), cfg.val_fraction, cfg.seed)

@@ -345,3 +345,8 @@ def test_bad_arrays(local):
 def test_config_errors_name_the_field(config, field):
     with pytest.raises(ValidationError, match=field):
         DataConfig.model_validate(config)
+
+
+def test_refuses_to_clear_the_store_root(local):
+    with pytest.raises(ValueError, match="out_prefix"):
+        prepare_data(DataConfig(source={"kind": "digits"}), local.ctx(out="/"))
