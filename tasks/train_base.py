@@ -113,7 +113,7 @@ def train_base(model_cfg: ModelConfig, cfg: TrainConfig, dataset_uri: str, ctx: 
         )
     )
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)
-    t0, loss_sum, n_loss = time.perf_counter(), 0.0, 0
+    t0, loss_sum, n_loss, last_loss = time.perf_counter(), 0.0, 0, float("nan")
     while state.step < cfg.steps:
         x0 = next(batches)[0].to(ctx.device)
         loss = train_step(
@@ -127,7 +127,8 @@ def train_base(model_cfg: ModelConfig, cfg: TrainConfig, dataset_uri: str, ctx: 
         )
         loss_sum, n_loss = loss_sum + loss, n_loss + 1
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-            ctx.log_metrics({"loss": loss_sum / n_loss, "lr": opt.param_groups[0]["lr"]}, state.step)
+            last_loss = loss_sum / n_loss
+            ctx.log_metrics({"loss": last_loss, "lr": opt.param_groups[0]["lr"]}, state.step)
             loss_sum, n_loss = 0.0, 0
         if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
             save_training_checkpoint(store, ckpt_root, model, ema, opt, state)

@@ -1,0 +1,50 @@
+"""Ray start-up and the small shared actor that stages report their progress to.
+
+Locally Ray starts embedded and bound to 127.0.0.1; with an address it joins an existing cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import ray
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Start (or join) Ray; returns True if this call started it, so the caller knows to shut it down."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
+    return True
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class ProgressBoard:
+    """Latest status of each stage (state, step, total, start), written by workers, read by the driver."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    def report(self, stage: str, **fields: Any) -> None:
+        entry = self.stages.setdefault(stage, {})
+        if fields.get("state") == "running" and "started" not in entry:
+            entry["started"] = time.time()
+        entry.update(fields)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return self.stages

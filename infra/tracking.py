@@ -1,0 +1,133 @@
+"""MLflow adapter: one parent run per pipeline run, one child run per stage, with explicit run ids.
+
+The active run does not cross process boundaries, so workers receive the tracking URI, experiment id and
+parent run id explicitly. Parameters are flattened; anything that looks like a secret is never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+_SECRET = re.compile(r"(secret|password|token|access_key|session_key|credential)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Make sqlite and file URIs absolute, so Ray workers with another cwd reach the same store."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'a.b.c': 'value'}, secrets redacted, values cut to MLflow's 6000-char limit."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        elif _SECRET.search(str(key)):
+            flat[name] = REDACTED
+        else:
+            flat[name] = (json.dumps(value) if isinstance(value, list | tuple) else str(value))[:6000]
+    return flat
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where runs go: picklable, so it can be handed to Ray workers."""
+
+    tracking_uri: str
+    experiment_id: str
+
+    @classmethod
+    def setup(cls, tracking_uri: str, experiment: str, artifact_root: str | None = None) -> Tracking:
+        """Resolve the URI and get or create the experiment (artifacts under `artifact_root` if new)."""
+        uri = resolve_tracking_uri(tracking_uri)
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None:
+            return cls(uri, exp.experiment_id)
+        location = artifact_root
+        if location is None and uri.startswith("sqlite:"):
+            location = Path(uri[len("sqlite:///") :]).resolve().parent.joinpath("mlruns").as_uri()
+        return cls(uri, client.create_experiment(experiment, artifact_location=location))
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+    def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def start_child(self, parent_run_id: str, name: str, tags: Mapping[str, str]) -> str:
+        tags = {"mlflow.parentRunId": parent_run_id, **tags}
+        return self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags)).info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = list(flatten(params).items())
+        for i in range(0, len(items), 100):
+            batch = [mlflow.entities.Param(k, v) for k, v in items[i : i + 100]]
+            self.client.log_batch(run_id, params=batch)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        clean = [
+            mlflow.entities.Metric(k, float(v), _now_ms(), step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and v == v and abs(v) != float("inf")
+        ]
+        if clean:
+            self.client.log_batch(run_id, metrics=clean)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, REDACTED if _SECRET.search(k) else str(v))
+
+    def log_artifact(
+        self, run_id: str, local_path: str | os.PathLike[str], artifact_path: str | None = None
+    ) -> None:
+        self.client.log_artifact(run_id, str(local_path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def log_bytes(self, run_id: str, data: bytes, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, Path(name).name)
+            path.write_bytes(data)
+            parent = str(Path(name).parent)
+            self.log_artifact(run_id, path, None if parent == "." else parent)
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    @contextmanager
+    def child_run(self, parent_run_id: str, name: str, tags: Mapping[str, str]) -> Iterator[str]:
+        """A child run that ends FAILED if the body raises, FINISHED otherwise."""
+        run_id = self.start_child(parent_run_id, name, tags)
+        try:
+            yield run_id
+        except BaseException:
+            self.end(run_id, "FAILED")
+            raise
+        self.end(run_id)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

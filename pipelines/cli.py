@@ -1,0 +1,88 @@
+"""The `fdm` command line: run a pipeline, inspect a past run's stages, re-run one round, sample a model.
+
+Exit codes: 0 ok, 2 bad usage, config or input data, 1 a stage failed (the stage and its error are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from pipelines.config import ConfigError, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+BAD_INPUT = ("DataError", "ConfigError", "ValidationError")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fdm", description="Fast diffusion pipelines on Ray and MLflow.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a full pipeline from a YAML config")
+    run.add_argument("config", help="pipeline YAML (see pipelines/configs/)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=500 (repeatable)",
+    )
+    run.add_argument("--address", default=None, help="join this Ray cluster instead of starting one locally")
+
+    stages = sub.add_parser("stages", help="the stage table of a past pipeline run")
+    stages.add_argument("run_id")
+    stages.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+
+    rerun = sub.add_parser("rerun", help="re-run one stage of a past run from its stored upstream outputs")
+    rerun.add_argument("run_id")
+    rerun.add_argument("--stage", required=True, help="e.g. distill_3")
+    rerun.add_argument("--downstream", action="store_true", help="also re-run everything that depends on it")
+    rerun.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    rerun.add_argument("--address", default=None)
+    return p
+
+
+def _exit_code(run) -> int:
+    if not run.failed:
+        return EXIT_OK
+    if all((o.error or "").startswith(BAD_INPUT) for o in run.failed):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "run":
+            from pipelines.runner import run_pipeline
+
+            cfg = load_config(args.config, args.overrides)
+            return _exit_code(run_pipeline(cfg, args.address, console))
+        if args.command == "stages":
+            from pipelines.runner import past_stages
+
+            console.print(past_stages(args.tracking_uri, args.run_id))
+            return EXIT_OK
+        if args.command == "rerun":
+            from pipelines.runner import rerun_stage
+
+            return _exit_code(
+                rerun_stage(
+                    args.tracking_uri, args.run_id, args.stage, args.downstream, args.address, console
+                )
+            )
+    except ConfigError as err:
+        console.print(f"[red]config error:[/red]\n{err}", highlight=False)
+        return EXIT_USAGE
+    except KeyError as err:
+        console.print(f"[red]error:[/red] {err.args[0]}", highlight=False)
+        return EXIT_USAGE
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

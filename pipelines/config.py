@@ -1,0 +1,170 @@
+"""The whole pipeline's configuration: pydantic models loaded from YAML with `--set a.b=c` overrides.
+
+Every stage's section is the stage's own typed config (from tasks/); this module adds the pipeline-level
+parts (distillation schedule, resources, store, tracking) and turns validation errors into messages that
+name the field path and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.distill_round import DistillConfig
+from tasks.evaluate import EvalConfig
+from tasks.prepare_data import DataConfig
+from tasks.train_base import ModelConfig, TrainConfig
+from tasks.train_classifier import ClassifierConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the field path."""
+
+
+class DistillSchedule(BaseModel):
+    """Progressive distillation: halve from `start_steps` down to `end_steps`, optionally gated on quality."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    start_steps: int = Field(
+        64, ge=2, description="steps of the base model's DDIM sampler, the first teacher"
+    )
+    end_steps: int = Field(4, ge=1)
+    quality_gate: float | None = Field(
+        None, gt=0, description="stop halving when a student's metric is worse than this x the teacher's"
+    )
+    round: DistillConfig = Field(default_factory=DistillConfig)
+
+    @model_validator(mode="after")
+    def _halvings(self) -> DistillSchedule:
+        if self.end_steps > self.start_steps:
+            raise ValueError(f"end_steps: must be <= start_steps ({self.start_steps}), got {self.end_steps}")
+        ratio = self.start_steps / self.end_steps
+        if ratio != 2 ** round(math.log2(ratio)):
+            raise ValueError(
+                f"end_steps: start_steps/end_steps must be a power of two "
+                f"(got {self.start_steps}/{self.end_steps})"
+            )
+        return self
+
+    @property
+    def student_steps(self) -> list[int]:
+        """Step counts of the students, one per round: start/2, start/4, ..., end."""
+        if not self.enabled:
+            return []
+        out, n = [], self.start_steps
+        while n > self.end_steps:
+            n //= 2
+            out.append(n)
+        return out
+
+
+class StageResources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0, description="per stage; used only when the cluster has GPUs")
+
+
+class Resources(BaseModel):
+    """Ray resources per stage kind and retry policy."""
+
+    model_config = ConfigDict(extra="forbid")
+    prepare_data: StageResources = Field(default_factory=StageResources)
+    train: StageResources = Field(default_factory=lambda: StageResources(num_cpus=2, num_gpus=1))
+    evaluate: StageResources = Field(default_factory=lambda: StageResources(num_cpus=2, num_gpus=1))
+    max_retries: int = Field(2, ge=0, description="Ray retries of a stage after a worker or node dies")
+
+
+class StoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field("artifacts", description="local directory or s3://bucket/prefix")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (credentials: AWS chain)")
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "fdm-pipeline"
+    artifact_location: str | None = Field(None, description="for a new experiment; default next to the db")
+
+
+class PipelineConfig(BaseModel):
+    """A full pipeline: data -> base model -> distillation rounds, each evaluated."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "pipeline"
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    distill: DistillSchedule = Field(default_factory=DistillSchedule)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    resources: Resources = Field(default_factory=Resources)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides; values are parsed as YAML (numbers, booleans, lists, null)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. train.steps=500")
+        key, _, text = item.partition("=")
+        _set(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+    return raw
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(
+            str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-after"))
+        )
+        msg = e["msg"].removeprefix("Value error, ")
+        field, sep, rest = msg.partition(": ")
+        if sep and field.isidentifier():  # a validator naming its field: attach it to the path
+            path, msg = f"{path}.{field}" if path else field, rest
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        shown = "" if e["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{path or '<root>'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], overrides: list[str] | None = None) -> PipelineConfig:
+    """Validate a config tree (after overrides); a ConfigError lists every bad field by path."""
+    raw = apply_overrides(raw or {}, overrides or [])
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read YAML from `path`, apply overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return parse_config(raw, overrides)
