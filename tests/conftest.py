@@ -43,3 +43,16 @@ def s3_server() -> Iterator[str]:
 def s3_root(s3_server: str) -> str:
     """A fresh, empty s3:// prefix in the moto bucket for one test."""
     return f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A local Ray cluster (2 CPUs, 127.0.0.1) for one test module, shut down after it."""
+    import ray
+
+    from infra.ray_runtime import init_ray
+
+    started = init_ray(num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()

@@ -1,0 +1,164 @@
+"""Stage: draw samples from a model artifact, sequentially or by ParaDiGMS Picard windows (DESIGN.md §5).
+
+Picard windows are evaluated locally in one batched call, or split across Ray actors that each load the
+model from the artifact store (`StepFactory`). The same seed gives the same initial noise and the same
+DDPM noise to both samplers, so their results are directly comparable.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from fdm_core.picard import picard_sample
+from fdm_core.precond import Denoiser
+from fdm_core.samplers import Method, nfe, process_grid, sample, step_delta
+from infra.manifest import write_manifest
+from infra.ray_evaluator import RayEvaluator, StepFn, Strategy
+from infra.store import open_store
+from tasks.checkpoints import load_model
+from tasks.stage import StageContext, StageResult
+
+DEFAULT_STEPS = 18
+DEFAULT_METHOD: Method = "heun"
+
+
+class SampleConfig(BaseModel):
+    """How to sample: method and grid (default: the artifact's own, if it has one), count, seed, Picard."""
+
+    model_config = ConfigDict(extra="forbid")
+    sampler: Literal["euler", "heun", "ddpm", "dpmpp_2m"] | None = None
+    steps: int | None = Field(None, ge=1)
+    num: int = Field(16, ge=1)
+    seed: int = 0
+    picard: bool = False
+    window: int = Field(64, ge=1)
+    tol: float = Field(0.1, gt=0)
+    actors: int = Field(0, ge=0, description="Ray actors evaluating Picard windows; 0 = local batched call")
+    strategy: Strategy = "PACK"
+    compare: bool = Field(False, description="also run the sequential sampler and report the deviation")
+
+
+@dataclass(frozen=True)
+class StepFactory:
+    """Builds Δ(x, σ_t, σ_s, method) inside a Ray actor, loading the model artifact once per actor start."""
+
+    model_uri: str
+    endpoint_url: str | None = None
+    num_threads: int = 1
+
+    def __call__(self) -> StepFn:
+        torch.set_num_threads(self.num_threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, _ = load_model(open_store(self.model_uri, self.endpoint_url), "", device)
+
+        @torch.inference_mode()
+        def step(x: Tensor, sigma_t: Tensor, sigma_s: Tensor, method: str) -> Tensor:
+            return step_delta(model, x.to(device), sigma_t.to(device), sigma_s.to(device), method).cpu()
+
+        return step
+
+
+def sampling_grid(spec: dict[str, Any], model: Denoiser, steps: int | None) -> Tensor:
+    """The artifact's own grid (a distilled student's) unless other `steps` are asked for, else the
+    process's default grid."""
+    own = spec.get("sigmas")
+    if own is not None and steps in (None, len(own) - 1):
+        return torch.tensor(own, dtype=torch.float64)
+    return process_grid(model.process, steps or int(spec.get("steps", DEFAULT_STEPS)))
+
+
+def data_shape(spec: dict[str, Any]) -> tuple[int, ...]:
+    """Shape of one sample: recorded by training, else implied by the network."""
+    if "data_shape" in spec:
+        return tuple(spec["data_shape"])
+    net = spec["network"]
+    if net["kind"] == "mlp":
+        return (net["dim"],)
+    return (net["in_channels"], net["img_resolution"], net["img_resolution"])
+
+
+def generate(
+    cfg: SampleConfig,
+    model_uri: str,
+    endpoint_url: str | None = None,
+    device: str = "cpu",
+) -> tuple[Tensor, dict[str, Any]]:
+    """Samples (unclipped) and stats: cost (parallel iterations, model evaluations), wall and setup time."""
+    t_setup = time.perf_counter()
+    model, spec = load_model(open_store(model_uri, endpoint_url), "", device)
+    sigmas = sampling_grid(spec, model, cfg.steps)
+    method: Method = cfg.sampler or spec.get("sampler", DEFAULT_METHOD)
+    steps = len(sigmas) - 1
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = (torch.randn((cfg.num, *data_shape(spec)), generator=gen) * float(sigmas[0])).to(device)
+    noise_state = gen.get_state()  # the sampler's noise comes next from the same generator
+
+    def draw() -> torch.Generator:
+        return torch.Generator().set_state(noise_state)
+
+    stats: dict[str, Any] = {"sampler": method, "steps": steps, "num": cfg.num, "seed": cfg.seed}
+    evaluator = None
+    if cfg.picard and cfg.actors:
+        evaluator = RayEvaluator(StepFactory(model_uri, endpoint_url), cfg.actors, cfg.strategy)
+    stats["setup_seconds"] = time.perf_counter() - t_setup
+    try:
+        t0 = time.perf_counter()
+        if cfg.picard:
+            out, ps = picard_sample(model, x, sigmas, method, cfg.window, cfg.tol, draw(), evaluator)
+            stats.update(
+                window=cfg.window,
+                tol=cfg.tol,
+                actors=cfg.actors,
+                parallel_iterations=ps.parallel_iterations,
+                model_evaluations=ps.model_evaluations,
+                strides=ps.strides,
+                errors=ps.errors,
+            )
+        else:
+            out = sample(model, x, sigmas, method, draw())
+            stats.update(parallel_iterations=steps, model_evaluations=nfe(method, steps))
+        stats["wall_seconds"] = time.perf_counter() - t0
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+    if cfg.picard and cfg.compare:
+        t0 = time.perf_counter()
+        ref = sample(model, x, sigmas, method, draw())
+        stats["sequential_seconds"] = time.perf_counter() - t0
+        stats["speedup"] = stats["sequential_seconds"] / stats["wall_seconds"]
+        stats["max_deviation"] = float((out - ref).abs().max())
+    return out, stats
+
+
+def samples_npz(samples: Tensor, stats: dict[str, Any]) -> bytes:
+    """`samples` clipped to [-1, 1] (float32) with their `shape`, and every stat as its own array."""
+    clipped = samples.clamp(-1, 1).float().cpu().numpy()
+    buf = io.BytesIO()
+    np.savez(
+        buf, samples=clipped, shape=np.array(clipped.shape), **{k: np.asarray(v) for k, v in stats.items()}
+    )
+    return buf.getvalue()
+
+
+def sample_model(cfg: SampleConfig, model_uri: str, ctx: StageContext) -> StageResult:
+    """Sample `model_uri` and write `samples.npz` (with its stats) and a manifest under the stage prefix."""
+    torch.set_num_threads(max(1, ctx.num_threads))
+    samples, stats = generate(cfg, model_uri, ctx.endpoint_url, ctx.device)
+    store = open_store(ctx.store_uri, ctx.endpoint_url)
+    store.write_bytes(posixpath.join(ctx.out_prefix, "samples.npz"), samples_npz(samples, stats))
+    write_manifest(store, ctx.out_prefix, {"stage": "sample", "key": ctx.key, "model": model_uri})
+    metrics = {
+        k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    return StageResult(
+        stage="sample", key=ctx.key, outputs={"samples": store.uri(ctx.out_prefix)}, metrics=metrics
+    )
