@@ -55,7 +55,8 @@ def _exit_code(run) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console()
+    # Logs and pipes get the full table instead of rich's 80-column default.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
         if args.command == "run":
             from pipelines.runner import run_pipeline
