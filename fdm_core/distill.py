@@ -1,0 +1,135 @@
+"""Progressive distillation (Salimans & Ho 2022): one student DDIM step learns two teacher DDIM steps.
+
+A teacher of 2N steps on sigma_0 > sigma_1 > ... > sigma_2N = 0 teaches a student of N steps on the even
+points. For a student step from sigma_t = sigma_2i to sigma_s = sigma_2i+2 the teacher takes two DDIM steps
+x_t -> x_mid -> x_s, and the student's x0-target x~ is the one whose single DDIM step lands on x_s:
+
+    x_s = x~ + (sigma_s/sigma_t)(x_t - x~)   =>   x~ = (x_s - (sigma_s/sigma_t) x_t) / (1 - sigma_s/sigma_t).
+
+The loss is w(sigma_t) |D_student(x_t, sigma_t) - x~|^2 (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from fdm_core import targets
+from fdm_core.precond import Denoiser, Head
+from fdm_core.targets import Parameterisation, Weighting
+
+DenoiserFn = Callable[[Tensor, Tensor], Tensor]
+# The student heads that implement each parameterisation; the first is what `make_student` sets.
+HEADS: dict[str, tuple[Head, ...]] = {"x": ("precond", "x"), "v": ("v",), "eps": ("eps",)}
+UNSTABLE = frozenset({("eps", "truncated_snr")})
+
+
+def _bcast(s: Tensor, x: Tensor) -> Tensor:
+    return s.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def student_grid(teacher_sigmas: Tensor) -> Tensor:
+    """The student's N-step grid sigma_0, sigma_2, ..., sigma_2N: every other point of the teacher's 2N."""
+    s = torch.as_tensor(teacher_sigmas, dtype=torch.float64)
+    if s.ndim != 1 or len(s) < 2:
+        raise ValueError("teacher_sigmas: expected a 1-D grid of decreasing sigmas ending in 0")
+    steps = len(s) - 1
+    if steps % 2:
+        raise ValueError(f"teacher_sigmas: an odd number of steps ({steps}) cannot be halved")
+    if float(s[-1]) != 0.0:
+        raise ValueError(f"teacher_sigmas: must end at 0 (got {float(s[-1])})")
+    if not bool((s[1:] < s[:-1]).all()):
+        raise ValueError("teacher_sigmas: must be strictly decreasing")
+    return s[::2]
+
+
+def ddim_step(x_t: Tensor, denoised: Tensor, sigma_t: Tensor, sigma_s: Tensor) -> Tensor:
+    """x_s = D + (sigma_s/sigma_t)(x_t - D): deterministic DDIM, i.e. Euler on the probability-flow ODE."""
+    return denoised + _bcast(sigma_s / sigma_t, x_t) * (x_t - denoised)
+
+
+@torch.no_grad()
+def distill_target(
+    teacher: DenoiserFn, x_t: Tensor, sigma_t: Tensor, sigma_mid: Tensor, sigma_s: Tensor
+) -> Tensor:
+    """The student's x0-target x~ from two teacher DDIM steps sigma_t -> sigma_mid -> sigma_s (per sample).
+
+    Where sigma_s = 0 the ratio is 0 and x~ is exactly the teacher's x_s.
+    """
+    x_mid = ddim_step(x_t, teacher(x_t, sigma_t), sigma_t, sigma_mid)
+    x_s = ddim_step(x_mid, teacher(x_mid, sigma_mid), sigma_mid, sigma_s)
+    ratio = _bcast(sigma_s / sigma_t, x_t)
+    return (x_s - ratio * x_t) / (1 - ratio)
+
+
+def check_stable(parameterisation: Parameterisation, weighting: Weighting, allow_unstable: bool) -> None:
+    """Refuse eps-prediction with truncated-SNR weighting, which Salimans & Ho found to diverge."""
+    if parameterisation not in HEADS:
+        raise ValueError(f"parameterisation: expected x|v|eps (got {parameterisation!r})")
+    if (parameterisation, weighting) in UNSTABLE and not allow_unstable:
+        raise ValueError(
+            f"parameterisation: {parameterisation!r} with {weighting!r} weighting diverges in "
+            "progressive distillation (Salimans & Ho); use 'x' or 'v', or set allow_unstable"
+        )
+
+
+def make_student(teacher: Denoiser, parameterisation: Parameterisation = "x") -> Denoiser:
+    """A trainable copy of the teacher with the output head of `parameterisation` and dropout 0 (reference).
+
+    x keeps the teacher's preconditioned x0 head, so the student starts exactly as the teacher.
+    """
+    if parameterisation not in HEADS:
+        raise ValueError(f"parameterisation: expected x|v|eps (got {parameterisation!r})")
+    student = copy.deepcopy(teacher)
+    student.head = HEADS[parameterisation][0]
+    for m in student.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    if "dropout" in getattr(student.net, "config", {}):
+        student.net.config["dropout"] = 0.0
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student.train()
+
+
+def distill_loss(
+    student: DenoiserFn,
+    teacher: DenoiserFn,
+    x0: Tensor,
+    teacher_sigmas: Tensor,
+    weighting: Weighting = "truncated_snr",
+    parameterisation: Parameterisation = "x",
+    generator: torch.Generator | None = None,
+    allow_unstable: bool = False,
+) -> Tensor:
+    """w(sigma_t) |D_student(x_t, sigma_t) - x~|^2 averaged, with a student step i ~ U{0..N-1} per sample.
+
+    `teacher_sigmas` is the teacher's 2N-step grid; sigma_t, sigma_mid, sigma_s = sigma_2i, sigma_2i+1,
+    sigma_2i+2. `parameterisation` must match the student's head (see `make_student`).
+    """
+    check_stable(parameterisation, weighting, allow_unstable)
+    head = getattr(student, "head", None)
+    if head is not None and head not in HEADS[parameterisation]:
+        raise ValueError(f"parameterisation: {parameterisation!r} but the student's head is {head!r}")
+    steps = len(student_grid(teacher_sigmas)) - 1
+    full = torch.as_tensor(teacher_sigmas, dtype=torch.float64).cpu()
+    i = torch.randint(0, steps, (x0.shape[0],), generator=generator)
+    n = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    sigma_t, sigma_mid, sigma_s = (full[2 * i + k].to(x0.device) for k in range(3))
+    x_t = x0 + _bcast(sigma_t, x0) * n
+    target = distill_target(teacher, x_t, sigma_t, sigma_mid, sigma_s)
+    w = _bcast(targets.weighting(weighting, sigma_t), x0)
+    return (w * (student(x_t, sigma_t) - target) ** 2).mean()
+
+
+__all__ = [
+    "check_stable",
+    "ddim_step",
+    "distill_loss",
+    "distill_target",
+    "make_student",
+    "student_grid",
+]
