@@ -10,6 +10,7 @@ import sys
 
 from rich.console import Console
 
+from pipelines import sample_cmd
 from pipelines.config import ConfigError, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     rerun.add_argument("--downstream", action="store_true", help="also re-run everything that depends on it")
     rerun.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     rerun.add_argument("--address", default=None)
+
+    sample_cmd.add_parser(sub)
     return p
 
 

@@ -156,3 +156,16 @@ def test_missing_config_and_unknown_rerun_stage_exit_2(first_run, capsys: pytest
     cfg, run = first_run
     assert main(["rerun", run.run_id, "--stage", "distill_9", "--tracking-uri", cfg.tracking.uri]) == 2
     assert "distill_9" in capsys.readouterr().out
+
+
+def test_picard_evaluation_option_matches_sequential(first_run, overrides: list[str]) -> None:
+    """Evaluating with ParaDiGMS gives the sequential quality (same noise) and records its iterations."""
+    cfg = load_config(CONFIG, [*overrides, "distill.enabled=false", "evaluate.picard={window: 4, tol: 0.01}"])
+    run = run_pipeline(cfg, console=Console(quiet=True))
+    picard, seq = (
+        run.outcomes["evaluate_base"].result.metrics,
+        first_run[1].outcomes["evaluate_base"].result.metrics,
+    )
+    assert run.outcomes["train_base"].status == "cached"
+    assert 0 < picard["heun8/parallel_iterations"] <= 8  # never more than the sequential depth
+    assert picard["heun8/quality"] == pytest.approx(seq["heun8/quality"], rel=0.05)
