@@ -114,6 +114,17 @@ class Tracking:
             parent = str(Path(name).parent)
             self.log_artifact(run_id, path, None if parent == "." else parent)
 
+    def close_stale(self, parent_run_id: str, stage: str) -> int:
+        """Mark child runs of `stage` still RUNNING (their worker died before a retry) as KILLED."""
+        stale = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}' "
+            "and attributes.status = 'RUNNING'",
+        )
+        for run in stale:
+            self.end(run.info.run_id, "KILLED")
+        return len(stale)
+
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -171,7 +172,8 @@ def execute_stage(
         raise StageError(f"{spec.name}: no complete output at {store.uri(spec.out_prefix)} to re-run from")
 
     clear_output(store, spec.out_prefix)
-    _report(env, spec.name, state="running")
+    retried = tracking.close_stale(env.parent_run_id, spec.name)
+    _report(env, spec.name, state="running", pid=os.getpid(), attempt=retried + 1)
     num_cpus = max(1, int(spec.params.get("num_cpus", 1)))
     with tracking.child_run(env.parent_run_id, spec.name, {**tags, "cached": "false"}) as run_id:
         tracking.log_params(run_id, {"config": spec.config})
