@@ -1,0 +1,209 @@
+"""What the FDM benchmarks share: the digits data, a classifier-feature Fréchet distance, and a training
+loop that evaluates its EMA model at regular step intervals, so baseline and FDM runs are compared alike.
+
+A baseline/FDM pair uses the same U-Net, initial weights, optimiser, batches and training noise (one seed);
+only the process's `fdm` flag differs (c_in = gamma(sigma) and the loss-weight warm-up, DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from fdm_core.metrics import frechet_distance
+from fdm_core.networks import UNet
+from fdm_core.precond import Denoiser
+from fdm_core.processes import ProcessName, make_process
+from fdm_core.samplers import Method, process_grid, sample
+from fdm_core.training import EMA, TrainState, denoising_loss, train_step
+from tasks.dataset import load_split
+from tasks.prepare_data import DataConfig, prepare_data
+from tasks.stage import StageContext
+from tasks.train_classifier import Classifier, ClassifierConfig, load_classifier, train_classifier
+
+NET = {
+    "img_resolution": 8,
+    "in_channels": 1,
+    "model_channels": 16,
+    "channel_mult": (1, 2),
+    "num_blocks": 1,
+    "attn_resolutions": (4,),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run: Adam on `batch_size` batches for `steps`, EMA model evaluated every `eval_every`.
+
+    The FDM warm-up W is `warmup_fraction` of the run for EDM and twice that for VP/VE (the paper's
+    200 vs 400 iterations ratio), because the paper's W = 200 is fixed for ~400k-iteration runs."""
+
+    steps: int
+    eval_every: int
+    num_samples: int
+    sample_steps: int = 18
+    batch_size: int = 128
+    lr: float = 2e-3
+    ema_decay: float = 0.995
+    warmup_fraction: float = 0.05
+
+    def warmup(self, process: ProcessName) -> int:
+        scale = 1 if process == "edm" else 2
+        return max(1, round(scale * self.warmup_fraction * self.steps))
+
+    def describe(self) -> str:
+        return (
+            f"U-Net {NET}, Adam lr {self.lr}, batch {self.batch_size}, {self.steps} steps, EMA decay "
+            f"{self.ema_decay}, grad clip 1.0; FDM m = 2 (VE 1), W = {self.warmup('edm')} (EDM) / "
+            f"{self.warmup('vp')} (VP, VE) steps; evaluation: {self.num_samples} samples, Heun "
+            f"{self.sample_steps} steps on the process's default grid"
+        )
+
+
+class FeatureFrechet:
+    """Fréchet distance between samples and the training split in the features of a small classifier
+    trained once on that split (lower is better); samples are clamped to the data range [-1, 1]."""
+
+    def __init__(self, classifier: Classifier, reference: Tensor) -> None:
+        self.classifier = classifier.eval()
+        self.reference = self.features(reference)
+
+    @torch.no_grad()
+    def features(self, x: Tensor) -> Tensor:
+        return self.classifier.features(x.clamp(-1, 1))
+
+    def __call__(self, x: Tensor) -> float:
+        return frechet_distance(self.features(x), self.reference)
+
+
+@dataclass
+class Digits:
+    """The digits training split and the metric built on it."""
+
+    x_train: Tensor
+    metric: FeatureFrechet
+    classifier_accuracy: float
+
+
+def load_digits(root: Path, classifier_steps: int = 300) -> Digits:
+    """Prepare sklearn's 8x8 digits (val 10%) under `root` and train the evaluation classifier on them."""
+    cfg = DataConfig.model_validate({"source": {"kind": "digits"}, "val_fraction": 0.1})
+    data = prepare_data(cfg, StageContext(str(root), "stages/prepare_data/x", "x"))
+    uri = data.outputs["dataset"]
+    clf_cfg = ClassifierConfig(steps=classifier_steps)
+    clf = train_classifier(clf_cfg, uri, StageContext(str(root), "stages/train_classifier/x", "x"))
+    x_train, _, _ = load_split(uri, "train")
+    metric = FeatureFrechet(load_classifier(clf.outputs["classifier"]), x_train)
+    return Digits(x_train, metric, clf.metrics["val_accuracy"])
+
+
+def make_denoiser(process: ProcessName, fdm: bool, cfg: RunConfig, seed: int) -> Denoiser:
+    """A fresh U-Net (initialised from `seed`, so a baseline/FDM pair starts from the same weights)."""
+    torch.manual_seed(seed)
+    proc = make_process(process, fdm=fdm, warmup_iters=cfg.warmup(process))
+    return Denoiser(UNet(**NET), proc)
+
+
+def generate(denoiser: Denoiser, n: int, steps: int, method: Method = "heun", seed: int = 1234) -> Tensor:
+    """`n` samples on the process's default grid of `steps` steps; one seed gives one start noise."""
+    sigmas = process_grid(denoiser.process, steps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64) * float(sigmas[0])
+    return sample(denoiser.eval(), x.float(), sigmas, method)
+
+
+@dataclass
+class Curve:
+    """Quality (Fréchet distance) of the EMA model at the evaluated training steps."""
+
+    process: ProcessName
+    fdm: bool
+    seed: int
+    steps: list[int] = field(default_factory=list)
+    quality: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.process.upper()}{'-FDM' if self.fdm else ''}"
+
+
+def train(
+    process: ProcessName,
+    fdm: bool,
+    cfg: RunConfig,
+    seed: int,
+    data: Digits,
+    log: Callable[[str], None] = print,
+) -> tuple[Denoiser, Curve]:
+    """Train one model; every `eval_every` steps (and at the end) score its EMA with Heun samples.
+
+    Batches and training noise come from a generator seeded by `seed`, so the pair sees the same draws."""
+    denoiser = make_denoiser(process, fdm, cfg, seed)
+    ema = EMA(denoiser.net, cfg.ema_decay)
+    ema_denoiser = Denoiser(ema.model, denoiser.process)
+    opt = torch.optim.Adam(denoiser.net.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(seed)
+    state, curve = TrainState(), Curve(process, fdm, seed)
+    x_train = data.x_train
+    while state.step < cfg.steps:
+        t0 = time.perf_counter()
+        idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
+        loss_fn = partial(denoising_loss, denoiser, x_train[idx], state.warmup_step, gen)
+        train_step(denoiser.net, opt, loss_fn, state, ema)
+        curve.train_seconds += time.perf_counter() - t0
+        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
+            q = data.metric(generate(ema_denoiser, cfg.num_samples, cfg.sample_steps))
+            curve.steps.append(state.step)
+            curve.quality.append(q)
+            log(f"  {curve.label} seed {seed} step {state.step}: FD {q:.3f}")
+    return ema_denoiser, curve
+
+
+def first_reach(xs: Sequence[float], ys: Sequence[float], target: float) -> float | None:
+    """The x where the curve first gets down to `target`, linearly interpolated; None if it never does."""
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if y <= target:
+            if i == 0:
+                return float(x)
+            x0, y0 = xs[i - 1], ys[i - 1]
+            return float(x0 + (x - x0) * (y0 - target) / (y0 - y))
+    return None
+
+
+def mean_curve(curves: Sequence[Curve]) -> list[float]:
+    """Quality averaged over seeds, step by step (the curves share their evaluation steps)."""
+    return [sum(c.quality[i] for c in curves) / len(curves) for i in range(len(curves[0].steps))]
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "not reached" if v is None or math.isnan(v) else f"{v:.{digits}f}"
+
+
+def plot(
+    panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], xlabel: str, ylabel: str
+) -> bytes:
+    """PNG of one panel per key, each with its labelled lines (log y)."""
+    fig = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, lines) in zip(axes, panels.items()):
+        for label, (xs, ys) in lines.items():
+            ax.plot(xs, ys, marker="o", markersize=3, label=label, linestyle="--" if "FDM" in label else "-")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()

@@ -1,0 +1,156 @@
+"""FDM's training-speed claim at our scale: quality vs training steps, baseline vs FDM, on the digits data.
+
+Anchor (Wu et al., DESIGN.md §3): FDM at 100 Mimg ≈ baseline at 200 Mimg on CIFAR-10/FFHQ/AFHQv2, i.e.
+FDM needs about 0.5x the training to reach the baseline's final quality. Here each pair (same U-Net,
+weights, Adam, batches, noise per seed) is scored every K steps by the Fréchet distance of Heun samples
+in the features of a classifier trained on the training split, and we read off the step ratio.
+
+    python -m benchmarks.fdm_training [--quick]     # --quick: EDM only, 1 seed, 400 steps, 200 samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine, write_report
+from benchmarks.fdm_common import Curve, RunConfig, first_reach, fmt, load_digits, mean_curve, plot, train
+from fdm_core.processes import ProcessName
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Which processes and seeds one invocation covers, and how long each run is."""
+
+    name: str
+    processes: tuple[ProcessName, ...]
+    seeds: tuple[int, ...]
+    run: RunConfig
+    classifier_steps: int = 300
+
+
+MODES = {
+    "full": Mode("full", ("edm", "vp", "ve"), (0, 1), RunConfig(steps=2000, eval_every=200, num_samples=500)),
+    "quick": Mode("quick", ("edm",), (0,), RunConfig(steps=400, eval_every=50, num_samples=200)),
+    "tiny": Mode("tiny", ("edm",), (0,), RunConfig(steps=4, eval_every=2, num_samples=40, sample_steps=3), 5),
+}
+
+
+def step_ratio(base: list[float], fdm: list[float], steps: list[int]) -> tuple[float, float | None]:
+    """(baseline's final quality, fraction of the run FDM needs to reach it, None if it never does)."""
+    target = base[-1]
+    reach = first_reach(steps, fdm, target)
+    return target, None if reach is None else reach / steps[-1]
+
+
+def section(process: ProcessName, pairs: list[tuple[Curve, Curve]], warmup: int) -> tuple[str, str]:
+    """The Markdown table + ratio of one process, and its one-line reading."""
+    steps = pairs[0][0].steps
+    base, fdm = mean_curve([b for b, _ in pairs]), mean_curve([f for _, f in pairs])
+    shown = pairs if len(pairs) > 1 else []  # per-seed columns only when there is more than one seed
+    per_seed = "".join(f" | base s{b.seed} | FDM s{f.seed}" for b, f in shown)
+    head = f"| step | baseline (mean) | FDM (mean){per_seed} |\n|---:|---:|---:{'|---:' * 2 * len(shown)}|"
+    rows = [
+        f"| {s} | {base[i]:.3f} | {fdm[i]:.3f}"
+        + "".join(f" | {b.quality[i]:.3f} | {f.quality[i]:.3f}" for b, f in shown)
+        + " |"
+        for i, s in enumerate(steps)
+    ]
+    target, ratio = step_ratio(base, fdm, steps)
+    bound = "<= " if fdm[0] <= target else ""  # already there at the first evaluation
+    seed_ratios = [step_ratio(b.quality, f.quality, steps)[1] for b, f in pairs]
+    seconds = sum(c.train_seconds for pair in pairs for c in pair)
+    if ratio is None:
+        reading = (
+            f"FDM does **not** reach the baseline's final FD {target:.3f} within {steps[-1]} steps "
+            f"(FDM final {fdm[-1]:.3f}): the ~0.5x claim does not reproduce here."
+        )
+    elif ratio <= 0.6:
+        reading = (
+            f"FDM reaches the baseline's final FD {target:.3f} at {bound}{ratio:.2f}x the steps: "
+            "consistent with the ~0.5x claim (or better)."
+        )
+    else:
+        reading = (
+            f"FDM reaches the baseline's final FD {target:.3f} at {ratio:.2f}x the steps: faster than "
+            f"the baseline only by {1 - ratio:.0%}, short of the ~0.5x claim at this scale."
+        )
+    text = f"""## {process.upper()}: baseline vs {process.upper()}-FDM (W = {warmup} steps)
+
+Paper anchor: FDM ≈ baseline at half the training images (ratio ≈ 0.5).
+
+{head}
+{chr(10).join(rows)}
+
+Steps FDM needs to reach the baseline's final quality (FD {target:.3f}), as a fraction of the baseline's
+{steps[-1]} steps: **{bound}{fmt(ratio)}** on the seed mean; per seed: {", ".join(map(fmt, seed_ratios))}.
+Training compute of these {2 * len(pairs)} runs: {seconds:.0f} s.
+
+Reading: {reading}
+"""
+    return text, reading
+
+
+def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
+    """Train every pair of `mode`, then build the report and its plot."""
+    torch.set_num_threads(1)  # more threads than free cores thrashes on the shared 2-core machine
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = load_digits(Path(tmp), mode.classifier_steps)
+    results: dict[ProcessName, list[tuple[Curve, Curve]]] = {}
+    for process in mode.processes:
+        for seed in mode.seeds:
+            _, base = train(process, False, mode.run, seed, data)
+            _, fdm = train(process, True, mode.run, seed, data)
+            results.setdefault(process, []).append((base, fdm))
+    sections, readings = zip(*(section(p, pairs, mode.run.warmup(p)) for p, pairs in results.items()))
+    panels = {
+        p.upper(): {
+            "baseline": (pairs[0][0].steps, mean_curve([b for b, _ in pairs])),
+            "FDM": (pairs[0][0].steps, mean_curve([f for _, f in pairs])),
+        }
+        for p, pairs in results.items()
+    }
+    suffix = "" if mode.name == "full" else f"_{mode.name}"
+    png = f"fdm_training{suffix}.png"
+    cmd = "python -m benchmarks.fdm_training" + ("" if mode.name == "full" else f" --{mode.name}")
+    report = f"""# FDM training speed: quality vs training steps ({mode.name})
+
+Machine: {machine()}. Command: `{cmd}`. Wall time {time.perf_counter() - t0:.0f} s.
+Seeds: {", ".join(map(str, mode.seeds))} (a seed fixes initial weights, batches and training noise of both
+runs of a pair). Data: sklearn digits, 8x8, train split ({len(data.x_train)} images, 10% held out).
+Config: {mode.run.describe()}. Quality: Fréchet distance of the EMA model's samples to the train split in
+the {data.metric.reference.shape[1]}-d features of a classifier trained once on it (val accuracy
+{data.classifier_accuracy:.3f}); lower is better; with {mode.run.num_samples} samples it carries a
+sample-size bias, so compare numbers only within this report.
+FDM warm-up: the paper's W (200 EDM, 400 VP/VE iterations) is ~0.05% of a 400k-iteration run; at our run
+length it is scaled to {mode.run.warmup_fraction:.0%} of the run for EDM and twice that for VP/VE.
+
+![quality vs steps]({png})
+
+{chr(10).join(sections)}
+## Summary
+
+{chr(10).join(f"- {p.upper()}: {r}" for p, r in zip(results, readings))}
+"""
+    return report, {png: plot(panels, "training step", "Fréchet distance (classifier features)")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="EDM only, 1 seed, 400 steps (<= 5 min on 2 cores)")
+    args = ap.parse_args()
+    mode = MODES["quick" if args.quick else "full"]
+    report, files = run(mode)
+    print(report)
+    path = write_report("fdm_training" + ("_quick" if args.quick else ""), report, files)
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()
