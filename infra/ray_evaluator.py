@@ -80,7 +80,12 @@ class RayEvaluator:
             ).remote(factory)
             for i in range(actors)
         ]
-        ray.get([a.pid.remote() for a in self.actors], timeout=ready_timeout_s)  # weights are loaded
+        try:
+            # Returns once every replica has loaded its weights.
+            ray.get([a.pid.remote() for a in self.actors], timeout=ready_timeout_s)
+        except BaseException:
+            self.close()
+            raise
 
     def __call__(self, x: Tensor, sigma_t: Tensor, sigma_s: Tensor, method: str) -> Tensor:
         chunks = zip(

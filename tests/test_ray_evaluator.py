@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from fdm_core.networks import MLP
@@ -79,6 +80,15 @@ def test_killed_actor_restarts_reloads_weights_and_the_result_is_unchanged(
         restarted = evaluator.pids()[0]
     assert restarted != victim  # a fresh process, which built its model from the store again
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_a_replica_that_cannot_load_its_model_fails_fast_and_frees_its_cpus(
+    ray_local: None, model_uri: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ray.exceptions.RayActorError, match="manifest"):
+        RayEvaluator(StepFactory(str(tmp_path / "missing")), actors=2, max_restarts=0)
+    with RayEvaluator(StepFactory(model_uri), actors=2) as evaluator:  # both CPUs were given back
+        assert len(evaluator.pids()) == 2
 
 
 def _run_cli(tmp_path: Path, name: str, *extra: str, model_uri: str) -> np.lib.npyio.NpzFile:
