@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from fdm_core.picard import picard_sample
@@ -45,6 +45,12 @@ class SampleConfig(BaseModel):
     actors: int = Field(0, ge=0, description="Ray actors evaluating Picard windows; 0 = local batched call")
     strategy: Strategy = "PACK"
     compare: bool = Field(False, description="also run the sequential sampler and report the deviation")
+
+    @model_validator(mode="after")
+    def _picard_options(self) -> SampleConfig:
+        if not self.picard and (self.actors or self.compare):
+            raise ValueError("actors, compare: only apply to Picard sampling (set picard)")
+        return self
 
 
 @dataclass(frozen=True)

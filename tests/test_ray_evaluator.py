@@ -130,6 +130,11 @@ def test_fdm_sample_reports_a_missing_artifact(tmp_path: Path, capsys: pytest.Ca
     assert "manifest" in capsys.readouterr().err
 
 
+def test_sample_config_refuses_picard_options_without_picard() -> None:
+    with pytest.raises(ValueError, match="picard"):
+        SampleConfig(actors=2)
+
+
 def test_sample_stage_writes_samples_and_manifest(model_uri: str, tmp_path: Path) -> None:
     ctx = StageContext(store_uri=str(tmp_path), out_prefix="stages/sample/k")
     cfg = SampleConfig(sampler="euler", steps=16, num=8, picard=True, window=4)
