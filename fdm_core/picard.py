@@ -18,6 +18,7 @@ from torch import Tensor
 from fdm_core.samplers import (
     Denoiser,
     Method,
+    _bcast,
     _check_sigmas,
     ancestral_step,
     draw_noise,
@@ -39,9 +40,9 @@ class PicardStats:
     sampler's `nfe`): Σ window lengths, twice for Heun except on the step to σ = 0, which takes no
     correction (the batched call computes one there anyway and discards it). `errors[i - 1]` is state i's
     error ratio when the window last moved it (max over the batch, to compare with τ²): ≤ τ² for every state
-    the window slid past, > τ² only where a stride ended on a failing state, which then became the exact
-    start of the next window; the final state leaves no step (variance 0, ratio ∞), so it cannot shorten
-    a stride.
+    the window slid past, > τ² only where a stride ended on a failing state, which then started the next
+    window (computed from a converged prefix); the final state leaves no step (variance 0, ratio ∞), so it
+    cannot shorten a stride.
     """
 
     steps: int
@@ -51,10 +52,6 @@ class PicardStats:
     model_evaluations: int = 0
     strides: list[int] = field(default_factory=list)
     errors: list[float] = field(default_factory=list)
-
-
-def _bcast(v: Tensor, x: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 @torch.no_grad()
@@ -93,8 +90,10 @@ def picard_sample(
     s64 = sigmas.to(device=x.device, dtype=torch.float64)
     sig_t, sig_s = s64[:-1], s64[1:]
     noise = draw_noise(x, sigmas, method, generator)
-    # σ_up,i z_i of every step, in fp64 for the prefix sums.
-    kicks = None if noise is None else _bcast(noise_scales(s64, method), noise) * noise.double()
+    kicks = None  # σ_up,i z_i of every step, in fp64 for the prefix sums
+    if noise is not None:
+        z = noise.double()
+        kicks = _bcast(noise_scales(s64, method), z) * z
     # Tolerance scale of state i: the DDPM (η = 1) variance of the step leaving it, for every method;
     # the final state leaves no step, so its variance is 0 and its ratio ∞.
     variance = torch.cat([ancestral_step(sig_t, sig_s)[0] ** 2, s64.new_zeros(1)])
