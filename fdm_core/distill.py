@@ -19,12 +19,15 @@ from torch import Tensor, nn
 
 from fdm_core import targets
 from fdm_core.precond import Denoiser, Head
+from fdm_core.processes import Process
 from fdm_core.targets import Parameterisation, Weighting
 
 DenoiserFn = Callable[[Tensor, Tensor], Tensor]
 # The student heads that implement each parameterisation; the first is what `make_student` sets.
 HEADS: dict[str, tuple[Head, ...]] = {"x": ("precond", "x"), "v": ("v",), "eps": ("eps",)}
 UNSTABLE = frozenset({("eps", "truncated_snr")})
+# Below this net-input scale c_in(sigma) sigma the network cannot tell one noise sample from another.
+BLIND_INPUT = 1e-3
 
 
 def _bcast(s: Tensor, x: Tensor) -> Tensor:
@@ -73,6 +76,19 @@ def check_stable(parameterisation: Parameterisation, weighting: Weighting, allow
         raise ValueError(
             f"parameterisation: {parameterisation!r} with {weighting!r} weighting diverges in "
             "progressive distillation (Salimans & Ho); use 'x' or 'v', or set allow_unstable"
+        )
+
+
+def check_one_step(process: Process, sigma_0: float) -> None:
+    """Refuse a 1-step student the network cannot see the input of: its one step returns D(x, sigma_0) alone,
+    and where c_in(sigma_0) sigma_0 << 1 (FDM's gamma(80) ~ 4e-8 under EDM) D can only learn the data mean.
+    Students of 2 or more steps still carry x through the DDIM update."""
+    scale = float(process.c_in(torch.tensor([sigma_0], dtype=torch.float64))[0]) * sigma_0
+    if scale < BLIND_INPUT:
+        fdm = " (FDM's critically damped gamma)" if process.fdm else ""
+        raise ValueError(
+            f"teacher_sigmas: a 1-step student from sigma {sigma_0:g} sees its input scaled by "
+            f"c_in * sigma = {scale:.2g}{fdm}, so it cannot depend on the noise; stop at 2 steps"
         )
 
 
@@ -126,6 +142,7 @@ def distill_loss(
 
 
 __all__ = [
+    "check_one_step",
     "check_stable",
     "ddim_step",
     "distill_loss",

@@ -16,7 +16,7 @@ import time
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fdm_core.distill import check_stable, distill_loss, make_student, student_grid
+from fdm_core.distill import check_one_step, check_stable, distill_loss, make_student, student_grid
 from fdm_core.networks import count_parameters
 from fdm_core.targets import Parameterisation, Weighting
 from fdm_core.training import TrainState, train_step
@@ -98,6 +98,8 @@ def distill_round(
             f"dataset_uri: {dataset_uri} holds samples of shape {list(shape)}, "
             f"the teacher {teacher_uri} was trained on {teacher_spec['data_shape']}"
         )
+    if steps == 1:
+        check_one_step(teacher.process, float(grid[0]))
     for p in teacher.parameters():
         p.requires_grad_(False)
 

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from fdm_core.analytic import GaussianDenoiser
-from fdm_core.distill import distill_loss, distill_target, make_student, student_grid
+from fdm_core.distill import check_one_step, distill_loss, distill_target, make_student, student_grid
 from fdm_core.metrics import sliced_wasserstein
 from fdm_core.networks import MLP
 from fdm_core.precond import Denoiser
@@ -206,3 +206,18 @@ def test_round_runs_for_any_process(
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match=r"teacher_sigmas: .* was distilled for a 2-step grid"):
         distill_round(cfg, res.outputs["model"], grid, toy["dataset"], 1, StageContext(str(tmp_path), "s2"))
+
+
+def test_one_step_student_of_fdm_is_refused(tmp_path: Path, toy: dict[str, str]) -> None:
+    """FDM scales the net input by gamma(80) ~ 4e-8: a 1-step student could only learn the data mean."""
+    for name in ("edm", "vp", "ve"):
+        check_one_step(make_process(name), float(make_process(name).sigma_max))
+    check_one_step(make_process("ve", fdm=True), 100.0)  # VE-FDM (m = 1): gamma(100) 100 ~ 0.05, visible
+    store = open_store(str(tmp_path))
+    teacher = Denoiser(MLP(2, hidden=16, depth=1), make_process("edm", fdm=True))
+    save_model(store, "teacher", teacher, model_spec(teacher, data_shape=[2]), {"stage": "test"})
+    grid = process_grid(teacher.process, 2).tolist()
+    with pytest.raises(ValueError, match=r"c_in \* sigma = 3.1e-06 \(FDM's critically damped gamma\)"):
+        distill_round(
+            DistillConfig(), store.uri("teacher"), grid, toy["dataset"], 0, StageContext(str(tmp_path), "s")
+        )
