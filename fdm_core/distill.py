@@ -95,12 +95,14 @@ def check_one_step(process: Process, sigma_0: float) -> None:
 def make_student(teacher: Denoiser, parameterisation: Parameterisation = "x") -> Denoiser:
     """A trainable copy of the teacher with the output head of `parameterisation` and dropout 0 (reference).
 
-    x keeps the teacher's preconditioned x0 head, so the student starts exactly as the teacher.
+    A teacher whose head already implements it (x: the preconditioned x0 head) keeps it, so the student
+    starts exactly as the teacher; another head starts the student from a different function.
     """
     if parameterisation not in HEADS:
         raise ValueError(f"parameterisation: expected x|v|eps (got {parameterisation!r})")
     student = copy.deepcopy(teacher)
-    student.head = HEADS[parameterisation][0]
+    if student.head not in HEADS[parameterisation]:
+        student.head = HEADS[parameterisation][0]
     for m in student.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0

@@ -48,7 +48,11 @@ class DistillConfig(BaseModel):
     lr: float = Field(5e-4, gt=0, description="initial learning rate, annealed linearly to 0 in the round")
     grad_clip: float | None = Field(1.0, gt=0)
     weighting: Weighting = "truncated_snr"
-    parameterisation: Parameterisation = "x"
+    parameterisation: Parameterisation = Field(
+        "x",
+        description="x keeps the teacher's preconditioned head: x0-like for EDM, but eps-like (c_skip = 1, "
+        "c_out = +-sigma) for VP and VE, whose teachers distil better with v",
+    )
     allow_unstable: bool = Field(False, description="permit eps + truncated_snr, which diverges")
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from fdm_core.analytic import GaussianDenoiser
 from fdm_core.distill import check_one_step, distill_loss, distill_target, make_student, student_grid
 from fdm_core.metrics import sliced_wasserstein
-from fdm_core.networks import MLP
+from fdm_core.networks import MLP, UNet
 from fdm_core.precond import Denoiser
 from fdm_core.processes import make_process
 from fdm_core.samplers import get_sigmas, process_grid, sample, step_delta
@@ -87,6 +87,19 @@ def test_eps_with_truncated_snr_is_refused() -> None:
     assert DistillConfig(parameterisation="eps", weighting="snr").parameterisation == "eps"
     with pytest.raises(ValueError, match="student's head is 'eps'"):
         distill_loss(student, teacher, x0, sigmas, "truncated_snr", "v")
+
+
+def test_make_student_keeps_a_matching_head() -> None:
+    teacher = Denoiser(UNet(8, 1, 8, (1, 2), 1, (), dropout=0.3), make_process("edm", fdm=True)).eval()
+    x, sigma = torch.randn(4, 1, 8, 8), torch.tensor([0.1, 1.0, 10.0, 80.0])
+    student = make_student(teacher, "x")
+    assert student.head == "precond" and student.training
+    assert all(m.p == 0.0 for m in student.modules() if isinstance(m, torch.nn.Dropout))
+    assert student.net.config["dropout"] == 0.0 and teacher.net.config["dropout"] == 0.3
+    assert torch.equal(student.eval()(x, sigma), teacher(x, sigma))  # starts exactly as the teacher
+    v_student = make_student(teacher, "v")
+    assert v_student.head == "v"
+    assert make_student(v_student, "v").head == "v"
 
 
 def test_quality_gate() -> None:
