@@ -103,10 +103,11 @@ def digits() -> Tensor:
     return torch.tensor(load_digits().images[:, None] / 8.0 - 1.0, dtype=torch.float32)  # [-1, 1]
 
 
-def train(net: torch.nn.Module, data: Tensor, steps: int, batch: int) -> tuple[Denoiser, str]:
-    """VP-FDM denoising training (Adam, EMA 0.99): brief, but enough for a non-trivial denoiser."""
+def train(build: Callable[[], torch.nn.Module], data: Tensor, steps: int, batch: int) -> tuple[Denoiser, str]:
+    """VP-FDM denoising training (Adam, EMA 0.99) from seeded initial weights: brief, but enough for a
+    non-trivial denoiser."""
     torch.manual_seed(SEED)
-    model = Denoiser(net, make_process("vp", fdm=True))
+    model = Denoiser(build(), make_process("vp", fdm=True))
     ema, opt, state = EMA(model, 0.99), torch.optim.Adam(model.parameters(), lr=2e-3), TrainState()
     gen = torch.Generator().manual_seed(SEED)
     t0, losses = time.perf_counter(), []
@@ -125,16 +126,17 @@ def train(net: torch.nn.Module, data: Tensor, steps: int, batch: int) -> tuple[D
 def build_models(store_root: str, quick: bool) -> list[Model]:
     store = open_store(store_root)
     specs = [
-        ("toy MLP", MLP(dim=2), two_moons(), 300 if quick else 1000, 256),
-        ("digits U-Net", UNet(**UNET), digits(), 150 if quick else 600, 128),
+        ("toy MLP", partial(MLP, dim=2), two_moons(), 300 if quick else 1000, 256),
+        ("digits U-Net", partial(UNet, **UNET), digits(), 150 if quick else 600, 128),
     ]
     models = []
-    for name, net, data, steps, batch in specs:
-        denoiser, note = train(net, data, steps, batch)
+    for name, build, data, steps, batch in specs:
+        denoiser, note = train(build, data, steps, batch)
         prefix = f"models/{name.split()[-1].lower()}"
-        spec = model_spec(denoiser, data_shape=list(data.shape[1:]), parameters=count_parameters(net))
+        n_params = count_parameters(denoiser.net)
+        spec = model_spec(denoiser, data_shape=list(data.shape[1:]), parameters=n_params)
         save_model(store, prefix, denoiser, spec, {"stage": "benchmark"})
-        note = f"{count_parameters(net):,} parameters, {note}"
+        note = f"{n_params:,} parameters, {note}"
         models.append(Model(name, denoiser, store.uri(prefix), tuple(data.shape[1:]), note))
     return models
 
