@@ -31,11 +31,9 @@ def machine() -> str:
     )
 
 
-def command() -> str:
+def command(module: str) -> str:
     """The command that reproduces this report."""
-    return "python -m " + " ".join(
-        [Path(sys.argv[0]).with_suffix("").name and sys.modules["__main__"].__spec__.name, *sys.argv[1:]]
-    )
+    return " ".join(["python -m", module, *sys.argv[1:]])
 
 
 def write_report(
