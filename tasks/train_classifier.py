@@ -90,7 +90,7 @@ def train_classifier(cfg: ClassifierConfig, dataset_uri: str, ctx: StageContext)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == cfg.steps:
-            ctx.log_metrics({"loss": float(loss)}, step)
+            ctx.log_metrics({"loss": loss.item()}, step)
     split = "val" if "val" in meta.splits and meta.rows("val") > 0 else "train"
     x_val, y_val, _ = load_split(dataset_uri, split, ctx.endpoint_url)
     net.eval()
