@@ -1,6 +1,6 @@
 """Ray start-up and the small shared actor that stages report their progress to.
 
-Locally Ray starts embedded and bound to 127.0.0.1; with an address it joins an existing cluster.
+Locally Ray starts embedded and listens on loopback only; with an address it joins an existing cluster.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import ray
+from ray._private import ray_constants
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -19,10 +20,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     else:
+        # Ray turns 127.0.0.1 into the machine's reachable IP and listens on all interfaces unless its
+        # single-node switch is off (as on macOS/Windows): off, the embedded cluster stays on loopback.
+        ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
-            _node_ip_address="127.0.0.1",
             logging_level="ERROR",
             log_to_driver=False,
         )

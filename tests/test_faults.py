@@ -129,3 +129,9 @@ def test_bad_data_exits_2_naming_the_file(
 def test_secrets_never_reach_mlflow_params(monkeypatch: pytest.MonkeyPatch) -> None:
     flat = flatten({"store": {"aws_secret_access_key": "sekrit", "root": "s3://b/p"}, "token": "t0k"})
     assert flat == {"store.aws_secret_access_key": "***", "store.root": "s3://b/p", "token": "***"}
+
+
+def test_embedded_ray_listens_on_loopback_only(ray_local: None) -> None:
+    import ray
+
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
