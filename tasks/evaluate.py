@@ -104,10 +104,12 @@ def _grid_png(x: Tensor, reference: Tensor, size: int, title: str) -> bytes:
         ax.legend(loc="upper right", fontsize=6)
     else:
         k = min(size, int(math.sqrt(len(x))))
-        imgs = ((x[: k * k].clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-        c, h, w = x.shape[1:]
+        imgs = ((x[: k * k].clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+        imgs = torch.nn.functional.pad(imgs, (0, 0, 0, 1, 0, 1), value=0.5).numpy()  # 1-px grey gutter
+        c, h, w = imgs.shape[3], imgs.shape[1], imgs.shape[2]
         grid = imgs.reshape(k, k, h, w, c).transpose(0, 2, 1, 3, 4).reshape(k * h, k * w, c)
-        ax.imshow(grid.squeeze(-1) if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+        cmap = "gray" if c == 1 else None
+        ax.imshow(grid.squeeze(-1) if c == 1 else grid, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         ax.axis("off")
     ax.set_title(title, fontsize=8)
     buf = io.BytesIO()
