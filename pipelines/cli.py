@@ -1,4 +1,5 @@
-"""The `fdm` command line: run a pipeline, inspect a past run's stages, re-run one round, sample a model.
+"""The `fdm` command line: run a pipeline, inspect a past run's stages, re-run one round, sample a model;
+submit a pipeline to a Ray cluster as a job, and serve shared MLflow tracking.
 
 Exit codes: 0 ok, 2 bad usage, config or input data, 1 a stage failed (the stage and its error are printed).
 """
@@ -10,7 +11,8 @@ import sys
 
 from rich.console import Console
 
-from pipelines import sample_cmd
+from infra import mlflow_server
+from pipelines import sample_cmd, submit
 from pipelines.config import ConfigError, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -45,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     rerun.add_argument("--address", default=None)
 
     sample_cmd.add_parser(sub)
+    submit.add_parser(sub)
+    mlflow_server.add_parser(sub)
     return p
 
 
@@ -61,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     # Logs and pipes get the full table instead of rich's 80-column default.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
+        if args.command == "sample":
+            return sample_cmd.run(args)
+        if args.command in ("submit", "status"):
+            return submit.run(args)
+        if args.command == "tracking-server":
+            return mlflow_server.run(args)
         if args.command == "run":
             from pipelines.runner import run_pipeline
 

@@ -1,0 +1,88 @@
+"""Cluster-shaped end to end on loopback: a real `mlflow server` (sqlite runs, artifacts proxied to moto's
+S3 server), the local Ray cluster, and an s3:// artifact store. Stage artifacts must land in the bucket
+under the server's artifacts destination; datasets, models and checkpoints under the store root."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+from test_submit import CONFIG, TINY, TINY_STAGES, free_ports
+
+from infra.mlflow_server import start_tracking_server, stop_tracking_server
+from pipelines.config import load_config
+from pipelines.runner import run_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tracking_server(s3_server: str, s3_root: str, tmp_path: Path) -> Iterator[str]:
+    """`fdm tracking-server`'s server on 127.0.0.1: sqlite backend, artifacts to S3_ROOT/mlflow."""
+    (port,) = free_ports(1)
+    proc = start_tracking_server(
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        f"{s3_root}/mlflow",
+        port=port,
+        env={"MLFLOW_S3_ENDPOINT_URL": s3_server},
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_tracking_server(proc)
+    assert proc.poll() is not None
+
+
+def test_pipeline_tracks_to_the_server_and_stores_in_s3(
+    s3_server: str, ray_local: None, tracking_server: str, s3_root: str
+) -> None:
+    cfg = load_config(
+        REPO / CONFIG,
+        [
+            *TINY,
+            f"tracking.uri={tracking_server}",
+            f"store.root={s3_root}/store",
+            f"store.endpoint_url={s3_server}",
+        ],
+    )
+    run = run_pipeline(cfg, console=Console(quiet=True))
+    assert {o.status for o in run.outcomes.values()} == {"done"}, {
+        n: o.error for n, o in run.outcomes.items()
+    }
+
+    client = MlflowClient(tracking_server)
+    parent = client.get_run(run.run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'"
+    )
+    assert {c.data.tags["stage"] for c in children} == TINY_STAGES
+
+    bucket, prefix = s3_root.removeprefix("s3://").split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+    keys = [o["Key"].removeprefix(f"{prefix}/") for page in pages for o in page.get("Contents", [])]
+
+    # MLflow's proxied artifacts: <destination>/<experiment id>/<run id>/artifacts/<file>.
+    exp = parent.info.experiment_id
+    evaluate_run = run.outcomes["evaluate_1"].result.run_id
+    artifacts = f"mlflow/{exp}/{evaluate_run}/artifacts/"
+    assert f"{artifacts}metrics.json" in keys
+    assert any(k.startswith(artifacts) and k.endswith(".png") for k in keys)
+    assert f"mlflow/{exp}/{run.run_id}/artifacts/config.yaml" in keys
+    assert any(a.path == "metrics.json" for a in client.list_artifacts(evaluate_run))  # read back via proxy
+
+    # The artifact store: prepared dataset, model and training checkpoints under the s3:// root.
+    data_key = run.outcomes["prepare_data"].spec.key
+    base_key = run.outcomes["train_base"].spec.key
+    assert any(
+        k.startswith(f"store/stages/prepare_data/{data_key}/") and k.endswith(".parquet") for k in keys
+    )
+    assert f"store/stages/prepare_data/{data_key}/MANIFEST.json" in keys
+    assert f"store/stages/train_base/{base_key}/weights.safetensors" in keys
+    assert any(k.startswith(f"store/checkpoints/train_base/{base_key}/step-") for k in keys)
+    assert not any(k.startswith("store/") and "/mlflow/" in k for k in keys)

@@ -1,0 +1,174 @@
+"""`fdm submit` / `fdm status` against a real local Ray head (token auth on, 127.0.0.1): a tiny toy2d
+pipeline runs as a Ray Job from the uploaded working copy and lands in MLflow with one child run per stage."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.job_submission import JobSubmissionClient
+
+from pipelines.cli import main
+from pipelines.submit import REPO_ROOT, entrypoint, mlflow_run_id, pipeline_job
+
+CONFIG = "pipelines/configs/toy2d.yaml"
+# Smaller than test_pipeline.SMALL: one distillation round, so a job takes seconds of compute.
+TINY = [
+    "train.steps=100",
+    "train.checkpoint_every=50",
+    "distill.start_steps=4",
+    "distill.end_steps=2",
+    "distill.round.updates=20",
+    "evaluate.num_samples=200",
+    "evaluate.batch_size=200",
+    "evaluate.samplers=[{method: heun, steps: 4}]",
+]
+TINY_STAGES = {"prepare_data", "train_base", "evaluate_base", "distill_1", "evaluate_1"}
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    """A Ray head (`ray start --head --block`, 2 CPUs, token auth) on 127.0.0.1; yields its job API URL.
+
+    Started from this venv's `ray`, so job drivers run this venv's python and `fdm`. Stopped by signalling
+    the process group it was started in (not `ray stop`, which would stop every Ray on the machine)."""
+    token = secrets.token_hex(16)
+    gcs, dashboard, client, agent = free_ports(4)
+    temp_dir = tempfile.mkdtemp(prefix="fdmray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    venv_bin = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop at once on SIGTERM, no draining
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    with Path(temp_dir, "head.log").open("wb") as log:  # the child keeps its own handle
+        proc = subprocess.Popen(
+            [
+                str(venv_bin / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={gcs}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                f"--ray-client-server-port={client}",
+                f"--dashboard-agent-listen-port={agent}",
+                "--num-cpus=2",
+                "--num-gpus=0",
+                f"--temp-dir={temp_dir}",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RAY_AUTH_TOKEN", token)  # what `fdm submit` sends as its bearer token
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+                    break
+                except Exception:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(
+                            "Ray head did not start:\n" + Path(temp_dir, "head.log").read_text()[-3000:]
+                        ) from None
+                    time.sleep(1)
+            yield address
+    finally:
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):  # SIGKILL: stragglers only
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)  # the head's process group: every Ray process it started
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait_s)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_job_entrypoint_and_upload() -> None:
+    """The entrypoint re-parses to `fdm run` with the same overrides; local clutter is never uploaded."""
+    cmd = shlex.split(entrypoint(REPO_ROOT / CONFIG, TINY))
+    assert cmd[:3] == ["fdm", "run", CONFIG] and cmd[-2:] == ["--address", "auto"]
+    assert cmd[3:-2] == _sets(TINY)
+    job = pipeline_job(CONFIG, TINY)
+    assert job["runtime_env"]["working_dir"] == str(REPO_ROOT)
+    assert {".venv", "artifacts", "mlflow.db", ".git", "benchmarks/results"} <= set(
+        job["runtime_env"]["excludes"]
+    )
+    assert mlflow_run_id("x\nMLflow run id: " + "ab" * 16 + "  (tracking sqlite:///m.db)\n") == "ab" * 16
+
+
+def test_bad_config_or_config_outside_the_repo_exit_2_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    nowhere = "http://127.0.0.1:9"  # nothing listens: reaching it would be a different error
+    assert main(["submit", CONFIG, "--address", nowhere, "--set", "bogus.key=1"]) == 2
+    assert "bogus: unknown key" in capsys.readouterr().out
+    outside = tmp_path / "toy.yaml"
+    shutil.copy(REPO_ROOT / CONFIG, outside)
+    assert main(["submit", str(outside), "--address", nowhere]) == 2
+    assert "working_dir" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_submit_runs_the_pipeline_as_a_ray_job(
+    ray_head: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [*TINY, f"store.root={tmp_path / 'store'}", f"tracking.uri={tracking}"]
+    code = main(["submit", CONFIG, "--address", ray_head, *_sets(overrides)])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    job_id = re.search(r"submitted job (\S+)", out).group(1)
+    assert f"job {job_id}: SUCCEEDED" in out
+    run_id = mlflow_run_id(out)
+    assert run_id and out.rstrip().endswith(run_id)
+
+    client = MlflowClient(tracking)
+    parent = client.get_run(run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    assert {c.data.tags["stage"] for c in children} == TINY_STAGES
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert (tmp_path / "store" / "stages" / "train_base").is_dir()
+
+    assert main(["status", job_id, "--address", ray_head]) == 0
+    out = capsys.readouterr().out
+    assert "SUCCEEDED" in out and run_id in out
