@@ -106,6 +106,8 @@ def _submit(
     for spec in stages:
         res = _resources(cfg, spec, gpus)
         spec.params.update(res)
+        if spec.kind == "train_base" and cfg.train.workers > 1:
+            res = {"num_cpus": 0, "num_gpus": 0}  # it only coordinates: its Ray Train workers hold `res` each
         refs[spec.name] = task.options(
             name=spec.name, max_retries=cfg.resources.max_retries, retry_exceptions=list(TRANSIENT), **res
         ).remote(spec, env, spec.name in force, spec.name in cached_only, *[refs[u] for u in spec.upstream])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import posixpath
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch.nn.parallel import DistributedDataParallel
 
 from fdm_core.networks import MLP, UNet, count_parameters, model_summary
 from fdm_core.precond import Denoiser
@@ -76,6 +77,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
     seed: int = 0
+    workers: int = Field(1, ge=1, description="data-parallel replicas (Ray Train DDP); batch_size is global")
 
     @model_validator(mode="after")
     def _ve_multiplier(self) -> TrainConfig:
@@ -85,13 +87,56 @@ class TrainConfig(BaseModel):
 
 
 def train_base(model_cfg: ModelConfig, cfg: TrainConfig, dataset_uri: str, ctx: StageContext) -> StageResult:
-    """Train a denoiser on `dataset_uri`; resume from the newest checkpoint of this stage key if any."""
-    torch.set_num_threads(max(1, ctx.num_threads))
+    """Train a denoiser on `dataset_uri`; resume from the newest checkpoint of this stage key if any.
+
+    With `cfg.workers > 1` the steps run data-parallel on Ray Train workers (each `ctx.num_threads` CPUs and
+    a GPU when `ctx.device` is cuda); rank 0 logs and writes the same checkpoints and model artifact."""
+    if cfg.workers > 1:
+        from infra.ray_train import run_data_parallel
+
+        config = {"model_cfg": model_cfg, "cfg": cfg, "dataset_uri": dataset_uri, "ctx": ctx}
+        cuda = ctx.device.startswith("cuda")
+        metrics = run_data_parallel(_train_worker, config, cfg.workers, max(1, ctx.num_threads), cuda)
+    else:
+        torch.set_num_threads(max(1, ctx.num_threads))
+        metrics = _train(model_cfg, cfg, dataset_uri, ctx, torch.device(ctx.device))
+    net = model_cfg.build(dataset_meta(dataset_uri, ctx.endpoint_url).shape)
+    return StageResult(
+        stage="train_base",
+        key=ctx.key,
+        outputs={"model": open_store(ctx.store_uri, ctx.endpoint_url).uri(ctx.out_prefix)},
+        metrics=metrics,
+        info={"summary": model_summary(net), "parameters": count_parameters(net)},
+    )
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: its DDP rank of the training loop."""
+    from infra.ray_train import report, worker_rank
+
+    rank, world, device = worker_rank()
+    torch.set_num_threads(max(1, config["ctx"].num_threads))
+    report(
+        _train(config["model_cfg"], config["cfg"], config["dataset_uri"], config["ctx"], device, rank, world)
+    )
+
+
+def _train(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    dataset_uri: str,
+    ctx: StageContext,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, float]:
+    """The training loop, or one DDP rank of it: every rank draws its own batches of batch_size/world and
+    noise; gradients are averaged, so all ranks hold the same weights and rank 0 alone writes them."""
     store = open_store(ctx.store_uri, ctx.endpoint_url)
     meta = dataset_meta(dataset_uri, ctx.endpoint_url)
     torch.manual_seed(cfg.seed)
     process = make_process(cfg.process, fdm=cfg.fdm, multiplier=cfg.multiplier, warmup_iters=cfg.warmup_iters)
-    model = Denoiser(model_cfg.build(meta.shape), process).to(ctx.device)
+    model = Denoiser(model_cfg.build(meta.shape), process).to(device)
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, cfg.lr_rampup)))
@@ -102,24 +147,28 @@ def train_base(model_cfg: ModelConfig, cfg: TrainConfig, dataset_uri: str, ctx: 
         state = restore(ckpt, model, ema, opt)
         sched.last_epoch = state.step
         resumed_from = state.step
+    trained: torch.nn.Module = model
+    if world > 1:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        trained.process = process  # denoising_loss reads the process off the denoiser it is given
 
     batches = iter(
         ParquetBatches(
             dataset_uri,
-            cfg.batch_size,
-            seed=cfg.seed + state.step,
+            -(-cfg.batch_size // world),
+            seed=cfg.seed + state.step + 7919 * rank,
             epochs=None,
             endpoint_url=ctx.endpoint_url,
         )
     )
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step + 999_983 * rank)
     t0, loss_sum, n_loss, last_loss = time.perf_counter(), 0.0, 0, float("nan")
     while state.step < cfg.steps:
-        x0 = next(batches)[0].to(ctx.device)
+        x0 = next(batches)[0].to(device)
         loss = train_step(
-            model,
+            trained,
             opt,
-            lambda x0=x0: denoising_loss(model, x0, state.warmup_step, gen),
+            lambda x0=x0: denoising_loss(trained, x0, state.warmup_step, gen),
             state,
             ema,
             cfg.grad_clip,
@@ -128,25 +177,26 @@ def train_base(model_cfg: ModelConfig, cfg: TrainConfig, dataset_uri: str, ctx: 
         loss_sum, n_loss = loss_sum + loss, n_loss + 1
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
             last_loss = loss_sum / n_loss
-            ctx.log_metrics({"loss": last_loss, "lr": opt.param_groups[0]["lr"]}, state.step)
+            if rank == 0:
+                ctx.log_metrics({"loss": last_loss, "lr": opt.param_groups[0]["lr"]}, state.step)
             loss_sum, n_loss = 0.0, 0
-        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+        if rank == 0 and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
             save_training_checkpoint(store, ckpt_root, model, ema, opt, state)
     train_seconds = time.perf_counter() - t0
 
-    spec = model_spec(ema.model, parameters=count_parameters(model), data_shape=list(meta.shape))
-    save_model(
-        store, ctx.out_prefix, ema.model, spec, {"stage": "train_base", "key": ctx.key, "steps": state.step}
-    )
-    return StageResult(
-        stage="train_base",
-        key=ctx.key,
-        outputs={"model": store.uri(ctx.out_prefix)},
-        metrics={
-            "train_seconds": train_seconds,
-            "steps": float(state.step),
-            "resumed_from": float(resumed_from),
-            "images_seen": float(state.step * cfg.batch_size),
-        },
-        info={"summary": model_summary(model.net), "parameters": count_parameters(model)},
-    )
+    if rank == 0:
+        spec = model_spec(ema.model, parameters=count_parameters(model), data_shape=list(meta.shape))
+        save_model(
+            store,
+            ctx.out_prefix,
+            ema.model,
+            spec,
+            {"stage": "train_base", "key": ctx.key, "steps": state.step},
+        )
+    return {
+        "train_seconds": train_seconds,
+        "steps": float(state.step),
+        "resumed_from": float(resumed_from),
+        "images_seen": float(state.step * cfg.batch_size),
+        "workers": float(world),
+    }
