@@ -179,6 +179,11 @@ def report(res: dict, setting: Setting, args: argparse.Namespace, device: str, t
             f"; the 4-step student's FD is {by_steps[4].fd / teacher_fd[start]:.2f}x the {start}-step "
             f"teacher's, for {upd4 / bs:.2f}x the base model's updates"
         )
+    if args.fdm:
+        reading += (
+            ". No 1-step round: FDM scales the net input at sigma = 80 by gamma(80) ~ 4e-8, so a 1-step "
+            "student could not depend on its noise and distill_round refuses it (check_one_step)"
+        )
     cmd = (
         "python -m benchmarks.distillation"
         + (" --quick" if args.quick else "")
