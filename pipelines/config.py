@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fdm_core.distill import check_one_step
+from fdm_core.processes import make_process
 from tasks.distill_round import DistillConfig
 from tasks.evaluate import EvalConfig
 from tasks.prepare_data import DataConfig
@@ -107,6 +109,18 @@ class PipelineConfig(BaseModel):
     store: StoreConfig = Field(default_factory=StoreConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _one_step_reachable(self) -> PipelineConfig:
+        """Refuse at load time a 1-step target the base model's input scaling makes unlearnable (FDM)."""
+        if self.distill.enabled and self.distill.end_steps == 1:
+            t = self.train
+            process = make_process(t.process, fdm=t.fdm, multiplier=t.multiplier, warmup_iters=t.warmup_iters)
+            try:
+                check_one_step(process, process.sigma_max)
+            except ValueError as err:
+                raise ValueError(f"distill.end_steps: {str(err).partition(': ')[2]}") from None
+        return self
+
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
@@ -137,7 +151,7 @@ def _explain(err: ValidationError) -> str:
         )
         msg = e["msg"].removeprefix("Value error, ")
         field, sep, rest = msg.partition(": ")
-        if sep and field.isidentifier():  # a validator naming its field: attach it to the path
+        if sep and all(part.isidentifier() for part in field.split(".")):  # a validator naming its field
             path, msg = f"{path}.{field}" if path else field, rest
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -142,6 +142,7 @@ def test_stages_command_shows_past_run(first_run, capsys: pytest.CaptureFixture)
         ("distill.end_steps=64", "distill.end_steps"),
         ("distill.round.weighting=bad", "distill.round.weighting"),
         ("data.source.toy=spiral", "data.source.toy2d.toy"),
+        ("distill.end_steps=1", "distill.end_steps: a 1-step student"),
     ],
 )
 def test_config_errors_exit_2_naming_the_field(
