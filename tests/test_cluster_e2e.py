@@ -1,6 +1,7 @@
 """Cluster-shaped end to end on loopback: a real `mlflow server` (sqlite runs, artifacts proxied to moto's
-S3 server), the local Ray cluster, and an s3:// artifact store. Stage artifacts must land in the bucket
-under the server's artifacts destination; datasets, models and checkpoints under the store root."""
+S3 server), the local Ray cluster, an s3:// artifact store, and the base model trained by 2 Ray Train DDP
+workers (gloo on CPU). Stage artifacts must land in the bucket under the server's artifacts destination;
+datasets, models and checkpoints under the store root, in the single-worker formats."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from rich.console import Console
 from test_submit import CONFIG, TINY, TINY_STAGES, free_ports
 
 from infra.mlflow_server import start_tracking_server, stop_tracking_server
+from infra.store import open_store
 from pipelines.config import load_config
 from pipelines.runner import run_pipeline
+from tasks.checkpoints import latest_training_checkpoint, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,6 +47,7 @@ def test_pipeline_tracks_to_the_server_and_stores_in_s3(
         REPO / CONFIG,
         [
             *TINY,
+            "train.workers=2",
             f"tracking.uri={tracking_server}",
             f"store.root={s3_root}/store",
             f"store.endpoint_url={s3_server}",
@@ -69,7 +73,7 @@ def test_pipeline_tracks_to_the_server_and_stores_in_s3(
 
     # MLflow's proxied artifacts: <destination>/<experiment id>/<run id>/artifacts/<file>.
     exp = parent.info.experiment_id
-    evaluate_run = run.outcomes["evaluate_1"].result.run_id
+    evaluate_run = run.outcomes["evaluate_base"].result.run_id
     artifacts = f"mlflow/{exp}/{evaluate_run}/artifacts/"
     assert f"{artifacts}metrics.json" in keys
     assert any(k.startswith(artifacts) and k.endswith(".png") for k in keys)
@@ -86,3 +90,11 @@ def test_pipeline_tracks_to_the_server_and_stores_in_s3(
     assert f"store/stages/train_base/{base_key}/weights.safetensors" in keys
     assert any(k.startswith(f"store/checkpoints/train_base/{base_key}/step-") for k in keys)
     assert not any(k.startswith("store/") and "/mlflow/" in k for k in keys)
+
+    # Trained by 2 DDP workers; rank 0 wrote what single-worker training writes, and evaluate loaded it.
+    assert run.outcomes["train_base"].result.metrics["workers"] == 2
+    store = open_store(cfg.store.root, s3_server)
+    ckpt = latest_training_checkpoint(store, f"checkpoints/train_base/{base_key}")
+    assert ckpt is not None and ckpt.step == 50 and not any(k.startswith("module.") for k in ckpt.model)
+    _, spec = load_model(store, f"stages/train_base/{base_key}")
+    assert spec["network"]["kind"] == "mlp"

@@ -26,18 +26,16 @@ from pipelines.cli import main
 from pipelines.submit import REPO_ROOT, entrypoint, mlflow_run_id, pipeline_job
 
 CONFIG = "pipelines/configs/toy2d.yaml"
-# Smaller than test_pipeline.SMALL: one distillation round, so a job takes seconds of compute.
+# Smaller than test_pipeline.SMALL (which covers distillation): data, base model and its evaluation.
 TINY = [
     "train.steps=100",
     "train.checkpoint_every=50",
-    "distill.start_steps=4",
-    "distill.end_steps=2",
-    "distill.round.updates=20",
+    "distill.enabled=false",
     "evaluate.num_samples=200",
     "evaluate.batch_size=200",
     "evaluate.samplers=[{method: heun, steps: 4}]",
 ]
-TINY_STAGES = {"prepare_data", "train_base", "evaluate_base", "distill_1", "evaluate_1"}
+TINY_STAGES = {"prepare_data", "train_base", "evaluate_base"}
 
 
 def free_ports(n: int) -> list[int]:
