@@ -28,6 +28,7 @@ def test_head_and_autoscaling_gpu_workers() -> None:
     assert head["resources"] == {"CPU": 0}
     assert workers and all(w["resources"].get("GPU", 0) >= 1 for w in workers)
     assert all(w["min_workers"] == 0 and w["max_workers"] >= 2 for w in workers)  # autoscaling from zero
+    assert all("IamInstanceProfile" in w["node_config"] for w in workers)  # S3 access for the store
 
 
 def test_nodes_install_this_working_copy_and_start_ray_with_token_auth() -> None:
