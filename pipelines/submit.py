@@ -81,6 +81,8 @@ def pipeline_job(config: str | Path, overrides: list[str]) -> dict[str, Any]:
     """The Ray Job for a pipeline (submit_job's arguments); validated here, so a bad config fails before
     anything is uploaded."""
     load_config(config, overrides)
+    if not (REPO_ROOT / "pyproject.toml").is_file():  # an installed copy: site-packages is no working_dir
+        raise ConfigError(f"fdm submit runs from a source checkout (pip install -e); {REPO_ROOT} is not one")
     return {
         "entrypoint": entrypoint(config, overrides),
         "runtime_env": {"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES},

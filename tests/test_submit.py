@@ -22,7 +22,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobSubmissionClient
 
+from pipelines import submit
 from pipelines.cli import main
+from pipelines.config import ConfigError
 from pipelines.submit import REPO_ROOT, entrypoint, mlflow_run_id, pipeline_job
 
 CONFIG = "pipelines/configs/toy2d.yaml"
@@ -142,6 +144,12 @@ def test_bad_config_or_config_outside_the_repo_exit_2_before_connecting(
     shutil.copy(REPO_ROOT / CONFIG, outside)
     assert main(["submit", str(outside), "--address", nowhere]) == 2
     assert "working_dir" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_submit_refuses_an_installed_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(submit, "REPO_ROOT", tmp_path)  # e.g. site-packages: no pyproject.toml
+    with pytest.raises(ConfigError, match="source checkout"):
+        pipeline_job(REPO_ROOT / CONFIG, [])
 
 
 def test_submit_runs_the_pipeline_as_a_ray_job(
