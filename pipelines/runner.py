@@ -130,14 +130,17 @@ def _wait(run: PipelineRun, refs: dict[str, ray.ObjectRef], board: Any, console:
                         "skipped" if o.result.info.get("skipped") else "cached" if o.result.cached else "done"
                     )
                     o.seconds = 0.0 if o.result.cached else o.result.info.get("seconds")
-                except Exception as err:  # a stage failure: recorded, downstream marked
-                    upstream_failed = any(
-                        run.outcomes[u].status in ("failed", "not run") for u in o.spec.upstream
-                    )
-                    o.status = "not run" if upstream_failed else "failed"
+                except Exception as err:  # a stage failure: recorded; who failed first is settled below
+                    o.status = "failed"
                     cause = getattr(err, "cause", None) or err
                     o.error = f"{type(cause).__name__}: {cause}"
             live.update(stage_table(run, ray.get(board.snapshot.remote())))
+    # Results arrive in any order; in plan (topological) order, a failure below a failure is "not run".
+    for o in run.outcomes.values():
+        if o.status == "failed" and any(
+            run.outcomes[u].status in ("failed", "not run") for u in o.spec.upstream
+        ):
+            o.status = "not run"
 
 
 def _summary_plot(run: PipelineRun) -> bytes | None:
