@@ -13,6 +13,16 @@ from infra.tracking import Tracking
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# The digits U-Net the benchmarks share (the shipped digits.yaml model), as fdm_core.networks.UNet kwargs.
+DIGITS_UNET = {
+    "img_resolution": 8,
+    "in_channels": 1,
+    "model_channels": 16,
+    "channel_mult": (1, 2),
+    "num_blocks": 1,
+    "attn_resolutions": (4,),
+}
+
 
 def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")

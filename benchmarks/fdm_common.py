@@ -19,6 +19,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from benchmarks.common import DIGITS_UNET
 from fdm_core.metrics import frechet_distance
 from fdm_core.networks import UNet
 from fdm_core.precond import Denoiser
@@ -29,15 +30,6 @@ from tasks.dataset import load_split
 from tasks.prepare_data import DataConfig, prepare_data
 from tasks.stage import StageContext
 from tasks.train_classifier import Classifier, ClassifierConfig, load_classifier, train_classifier
-
-NET = {
-    "img_resolution": 8,
-    "in_channels": 1,
-    "model_channels": 16,
-    "channel_mult": (1, 2),
-    "num_blocks": 1,
-    "attn_resolutions": (4,),
-}
 
 
 @dataclass(frozen=True)
@@ -62,7 +54,7 @@ class RunConfig:
 
     def describe(self) -> str:
         return (
-            f"U-Net {NET}, Adam lr {self.lr}, batch {self.batch_size}, {self.steps} steps, EMA decay "
+            f"U-Net {DIGITS_UNET}, Adam lr {self.lr}, batch {self.batch_size}, {self.steps} steps, EMA decay "
             f"{self.ema_decay}, grad clip 1.0; FDM m = 2 (VE 1), W = {self.warmup('edm')} (EDM) / "
             f"{self.warmup('vp')} (VP, VE) steps; evaluation: {self.num_samples} samples, Heun "
             f"{self.sample_steps} steps on the process's default grid"
@@ -110,7 +102,7 @@ def make_denoiser(process: ProcessName, fdm: bool, cfg: RunConfig, seed: int) ->
     """A fresh U-Net (initialised from `seed`, so a baseline/FDM pair starts from the same weights)."""
     torch.manual_seed(seed)
     proc = make_process(process, fdm=fdm, warmup_iters=cfg.warmup(process))
-    return Denoiser(UNet(**NET), proc)
+    return Denoiser(UNet(**DIGITS_UNET), proc)
 
 
 def generate(denoiser: Denoiser, n: int, steps: int, method: Method = "heun", seed: int = 1234) -> Tensor:

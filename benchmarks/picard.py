@@ -37,7 +37,7 @@ from matplotlib.ticker import FormatStrFormatter
 from sklearn.datasets import load_digits, make_moons
 from torch import Tensor
 
-from benchmarks.common import RESULTS, cpu_name
+from benchmarks.common import DIGITS_UNET, RESULTS, cpu_name
 from fdm_core.networks import MLP, UNet, count_parameters
 from fdm_core.picard import PicardStats, picard_sample
 from fdm_core.precond import Denoiser
@@ -54,14 +54,6 @@ SEED = 0
 TOL = 0.1
 THREADS = 1
 CONFIGS = [("ddpm", 1000), ("euler", 100), ("euler", 200)]
-UNET = {
-    "img_resolution": 8,
-    "in_channels": 1,
-    "model_channels": 16,
-    "channel_mult": (1, 2),
-    "num_blocks": 1,
-    "attn_resolutions": (4,),
-}
 
 
 @dataclass
@@ -127,7 +119,7 @@ def build_models(store_root: str, quick: bool) -> list[Model]:
     store = open_store(store_root)
     specs = [
         ("toy MLP", partial(MLP, dim=2), two_moons(), 300 if quick else 1000, 256),
-        ("digits U-Net", partial(UNet, **UNET), digits(), 150 if quick else 600, 128),
+        ("digits U-Net", partial(UNet, **DIGITS_UNET), digits(), 150 if quick else 600, 128),
     ]
     models = []
     for name, build, data, steps, batch in specs:
