@@ -21,6 +21,7 @@ from fdm_core import targets
 from fdm_core.precond import Denoiser, Head
 from fdm_core.processes import Process
 from fdm_core.targets import Parameterisation, Weighting
+from fdm_core.tensors import append_dims
 
 DenoiserFn = Callable[[Tensor, Tensor], Tensor]
 # The student heads that implement each parameterisation; the first is what `make_student` sets.
@@ -28,10 +29,6 @@ HEADS: dict[str, tuple[Head, ...]] = {"x": ("precond", "x"), "v": ("v",), "eps":
 UNSTABLE = frozenset({("eps", "truncated_snr")})
 # Below this net-input scale c_in(sigma) sigma the network cannot tell one noise sample from another.
 BLIND_INPUT = 1e-3
-
-
-def _bcast(s: Tensor, x: Tensor) -> Tensor:
-    return s.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def student_grid(teacher_sigmas: Tensor) -> Tensor:
@@ -51,7 +48,7 @@ def student_grid(teacher_sigmas: Tensor) -> Tensor:
 
 def ddim_step(x_t: Tensor, denoised: Tensor, sigma_t: Tensor, sigma_s: Tensor) -> Tensor:
     """x_s = D + (sigma_s/sigma_t)(x_t - D): deterministic DDIM, i.e. Euler on the probability-flow ODE."""
-    return denoised + _bcast(sigma_s / sigma_t, x_t) * (x_t - denoised)
+    return denoised + append_dims(sigma_s / sigma_t, x_t) * (x_t - denoised)
 
 
 @torch.no_grad()
@@ -64,7 +61,7 @@ def distill_target(
     """
     x_mid = ddim_step(x_t, teacher(x_t, sigma_t), sigma_t, sigma_mid)
     x_s = ddim_step(x_mid, teacher(x_mid, sigma_mid), sigma_mid, sigma_s)
-    ratio = _bcast(sigma_s / sigma_t, x_t)
+    ratio = append_dims(sigma_s / sigma_t, x_t)
     return (x_s - ratio * x_t) / (1 - ratio)
 
 
@@ -137,9 +134,9 @@ def distill_loss(
     i = torch.randint(0, steps, (x0.shape[0],), generator=generator)
     n = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     sigma_t, sigma_mid, sigma_s = (full[2 * i + k].to(x0.device) for k in range(3))
-    x_t = x0 + _bcast(sigma_t, x0) * n
+    x_t = x0 + append_dims(sigma_t, x0) * n
     target = distill_target(teacher, x_t, sigma_t, sigma_mid, sigma_s)
-    w = _bcast(targets.weighting(weighting, sigma_t), x0)
+    w = append_dims(targets.weighting(weighting, sigma_t), x0)
     return (w * (student(x_t, sigma_t) - target) ** 2).mean()
 
 

@@ -18,7 +18,6 @@ from torch import Tensor
 from fdm_core.samplers import (
     Denoiser,
     Method,
-    _bcast,
     _check_sigmas,
     ancestral_step,
     draw_noise,
@@ -26,6 +25,7 @@ from fdm_core.samplers import (
     noise_scales,
     step_delta,
 )
+from fdm_core.tensors import append_dims
 
 # Δ for a batch of states with per-sample sigmas: (x_states, sigma_t, sigma_s, method) -> deltas.
 Evaluator = Callable[[Tensor, Tensor, Tensor, Method], Tensor]
@@ -93,7 +93,7 @@ def picard_sample(
     kicks = None  # σ_up,i z_i of every step, in fp64 for the prefix sums
     if noise is not None:
         z = noise.double()
-        kicks = _bcast(noise_scales(s64, method), z) * z
+        kicks = append_dims(noise_scales(s64, method), z) * z
     # Tolerance scale of state i: the DDPM (η = 1) variance of the step leaving it, for every method;
     # the final state leaves no step, so its variance is 0 and its ratio ∞.
     variance = torch.cat([ancestral_step(sig_t, sig_s)[0] ** 2, s64.new_zeros(1)])
@@ -118,7 +118,7 @@ def picard_sample(
             new = new + kicks[b:e].cumsum(0)
         # 3. error_j = |new_j - B_old[b+1+j]|^2 / (D σ^2_{b+1+j}), the worst sample of the batch.
         sq = (new - buf[b + 1 : e + 1].double()).reshape(p, batch, -1).pow(2).sum(-1) / dim
-        ratio = torch.where(sq == 0, 0.0, sq / _bcast(variance[b + 1 : e + 1], sq)).amax(1)
+        ratio = torch.where(sq == 0, 0.0, sq / append_dims(variance[b + 1 : e + 1], sq)).amax(1)
         fails = ratio > tol**2
         # 4. Slide past the converged prefix (a failing final state still lets the window reach N);
         # newly exposed slots start from the window's last state.

@@ -13,12 +13,9 @@ from torch import Tensor, nn
 
 from fdm_core.processes import Process
 from fdm_core.targets import head_coefficients
+from fdm_core.tensors import append_dims
 
 Head = Literal["precond", "x", "eps", "v"]
-
-
-def _bcast(c: Tensor, x: Tensor) -> Tensor:
-    return c.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 class Denoiser(nn.Module):
@@ -43,5 +40,5 @@ class Denoiser(nn.Module):
             c_skip, c_out = head_coefficients(self.head, sigma)
         c_in = p.c_in(sigma)
         x32 = x.to(torch.float32)
-        f = self.net(_bcast(c_in, x32) * x32, p.c_noise(sigma))
-        return _bcast(c_skip, x32) * x32 + _bcast(c_out, x32) * f.to(torch.float32)
+        f = self.net(append_dims(c_in, x32) * x32, p.c_noise(sigma))
+        return append_dims(c_skip, x32) * x32 + append_dims(c_out, x32) * f.to(torch.float32)

@@ -17,7 +17,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fdm_core.processes import VP_T_MIN, Process, vp_sigma
+from fdm_core.processes import VP_T_MIN, Process, vp_sigma, vp_sigma_inv
+from fdm_core.tensors import append_dims
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Method = Literal["euler", "heun", "ddpm", "dpmpp_2m"]
@@ -59,17 +60,12 @@ def get_sigmas(
     if kind == "karras":
         return get_sigmas_karras(n, sigma_min or 0.002, sigma_max or 80.0, rho)
     if kind == "vp":
-        t_min = 1e-3 if sigma_min is None else float(_vp_t(sigma_min))
-        t_max = 1.0 if sigma_max is None else float(_vp_t(sigma_max))
+        t_min = 1e-3 if sigma_min is None else max(float(vp_sigma_inv(torch.tensor(sigma_min))), VP_T_MIN)
+        t_max = 1.0 if sigma_max is None else float(vp_sigma_inv(torch.tensor(sigma_max)))
         return get_sigmas_vp(n, t_min, t_max)
     if kind == "ve":
         return get_sigmas_ve(n, sigma_min or 0.02, sigma_max or 100.0)
     raise ValueError(f"grid: expected karras|vp|ve (got {kind!r})")
-
-
-def _vp_t(sigma: float) -> float:
-    t = (math.sqrt(0.1**2 + 2 * 19.9 * math.log1p(sigma**2)) - 0.1) / 19.9
-    return max(t, VP_T_MIN)
 
 
 def _append_zero(s: Tensor) -> Tensor:
@@ -77,13 +73,9 @@ def _append_zero(s: Tensor) -> Tensor:
 
 
 # --- shared step helpers -------------------------------------------------------------------------
-def _bcast(s: Tensor, x: Tensor) -> Tensor:
-    return s.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-
-
 def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
     """ODE derivative dx/dsigma = (x - D)/sigma."""
-    return (x - denoised) / _bcast(sigma, x)
+    return (x - denoised) / append_dims(sigma, x)
 
 
 def ancestral_step(sigma_t: Tensor, sigma_s: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,12 +90,12 @@ def step_delta(denoiser: Denoiser, x: Tensor, sigma_t: Tensor, sigma_s: Tensor, 
     denoised = denoiser(x, sigma_t)
     d = to_d(x, sigma_t, denoised)
     if method == "euler":
-        return _bcast(sigma_s - sigma_t, x) * d
+        return append_dims(sigma_s - sigma_t, x) * d
     if method == "ddpm":
         _, down = ancestral_step(sigma_t, sigma_s)
-        return _bcast(down - sigma_t, x) * d
+        return append_dims(down - sigma_t, x) * d
     if method == "heun":
-        dt = _bcast(sigma_s - sigma_t, x)
+        dt = append_dims(sigma_s - sigma_t, x)
         x_euler = x + dt * d
         last = sigma_s == 0
         if bool(last.all()):
@@ -111,7 +103,7 @@ def step_delta(denoiser: Denoiser, x: Tensor, sigma_t: Tensor, sigma_s: Tensor, 
         # Heun's correction everywhere but on the step to sigma = 0 (where D(x, 0) is undefined).
         s_safe = torch.where(last, sigma_t, sigma_s)
         d2 = to_d(x_euler, s_safe, denoiser(x_euler, s_safe))
-        d_avg = torch.where(_bcast(last, x).bool(), d, (d + d2) / 2)
+        d_avg = torch.where(append_dims(last, x).bool(), d, (d + d2) / 2)
         return dt * d_avg
     raise ValueError(f"method: {method!r} has no single-step form (expected euler|heun|ddpm)")
 

@@ -12,12 +12,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fdm_core.tensors import append_dims
+
 Parameterisation = Literal["x", "eps", "v"]
 Weighting = Literal["snr", "truncated_snr", "snr_plus_one", "constant"]
-
-
-def _bcast(sigma: Tensor, x: Tensor) -> Tensor:
-    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def snr(sigma: Tensor) -> Tensor:
@@ -39,19 +37,19 @@ def weighting(name: Weighting, sigma: Tensor) -> Tensor:
 
 def eps_target(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
     """The noise that turns x0 into x at sigma."""
-    return (x - x0) / _bcast(sigma, x)
+    return (x - x0) / append_dims(sigma, x)
 
 
 def v_target(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
     """v = alpha eps - s x0 with alpha = 1/sqrt(1+sigma^2), s = sigma/sqrt(1+sigma^2)."""
-    s = _bcast(sigma, x)
+    s = append_dims(sigma, x)
     norm = torch.sqrt(1 + s**2)
     return (eps_target(x, x0, sigma) - s * x0) / norm
 
 
 def x0_from(param: Parameterisation, pred: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
     """Turn a prediction in parameterisation `param` at (x, sigma) into the x0 estimate."""
-    s = _bcast(sigma, x)
+    s = append_dims(sigma, x)
     if param == "x":
         return pred
     if param == "eps":

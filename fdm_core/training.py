@@ -11,10 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fdm_core.precond import Denoiser
-
-
-def _bcast(s: Tensor, x: Tensor) -> Tensor:
-    return s.reshape(-1, *([1] * (x.ndim - 1)))
+from fdm_core.tensors import append_dims
 
 
 @dataclass
@@ -36,8 +33,8 @@ def denoising_loss(
     sigma = process.sample_sigma(x0.shape[0], generator=generator).to(x0.device)
     n = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     weight = process.training_weight(sigma, warmup_step)
-    err = (denoiser(x0 + _bcast(sigma, x0) * n, sigma) - x0) ** 2
-    return (_bcast(weight, x0) * err).mean()
+    err = (denoiser(x0 + append_dims(sigma, x0) * n, sigma) - x0) ** 2
+    return (append_dims(weight, x0) * err).mean()
 
 
 class EMA:
