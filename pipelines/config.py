@@ -15,7 +15,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fdm_core.distill import check_one_step
-from fdm_core.processes import make_process
 from tasks.distill_round import DistillConfig
 from tasks.evaluate import EvalConfig
 from tasks.prepare_data import DataConfig
@@ -113,8 +112,7 @@ class PipelineConfig(BaseModel):
     def _one_step_reachable(self) -> PipelineConfig:
         """Refuse at load time a 1-step target the base model's input scaling makes unlearnable (FDM)."""
         if self.distill.enabled and self.distill.end_steps == 1:
-            t = self.train
-            process = make_process(t.process, fdm=t.fdm, multiplier=t.multiplier, warmup_iters=t.warmup_iters)
+            process = self.train.build_process()
             try:
                 check_one_step(process, process.sigma_max)
             except ValueError as err:

@@ -170,6 +170,23 @@ def latest_training_checkpoint(store: ArtifactStore, root: str) -> TrainingCheck
     )
 
 
+def resume_training(
+    store: ArtifactStore,
+    root: str,
+    model: nn.Module,
+    ema: EMA | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainState:
+    """Continue from the newest complete checkpoint under `root` (schedule included), or start fresh."""
+    ckpt = latest_training_checkpoint(store, root)
+    if ckpt is None:
+        return TrainState()
+    state = restore(ckpt, model, ema, optimizer)
+    scheduler.last_epoch = state.step
+    return state
+
+
 def restore(
     ckpt: TrainingCheckpoint, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer
 ) -> TrainState:

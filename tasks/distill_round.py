@@ -19,14 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fdm_core.distill import check_one_step, check_stable, distill_loss, make_student, student_grid
 from fdm_core.networks import count_parameters
 from fdm_core.targets import Parameterisation, Weighting
-from fdm_core.training import TrainState, train_step
+from fdm_core.training import train_step
 from infra.manifest import clear_output
 from infra.store import open_store
 from tasks.checkpoints import (
-    latest_training_checkpoint,
     load_model,
     model_spec,
-    restore,
+    resume_training,
     save_model,
     save_training_checkpoint,
 )
@@ -111,12 +110,8 @@ def distill_round(
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1 - k / updates))
     ckpt_root = posixpath.join("checkpoints", STAGE, ctx.key)
-    state, resumed_from = TrainState(), 0
-    ckpt = latest_training_checkpoint(store, ckpt_root)
-    if ckpt is not None:
-        state = restore(ckpt, student, None, opt)
-        sched.last_epoch = state.step
-        resumed_from = state.step
+    state = resume_training(store, ckpt_root, student, None, opt, sched)
+    resumed_from = state.step
 
     seed = cfg.seed + 7919 * round_index
     batches = iter(

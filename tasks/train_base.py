@@ -12,13 +12,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fdm_core.networks import MLP, UNet, count_parameters, model_summary
 from fdm_core.precond import Denoiser
-from fdm_core.processes import make_process
-from fdm_core.training import EMA, TrainState, denoising_loss, train_step
+from fdm_core.processes import Process, make_process
+from fdm_core.training import EMA, denoising_loss, train_step
 from infra.store import open_store
 from tasks.checkpoints import (
-    latest_training_checkpoint,
     model_spec,
-    restore,
+    resume_training,
     save_model,
     save_training_checkpoint,
 )
@@ -79,6 +78,12 @@ class TrainConfig(BaseModel):
     seed: int = 0
     workers: int = Field(1, ge=1, description="data-parallel replicas (Ray Train DDP); batch_size is global")
 
+    def build_process(self) -> Process:
+        """The noise process (and FDM variant) this config trains."""
+        return make_process(
+            self.process, fdm=self.fdm, multiplier=self.multiplier, warmup_iters=self.warmup_iters
+        )
+
     @model_validator(mode="after")
     def _ve_multiplier(self) -> TrainConfig:
         if self.process == "ve" and self.fdm and self.multiplier not in (None, 1.0):
@@ -135,18 +140,14 @@ def _train(
     store = open_store(ctx.store_uri, ctx.endpoint_url)
     meta = dataset_meta(dataset_uri, ctx.endpoint_url)
     torch.manual_seed(cfg.seed)
-    process = make_process(cfg.process, fdm=cfg.fdm, multiplier=cfg.multiplier, warmup_iters=cfg.warmup_iters)
+    process = cfg.build_process()
     model = Denoiser(model_cfg.build(meta.shape), process).to(device)
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, cfg.lr_rampup)))
     ckpt_root = posixpath.join("checkpoints", "train_base", ctx.key)
-    state, resumed_from = TrainState(), 0
-    ckpt = latest_training_checkpoint(store, ckpt_root)
-    if ckpt is not None:
-        state = restore(ckpt, model, ema, opt)
-        sched.last_epoch = state.step
-        resumed_from = state.step
+    state = resume_training(store, ckpt_root, model, ema, opt, sched)
+    resumed_from = state.step
     trained: torch.nn.Module = model
     if world > 1:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
