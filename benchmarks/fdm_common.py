@@ -3,15 +3,22 @@ loop that evaluates its EMA model at regular step intervals, so baseline and FDM
 
 A baseline/FDM pair uses the same U-Net, initial weights, optimiser, batches and training noise (one seed);
 only the process's `fdm` flag differs (c_in = gamma(sigma) and the loss-weight warm-up, DESIGN.md §3).
+Independent runs go to a pool of single-threaded processes (one per core), and every trained EMA model is
+kept in a model cache keyed by what determines its training, so fdm_sampling reuses fdm_training's models.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -26,10 +33,17 @@ from fdm_core.precond import Denoiser
 from fdm_core.processes import ProcessName, make_process
 from fdm_core.samplers import Method, process_grid, sample
 from fdm_core.training import EMA, TrainState, denoising_loss, train_step
+from infra.manifest import is_complete
+from infra.store import open_store
+from pipelines.plan import code_version
+from tasks.checkpoints import load_model, model_spec, save_model
 from tasks.dataset import load_split
 from tasks.prepare_data import DataConfig, prepare_data
 from tasks.stage import StageContext
 from tasks.train_classifier import Classifier, ClassifierConfig, load_classifier, train_classifier
+
+# Trained models, keyed by training config (FDM_BENCH_CACHE overrides; delete it to retrain from scratch).
+CACHE = Path(os.environ.get("FDM_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,22 @@ class RunConfig:
     def warmup(self, process: ProcessName) -> int:
         scale = 1 if process == "edm" else 2
         return max(1, round(scale * self.warmup_fraction * self.steps))
+
+    def training_key(self, process: ProcessName, fdm: bool, seed: int) -> str:
+        """A digest of everything that fixes a trained model (not the evaluation settings), code included."""
+        fields = asdict(self)
+        for k in ("eval_every", "num_samples", "sample_steps"):
+            fields.pop(k)
+        ident = {
+            "process": process,
+            "fdm": fdm,
+            "seed": seed,
+            "unet": DIGITS_UNET,
+            "code": code_version(),
+            **fields,
+        }
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+        return f"{process}{'-fdm' if fdm else ''}-s{seed}-{digest}"
 
     def describe(self) -> str:
         return (
@@ -136,10 +166,12 @@ def train(
     seed: int,
     data: Digits,
     log: Callable[[str], None] = print,
+    cache: Path | None = CACHE,
 ) -> tuple[Denoiser, Curve]:
     """Train one model; every `eval_every` steps (and at the end) score its EMA with Heun samples.
 
-    Batches and training noise come from a generator seeded by `seed`, so the pair sees the same draws."""
+    Batches and training noise come from a generator seeded by `seed`, so the pair sees the same draws.
+    The final EMA model goes to `cache` (None: not kept)."""
     denoiser = make_denoiser(process, fdm, cfg, seed)
     ema = EMA(denoiser.net, cfg.ema_decay)
     ema_denoiser = Denoiser(ema.model, denoiser.process)
@@ -158,7 +190,34 @@ def train(
             curve.steps.append(state.step)
             curve.quality.append(q)
             log(f"  {curve.label} seed {seed} step {state.step}: FD {q:.3f}")
+    if cache is not None:
+        spec = model_spec(denoiser)
+        save_model(
+            open_store(str(cache)), cfg.training_key(process, fdm, seed), ema_denoiser, spec, {"seed": seed}
+        )
     return ema_denoiser, curve
+
+
+def trained(
+    process: ProcessName, fdm: bool, cfg: RunConfig, seed: int, data: Digits, cache: Path | None = CACHE
+) -> Denoiser:
+    """The cached final EMA model of this training config if there is a complete one, else a fresh run."""
+    key = cfg.training_key(process, fdm, seed)
+    if cache is not None and is_complete(store := open_store(str(cache)), key):
+        print(f"  {key}: reusing the cached model")
+        return load_model(store, key)[0]
+    return train(process, fdm, cfg, seed, data, cache=cache)[0]
+
+
+def parallel_map(fn: Callable[..., object], jobs: Sequence[tuple], workers: int) -> list:
+    """`fn(*job)` for every job, in order: inline for one worker, else in a pool of `workers` processes.
+
+    Each pool process runs torch on one thread, so the workers do not thrash the cores they share."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*job) for job in jobs]
+    spawn = multiprocessing.get_context("spawn")  # fork after OpenMP has started can hang the children
+    with ProcessPoolExecutor(min(workers, len(jobs)), spawn, torch.set_num_threads, (1,)) as pool:
+        return list(pool.map(fn, *zip(*jobs)))
 
 
 def first_reach(xs: Sequence[float], ys: Sequence[float], target: float) -> float | None:
@@ -175,6 +234,11 @@ def first_reach(xs: Sequence[float], ys: Sequence[float], target: float) -> floa
 def mean_curve(curves: Sequence[Curve]) -> list[float]:
     """Quality averaged over seeds, step by step (the curves share their evaluation steps)."""
     return [sum(c.quality[i] for c in curves) / len(curves) for i in range(len(curves[0].steps))]
+
+
+def seed_list(seeds: dict[ProcessName, tuple[int, ...]]) -> str:
+    """E.g. "EDM 0, 1; VE 0": the seeds run per process."""
+    return "; ".join(f"{p.upper()} {', '.join(map(str, s))}" for p, s in seeds.items())
 
 
 def fmt(v: float | None, digits: int = 2) -> str:

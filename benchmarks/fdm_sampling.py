@@ -7,11 +7,15 @@ several step counts on the process's default grid, and we read off the NFE FDM n
 baseline's best quality over the sweep, against the NFE the baseline needs for it.
 
     python -m benchmarks.fdm_sampling [--quick]     # --quick: EDM only, 1 seed, 400 steps, 200 samples
+
+The full mode covers the models of fdm_training's full mode (EDM, VP with two seeds, VE with one) and reuses
+them from the model cache when that has run first; otherwise it trains them (about 35 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,7 +24,20 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import machine, write_report
-from benchmarks.fdm_common import RunConfig, first_reach, fmt, generate, load_digits, plot, train
+from benchmarks.fdm_common import (
+    CACHE,
+    Digits,
+    RunConfig,
+    first_reach,
+    fmt,
+    generate,
+    load_digits,
+    parallel_map,
+    plot,
+    seed_list,
+    trained,
+)
+from benchmarks.fdm_training import FULL_RUN, FULL_SEEDS
 from fdm_core.processes import ProcessName
 from fdm_core.samplers import Method, nfe
 
@@ -33,32 +50,43 @@ QUICK_SWEEP: dict[Method, tuple[int, ...]] = {"heun": (3, 4, 6, 9, 13, 18), "dpm
 
 @dataclass(frozen=True)
 class Mode:
-    """Which processes and seeds one invocation covers, how long each model trains and the step sweep."""
+    """Which processes (with their seeds) one invocation covers, how long each model trains, the step
+    sweep, how many processes work at once, and the model cache (None: always train)."""
 
     name: str
-    processes: tuple[ProcessName, ...]
-    seeds: tuple[int, ...]
+    seeds: dict[ProcessName, tuple[int, ...]]
     run: RunConfig
     sweep: dict[Method, tuple[int, ...]]
     classifier_steps: int = 300
+    workers: int = os.cpu_count() or 1
+    cache: Path | None = CACHE
 
 
 MODES = {
-    "full": Mode(
-        "full", ("edm", "vp"), (0, 1), RunConfig(steps=1500, eval_every=1500, num_samples=500), SWEEP
-    ),
-    "quick": Mode(
-        "quick", ("edm",), (0,), RunConfig(steps=400, eval_every=400, num_samples=200), QUICK_SWEEP
-    ),
+    "full": Mode("full", FULL_SEEDS, FULL_RUN, SWEEP),
+    "quick": Mode("quick", {"edm": (0,)}, RunConfig(steps=400, eval_every=400, num_samples=200), QUICK_SWEEP),
     "tiny": Mode(
         "tiny",
-        ("edm",),
-        (0,),
+        {"edm": (0,)},
         RunConfig(steps=2, eval_every=2, num_samples=40, sample_steps=3),
         {"heun": (2, 3), "dpmpp_2m": (2, 3)},
         5,
+        1,
+        None,
     ),
 }
+
+
+def sweep(process: ProcessName, fdm: bool, mode: Mode, seed: int, data: Digits) -> dict[Method, list[float]]:
+    """One model's quality at every step count of every sampler (a pool job)."""
+    model = trained(process, fdm, mode.run, seed, data, mode.cache)
+    quality = {
+        method: [data.metric(generate(model, mode.run.num_samples, n, method)) for n in steps]
+        for method, steps in mode.sweep.items()
+    }
+    for method, q in quality.items():
+        print(f"  {process} fdm={fdm} seed {seed} {method}: {', '.join(f'{v:.3f}' for v in q)}")
+    return quality
 
 
 Qualities = dict[tuple[bool, Method], list[float]]
@@ -117,17 +145,21 @@ def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data = load_digits(Path(tmp), mode.classifier_steps)
+    jobs = [
+        (p, fdm, mode, seed, data)
+        for p, seeds in mode.seeds.items()
+        for seed in seeds
+        for fdm in (False, True)
+    ]
+    per_run = iter(parallel_map(sweep, jobs, mode.workers))
     results: dict[ProcessName, Qualities] = {}
-    for process in mode.processes:
+    for process, seeds in mode.seeds.items():
         sums: Qualities = {}
-        for seed in mode.seeds:
+        for _ in seeds:
             for fdm in (False, True):
-                model, _ = train(process, fdm, mode.run, seed, data)
-                for method, steps in mode.sweep.items():
-                    q = [data.metric(generate(model, mode.run.num_samples, n, method)) for n in steps]
-                    print(f"  {process} fdm={fdm} seed {seed} {method}: {', '.join(f'{v:.3f}' for v in q)}")
-                    acc = sums.setdefault((fdm, method), [0.0] * len(steps))
-                    sums[(fdm, method)] = [a + v / len(mode.seeds) for a, v in zip(acc, q)]
+                for method, q in next(per_run).items():
+                    acc = sums.setdefault((fdm, method), [0.0] * len(q))
+                    sums[(fdm, method)] = [a + v / len(seeds) for a, v in zip(acc, q)]
         results[process] = sums
     sections, readings = zip(*(section(p, q, mode) for p, q in results.items()))
     panels = {
@@ -144,7 +176,7 @@ def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     report = f"""# FDM sampling speed: quality vs NFE at equal training ({mode.name})
 
 Machine: {machine()}. Command: `{cmd}`. Wall time {time.perf_counter() - t0:.0f} s.
-Seeds: {", ".join(map(str, mode.seeds))} (a seed fixes initial weights, batches and training noise of both
+Seeds: {seed_list(mode.seeds)} (a seed fixes initial weights, batches and training noise of both
 models; qualities are averaged over seeds; every sample set starts from the same noise seed).
 Data: sklearn digits, 8x8, train split ({len(data.x_train)} images, 10% held out).
 Training: {mode.run.describe().split("; evaluation")[0]}. Sampling: {mode.run.num_samples} samples per
@@ -163,10 +195,10 @@ accuracy {data.classifier_accuracy:.3f}); lower is better; compare numbers only 
     return report, {png: plot(panels, "NFE", "Fréchet distance (classifier features)")}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="EDM only, 1 seed, 400 steps (<= 5 min on 2 cores)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     report, files = run(MODES["quick" if args.quick else "full"])
     print(report)
     path = write_report("fdm_sampling" + ("_quick" if args.quick else ""), report, files)
