@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import platform
-import sys
+import re
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 from infra.tracking import Tracking
 
@@ -25,6 +27,7 @@ DIGITS_UNET = {
 
 
 def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
     cpuinfo = Path("/proc/cpuinfo")
     for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
         if line.startswith("model name"):
@@ -33,7 +36,7 @@ def cpu_name() -> str:
 
 
 def machine() -> str:
-    """One line: cores, CPU model, device, versions."""
+    """One line: cores, CPU model, device, versions; every report's "Machine:" line starts with it."""
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
     return (
         f"{os.cpu_count()} cores ({cpu_name()}), device {device}, torch {torch.__version__} "
@@ -41,9 +44,22 @@ def machine() -> str:
     )
 
 
-def command(module: str) -> str:
-    """The command that reproduces this report."""
-    return " ".join(["python -m", module, *sys.argv[1:]])
+def png(fig: Figure, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes (reports return their plots as bytes; write_report stores them)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def command(name: str, mode: str, *flags: str) -> str:
+    """The command that reproduces a report of `benchmarks.<name>` in `mode` (full mode takes no flag)."""
+    return " ".join(["python -m", f"benchmarks.{name}", *([] if mode == "full" else [f"--{mode}"]), *flags])
+
+
+def stated_command(markdown: str) -> str:
+    """The command a report says reproduces it (its "Command: `...`" line), or "" if it names none."""
+    found = re.search(r"Command: `([^`]+)`", markdown)
+    return found.group(1) if found else ""
 
 
 def write_report(
@@ -57,7 +73,7 @@ def write_report(
         (RESULTS / fname).write_bytes(data)
     tracking = Tracking.setup(tracking_uri, "fdm-benchmarks")
     run_id = tracking.start_parent(
-        f"bench-{name}", {"command": command(f"benchmarks.{name}")}, {"benchmark": name}
+        f"bench-{name}", {"command": stated_command(markdown)}, {"benchmark": name}
     )
     tracking.log_artifact(run_id, path)
     for fname in files or {}:
