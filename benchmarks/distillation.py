@@ -10,23 +10,20 @@ base training's.
 
     python -m benchmarks.distillation [--quick] [--fdm]
 
-writes benchmarks/results/distillation{,_fdm}{,_quick}.md and .png.
+writes benchmarks/results/distillation{,_fdm}{,_quick}.md and .png, and logs them to MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
-from benchmarks.common import cpu_name
+from benchmarks.common import command, machine, png, write_report
 from fdm_core.samplers import process_grid
 from infra.store import open_store
 from tasks.checkpoints import load_model
@@ -37,7 +34,6 @@ from tasks.stage import StageContext
 from tasks.train_base import ModelConfig, TrainConfig, train_base
 from tasks.train_classifier import ClassifierConfig, train_classifier
 
-RESULTS = Path(__file__).parent / "results"
 SEED = 0
 
 
@@ -45,15 +41,25 @@ SEED = 0
 class Setting:
     """Sizes of one benchmark mode."""
 
+    name: str
     base_steps: int
     start_steps: int
     updates: int
     final_updates: int
     num_samples: int
+    classifier_steps: int = 300
 
 
-QUICK = Setting(base_steps=600, start_steps=8, updates=100, final_updates=200, num_samples=500)
-FULL = Setting(base_steps=3000, start_steps=64, updates=400, final_updates=800, num_samples=1000)
+MODES = {
+    "full": Setting(
+        "full", base_steps=3000, start_steps=64, updates=400, final_updates=800, num_samples=1000
+    ),
+    "quick": Setting("quick", base_steps=600, start_steps=8, updates=100, final_updates=200, num_samples=500),
+    # The CI smoke test's: a few steps of everything, to check the machinery and the report, not the claim.
+    "tiny": Setting(
+        "tiny", base_steps=4, start_steps=4, updates=2, final_updates=2, num_samples=32, classifier_steps=5
+    ),
+}
 
 
 @dataclass
@@ -69,7 +75,7 @@ def _fd(result_metrics: dict[str, float], steps: int) -> float:
     return result_metrics[f"euler{steps}/fd"]
 
 
-def run(setting: Setting, root: str, threads: int, device: str, fdm: bool) -> dict:
+def measure(setting: Setting, root: str, threads: int, device: str, fdm: bool) -> dict:
     """The whole benchmark in a scratch store under `root`; returns everything the report needs."""
 
     def ctx(name: str) -> StageContext:
@@ -77,7 +83,9 @@ def run(setting: Setting, root: str, threads: int, device: str, fdm: bool) -> di
 
     data = prepare_data(DataConfig(source={"kind": "digits"}, val_fraction=0.1, seed=SEED), ctx("data"))
     dataset = data.outputs["dataset"]
-    clf = train_classifier(ClassifierConfig(steps=300, seed=SEED), dataset, ctx("classifier"))
+    clf = train_classifier(
+        ClassifierConfig(steps=setting.classifier_steps, seed=SEED), dataset, ctx("classifier")
+    )
     classifier = clf.outputs["classifier"]
 
     model_cfg = ModelConfig(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
@@ -142,7 +150,8 @@ def run(setting: Setting, root: str, threads: int, device: str, fdm: bool) -> di
     }
 
 
-def plot(res: dict, path: Path, title: str) -> None:
+def plot(res: dict, title: str) -> bytes:
+    """PNG of the teacher's and the students' FD against the number of sampling steps."""
     fig = Figure(figsize=(5.5, 3.8), dpi=120)
     ax = fig.subplots()
     counts = res["counts"]
@@ -156,10 +165,11 @@ def plot(res: dict, path: Path, title: str) -> None:
     ax.set_ylabel("Fréchet distance, classifier features")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.savefig(path, bbox_inches="tight")
+    return png(fig, dpi=120)
 
 
-def report(res: dict, setting: Setting, args: argparse.Namespace, device: str, total: float, png: str) -> str:
+def report(res: dict, setting: Setting, fdm: bool, cmd: str, total: float, png_name: str) -> str:
+    """The Markdown report: set-up, the quality table by step count, cost against base training, reading."""
     rounds, teacher_fd, start = res["rounds"], res["teacher_fd"], res["counts"][0]
     by_steps = {r.steps: r for r in rounds}
     rows = [f"| {start} | {teacher_fd[start]:.3f} | (the teacher) | | | |"]
@@ -179,25 +189,19 @@ def report(res: dict, setting: Setting, args: argparse.Namespace, device: str, t
             f"; the 4-step student's FD is {by_steps[4].fd / teacher_fd[start]:.2f}x the {start}-step "
             f"teacher's, for {upd4 / bs:.2f}x the base model's updates"
         )
-    if args.fdm:
+    if fdm:
         reading += (
             ". No 1-step round: FDM scales the net input at sigma = 80 by gamma(80) ~ 4e-8, so a 1-step "
             "student could not depend on its noise and distill_round refuses it (check_one_step)"
         )
-    cmd = (
-        "python -m benchmarks.distillation"
-        + (" --quick" if args.quick else "")
-        + (" --fdm" if args.fdm else "")
-    )
-    process = "EDM-FDM (m 2, warm-up 200)" if args.fdm else "EDM"
-    machine = f"{os.cpu_count()} cores ({cpu_name()}), device `{device}`, torch threads {args.threads}"
+    process = "EDM-FDM (m 2, warm-up 200)" if fdm else "EDM"
+    mode = "" if setting.name == "full" else f" ({setting.name} mode)"
     return "\n".join(
         [
-            f"# Progressive distillation on digits, {process} base{' (quick mode)' if args.quick else ''}",
+            f"# Progressive distillation on digits, {process} base{mode}",
             "",
             f"Command: `{cmd}` (total {total / 60:.1f} min)  ",
-            f"Machine: {machine}, shared with other work (timings are indicative); "
-            f"Python {platform.python_version()}, torch {torch.__version__}  ",
+            f"Machine: {machine()}, shared with other work (timings are indicative).  ",
             f"Seeds: data split, classifier, base training, distillation and evaluation noise all {SEED}.  ",
             f"Base model: {process} U-Net (model_channels 16, {res['parameters']:,} parameters), "
             f"{bs} steps at batch 128, lr 2e-3, EMA 0.995 (tasks.train_base).  ",
@@ -211,7 +215,7 @@ def report(res: dict, setting: Setting, args: argparse.Namespace, device: str, t
             "FID: compare trends with the paper, not values. With only 1,797 digits there is no disjoint "
             "real set of the same size to give a floor, so compare rows with each other.",
             "",
-            f"![quality vs steps]({png})",
+            f"![quality vs steps]({png_name})",
             "",
             "| steps | teacher DDIM FD | student FD | student / teacher | updates | distill s |",
             "|---:|---:|---:|---:|---:|---:|",
@@ -233,30 +237,39 @@ def report(res: dict, setting: Setting, args: argparse.Namespace, device: str, t
     )
 
 
-def main() -> None:
+def report_name(setting: Setting, fdm: bool) -> str:
+    """The report's file name without extension, e.g. distillation_fdm_quick."""
+    return "distillation" + ("_fdm" if fdm else "") + ("" if setting.name == "full" else f"_{setting.name}")
+
+
+def run(setting: Setting, fdm: bool = False, threads: int = 1) -> tuple[str, dict[str, bytes]]:
+    """Run the benchmark in a scratch store; the Markdown report and its plot as {file name: PNG bytes}."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root:
+        res = measure(setting, root, threads, device, fdm)
+    total = time.perf_counter() - t0
+    name = report_name(setting, fdm)
+    flags = (["--fdm"] if fdm else []) + ([f"--threads {threads}"] if threads != 1 else [])
+    cmd = command("distillation", setting.name, *flags)
+    text = report(res, setting, fdm, cmd, total, f"{name}.png")
+    return text, {
+        f"{name}.png": plot(res, f"Progressive distillation on digits, {'EDM-FDM' if fdm else 'EDM'} base")
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 -> 1 steps, short runs (a few minutes)")
     parser.add_argument("--fdm", action="store_true", help="an EDM-FDM base, distilled down to 2 steps")
     # One thread: on a shared 2-core machine two OpenMP threads per process run 10x slower, not faster.
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    setting = QUICK if args.quick else FULL
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as root:
-        res = run(setting, root, args.threads, device, args.fdm)
-    total = time.perf_counter() - t0
-    name = "distillation" + ("_fdm" if args.fdm else "") + ("_quick" if args.quick else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(
-        res,
-        RESULTS / f"{name}.png",
-        f"Progressive distillation on digits, {'EDM-FDM' if args.fdm else 'EDM'} base",
-    )
-    text = report(res, setting, args, device, total, f"{name}.png")
-    (RESULTS / f"{name}.md").write_text(text)
+    args = parser.parse_args(argv)
+    setting = MODES["quick" if args.quick else "full"]
+    text, files = run(setting, args.fdm, args.threads)
     print(text)
+    print(f"report: {write_report(report_name(setting, args.fdm), text, files)}")
 
 
 if __name__ == "__main__":
