@@ -9,14 +9,13 @@ on this 2-core CPU with <= 50 parallel iterations.
 
     python -m benchmarks.picard [--quick]
 
-writes benchmarks/results/picard.md and picard.png (picard_quick.* with --quick).
+writes benchmarks/results/picard.md and picard.png (picard_quick.* with --quick), and logs them to MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,20 +23,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import ray
 import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import FormatStrFormatter
 from sklearn.datasets import load_digits, make_moons
 from torch import Tensor
 
-from benchmarks.common import DIGITS_UNET, RESULTS, cpu_name
+from benchmarks.common import DIGITS_UNET, command, machine, png, write_report
 from fdm_core.networks import MLP, UNet, count_parameters
 from fdm_core.picard import PicardStats, picard_sample
 from fdm_core.precond import Denoiser
@@ -53,7 +49,7 @@ from tasks.sample import StepFactory
 SEED = 0
 TOL = 0.1
 THREADS = 1
-CONFIGS = [("ddpm", 1000), ("euler", 100), ("euler", 200)]
+CONFIGS = (("ddpm", 1000), ("euler", 100), ("euler", 200))
 
 
 @dataclass
@@ -83,7 +79,54 @@ class Row:
         return self.seq_seconds / self.seconds
 
 
-Runs = list[tuple[int, float]]  # (window, tol) pairs
+Runs = tuple[tuple[int, float], ...]  # (window, tol) pairs
+Evaluators = tuple[tuple[str, int, Runs], ...]  # (name, Ray actors or 0 for local batched, runs)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Training steps of the toy MLP and the digits U-Net, the samplers (the first, a DDPM one, is the
+    goal's), each evaluator's (window, tol) runs, and how many timed pairs each row takes the median of."""
+
+    name: str
+    train_steps: tuple[int, int]
+    configs: tuple[tuple[str, int], ...]
+    evaluators: Evaluators
+    repeats: int
+
+
+MODES = {
+    "full": Mode(
+        "full",
+        (1000, 600),
+        CONFIGS,
+        (
+            ("local batched", 0, ((16, TOL), (32, TOL), (64, TOL), (128, TOL), (64, 0.03), (64, 0.01))),
+            ("Ray x1", 1, ((32, TOL), (64, TOL))),
+            ("Ray x2", 2, ((32, TOL), (64, TOL), (128, TOL))),
+        ),
+        3,
+    ),
+    "quick": Mode(
+        "quick",
+        (300, 150),
+        CONFIGS,
+        (
+            ("local batched", 0, ((32, TOL), (64, TOL), (64, 0.01))),
+            ("Ray x1", 1, ((64, TOL),)),
+            ("Ray x2", 2, ((64, TOL),)),
+        ),
+        1,
+    ),
+    # The CI smoke test's: short samplers, one window per evaluator and at most one actor.
+    "tiny": Mode(
+        "tiny",
+        (2, 2),
+        (("ddpm", 20), ("euler", 10)),
+        (("local batched", 0, ((8, TOL),)), ("Ray x1", 1, ((8, TOL),))),
+        1,
+    ),
+}
 
 
 def two_moons(n: int = 8192) -> Tensor:
@@ -115,11 +158,13 @@ def train(build: Callable[[], torch.nn.Module], data: Tensor, steps: int, batch:
     return ema.model, note
 
 
-def build_models(store_root: str, quick: bool) -> list[Model]:
+def build_models(store_root: str, train_steps: tuple[int, int]) -> list[Model]:
+    """Train the toy MLP and the digits U-Net for `train_steps` and save them where Ray actors load them."""
     store = open_store(store_root)
+    mlp_steps, unet_steps = train_steps
     specs = [
-        ("toy MLP", partial(MLP, dim=2), two_moons(), 300 if quick else 1000, 256),
-        ("digits U-Net", partial(UNet, **DIGITS_UNET), digits(), 150 if quick else 600, 128),
+        ("toy MLP", partial(MLP, dim=2), two_moons(), mlp_steps, 256),
+        ("digits U-Net", partial(UNet, **DIGITS_UNET), digits(), unet_steps, 128),
     ]
     models = []
     for name, build, data, steps, batch in specs:
@@ -169,16 +214,16 @@ def paired(seq: Callable[[], Any], par: Callable[[], Any], repeats: int) -> tupl
     return statistics.median(seq_s), statistics.median(par_s), result
 
 
-def bench_model(model: Model, repeats: int, evaluators: list[tuple[str, int, Runs]]) -> list[Row]:
+def bench_model(model: Model, mode: Mode) -> list[Row]:
     """Every (window, tol) of each evaluator against the sequential sampler, evaluator by evaluator: the
     actors of two Ray evaluators would not fit on the machine together."""
     cases = []
-    for method, steps in CONFIGS:
+    for method, steps in mode.configs:
         sigmas = process_grid(model.denoiser.process, steps)
         x = torch.randn((1, *model.shape), generator=torch.Generator().manual_seed(SEED)) * sigmas[0]
         cases.append((f"{method} {steps}", method, sigmas, x, sequential(model.denoiser, x, sigmas, method)))
     rows = []
-    for name, actors, runs in evaluators:
+    for name, actors, runs in mode.evaluators:
         evaluator = RayEvaluator(StepFactory(model.uri), actors=actors) if actors else None
         try:
             for config, method, sigmas, x, ref in cases:
@@ -186,7 +231,7 @@ def bench_model(model: Model, repeats: int, evaluators: list[tuple[str, int, Run
                     seq_s, par_s, (out, st) = paired(
                         partial(sequential, model.denoiser, x, sigmas, method),
                         partial(picard, model.denoiser, x, sigmas, method, window, tol, evaluator),
-                        repeats,
+                        mode.repeats,
                     )
                     rows.append(
                         Row(
@@ -220,12 +265,15 @@ def log(row: Row) -> None:
     )
 
 
-def plot(rows: list[Row], path: Path) -> None:
-    """Speed-up bars per model (rows) and sampler (columns), coloured by evaluator, labelled by iterations."""
+def plot(rows: list[Row]) -> bytes:
+    """PNG of speed-up bars per model (rows) and sampler (columns), coloured by evaluator, labelled by
+    parallel iterations."""
     models = list(dict.fromkeys(r.model for r in rows))
     configs = list(dict.fromkeys(r.config for r in rows))
-    colours = {"local batched": "tab:blue", "Ray x1": "tab:orange", "Ray x2": "tab:green"}
-    fig, axes = plt.subplots(len(models), len(configs), figsize=(4 * len(configs), 3.6 * len(models)))
+    evaluators = dict.fromkeys(r.evaluator for r in rows)
+    colours = dict(zip(evaluators, ["tab:blue", "tab:orange", "tab:green", "tab:purple"]))
+    fig = Figure(figsize=(4 * len(configs), 3.6 * len(models)))
+    axes = fig.subplots(len(models), len(configs), squeeze=False)
     for ax, (model, config) in zip(axes.flat, [(m, c) for m in models for c in configs]):
         runs = [r for r in rows if (r.model, r.config) == (model, config)]
         ax.bar(range(len(runs)), [r.speedup for r in runs], color=[colours[r.evaluator] for r in runs])
@@ -240,38 +288,37 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.tick_params(axis="y", which="both", labelsize=7)
         ax.set_title(f"{model}, {config}", fontsize=9)
         ax.set_ylabel("speed-up vs sequential", fontsize=8)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     fig.legend(handles, list(colours), loc="upper right", ncol=3, fontsize=8)
     fig.suptitle("ParaDiGMS single-sample latency speed-up (bar labels: parallel iterations; red: 3x)", x=0.4)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=110)
+    return png(fig)
 
 
-def report(
-    rows: list[Row], models: list[Model], args: argparse.Namespace, run: dict[str, Any], png: str
-) -> str:
-    ddpm_unet = [r for r in rows if r.model == "digits U-Net" and r.config == "ddpm 1000"]
+def report(rows: list[Row], models: list[Model], mode: Mode, timing: dict[str, Any], png_name: str) -> str:
+    """The Markdown report: set-up, one row per timed configuration, and the DDPM goal's verdict."""
+    method, steps = mode.configs[0]
+    goal = f"{method.upper()}-{steps}"
+    ddpm_unet = [r for r in rows if r.model == "digits U-Net" and r.config == f"{method} {steps}"]
     within = [r for r in ddpm_unet if r.iterations <= 50]
     best = max(within, key=lambda r: r.speedup) if within else None
     fastest = max(ddpm_unet, key=lambda r: r.speedup)
     met = best is not None and best.speedup >= 3.0
-    repeats = 1 if args.quick else 3
-    load = ", ".join(f"{a:.1f}" for a in run["load_before"])
+    load = ", ".join(f"{a:.1f}" for a in timing["load_before"])
     lines = [
         "# ParaDiGMS: single-sample latency, sequential vs Picard",
         "",
-        f"Command: `python -m benchmarks.picard{' --quick' if args.quick else ''}` "
-        f"({run['seconds']:.0f} s)  ",
-        f"Machine: {os.cpu_count()} cores ({cpu_name()}), device `cpu`, torch {torch.__version__}, "
-        f"Ray {ray.__version__}, Python {platform.python_version()}. The machine was shared with other "
+        f"Command: `{command('picard', mode.name)}` ({timing['seconds']:.0f} s)  ",
+        f"Machine: {machine()}, Ray {ray.__version__}. The machine was shared with other "
         f"work: load average {load} (1/5/15 min) at the start, "
-        f"{run['load_after'][0]:.1f} (1 min) at the end.  ",
-        f"Threads: the driver (sequential sampler, local batched Picard) uses {THREADS} torch thread; each "
+        f"{timing['load_after'][0]:.1f} (1 min) at the end.  ",
+        f"Threads: the driver (sequential sampler, local batched Picard) samples on the CPU with {THREADS} "
+        "torch thread; each "
         "Ray actor holds 1 CPU and 1 thread, so Ray x2 uses both cores. (Two threads in the driver collapsed "
         "under the shared load: OpenMP spin-waits when more threads than cores are runnable.)  ",
         f"Seeds: training {SEED}, initial noise x_T {SEED}, sampler noise {SEED + 1} (the same draw for the "
         "sequential and the Picard sampler); batch 1 (single-sample latency).  ",
-        f"Timing: each row times the sequential and the Picard sampler alternately, median of {repeats} "
+        f"Timing: each row times the sequential and the Picard sampler alternately, median of {mode.repeats} "
         "pairs after a warm-up run, so both see the same machine load; sampling only (model loading and "
         "actor start-up excluded).  ",
         "Paper anchors (DESIGN.md §5): SD-v2 DDPM-1000 in 44 parallel iterations, 3.1x faster on 8 A100s; "
@@ -306,7 +353,7 @@ def report(
     ]
     lines += [
         "",
-        "## Goal: >= 3x lower latency for DDPM-1000 on the digits U-Net with <= 50 parallel iterations",
+        f"## Goal: >= 3x lower latency for {goal} on the digits U-Net with <= 50 parallel iterations",
         "",
     ]
     if best is None:
@@ -318,52 +365,44 @@ def report(
         )
         lines.append(f"**{'Met' if met else 'Not met'}**: best within 50 parallel iterations {how}.")
     lines += [
-        f"Fastest DDPM-1000 configuration: {fastest.speedup:.2f}x ({fastest.evaluator}, window "
+        f"Fastest {goal} configuration: {fastest.speedup:.2f}x ({fastest.evaluator}, window "
         f"{fastest.window}, tol {fastest.tol}, {fastest.iterations} iterations).",
         "",
-        f"![speed-ups]({png})",
+        f"![speed-ups]({png_name})",
         "",
     ]
     return "\n".join(lines)
 
 
-def main() -> None:
+def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
+    """Train both models, time every configuration (starting Ray unless it is up), build the report and
+    its plot as {file name: PNG bytes}."""
+    torch.set_num_threads(THREADS)
+    timing: dict[str, Any] = {"load_before": os.getloadavg()}
+    t0 = time.perf_counter()
+    started = init_ray(num_cpus=os.cpu_count())
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            models = build_models(root, mode.train_steps)
+            rows = [row for m in models for row in bench_model(m, mode)]
+    finally:
+        if started:
+            ray.shutdown()
+    timing.update(seconds=time.perf_counter() - t0, load_after=os.getloadavg())
+    name = "picard" if mode.name == "full" else f"picard_{mode.name}"
+    return report(rows, models, mode, timing, f"{name}.png"), {f"{name}.png": plot(rows)}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick", action="store_true", help="shorter training, fewer windows, one timed pair"
     )
-    args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    run: dict[str, Any] = {"load_before": os.getloadavg()}
-    t0 = time.perf_counter()
-    if args.quick:
-        evaluators = [
-            ("local batched", 0, [(32, TOL), (64, TOL), (64, 0.01)]),
-            ("Ray x1", 1, [(64, TOL)]),
-            ("Ray x2", 2, [(64, TOL)]),
-        ]
-    else:
-        evaluators = [
-            ("local batched", 0, [(16, TOL), (32, TOL), (64, TOL), (128, TOL), (64, 0.03), (64, 0.01)]),
-            ("Ray x1", 1, [(32, TOL), (64, TOL)]),
-            ("Ray x2", 2, [(32, TOL), (64, TOL), (128, TOL)]),
-        ]
-    started = init_ray(num_cpus=os.cpu_count())
-    try:
-        with tempfile.TemporaryDirectory() as root:
-            models = build_models(root, args.quick)
-            repeats = 1 if args.quick else 3
-            rows = [row for m in models for row in bench_model(m, repeats, evaluators)]
-    finally:
-        if started:
-            ray.shutdown()
-    run.update(seconds=time.perf_counter() - t0, load_after=os.getloadavg())
-    name = "picard_quick" if args.quick else "picard"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(rows, RESULTS / f"{name}.png")
-    text = report(rows, models, args, run, f"{name}.png")
-    (RESULTS / f"{name}.md").write_text(text)
+    args = parser.parse_args(argv)
+    mode = MODES["quick" if args.quick else "full"]
+    text, files = run(mode)
     sys.stdout.write(text)
+    print(f"report: {write_report('picard' + ('_quick' if args.quick else ''), text, files)}")
 
 
 if __name__ == "__main__":
