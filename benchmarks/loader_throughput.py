@@ -6,7 +6,7 @@ S3 is moto on 127.0.0.1, served from a separate process so that it does not shar
 
     python -m benchmarks.loader_throughput [--quick]
 
-writes benchmarks/results/loader_throughput.md.
+writes benchmarks/results/loader_throughput{,_quick}.md and logs it to MLflow.
 """
 
 from __future__ import annotations
@@ -15,19 +15,21 @@ import argparse
 import logging
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import boto3
 import numpy as np
 import torch
 
+from benchmarks.common import command, machine, write_report
 from fdm_core.networks import UNet, count_parameters
 from fdm_core.precond import Denoiser
 from fdm_core.processes import make_process
@@ -36,12 +38,36 @@ from tasks.dataset import ParquetBatches
 from tasks.prepare_data import DataConfig, prepare_data
 from tasks.stage import StageContext
 
-RESULTS = Path(__file__).parent / "results" / "loader_throughput.md"
 BATCH = 128
 SEED = 0
 GOAL = 0.05
 # The digits U-Net as tasks/train_base.ModelConfig builds it by default for (1, 8, 8) images.
 UNET = {"model_channels": 32, "channel_mult": (1, 2), "num_blocks": 1, "attn_resolutions": (4,)}
+FAKE_AWS = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Epochs per loader pass, passes (best of), timed training steps, and images of the CIFAR-shaped set."""
+
+    name: str
+    epochs: int
+    repeats: int
+    steps: int
+    n_cifar: int
+
+
+MODES = {
+    "full": Mode("full", epochs=20, repeats=3, steps=40, n_cifar=16384),
+    "quick": Mode("quick", epochs=4, repeats=2, steps=10, n_cifar=4096),
+    # The CI smoke test's: one pass of one epoch, one timed step.
+    "tiny": Mode("tiny", epochs=1, repeats=1, steps=1, n_cifar=256),
+}
 
 
 def _serve_moto(conn: mp.connection.Connection) -> None:
@@ -57,22 +83,20 @@ def _serve_moto(conn: mp.connection.Connection) -> None:
 
 @contextmanager
 def moto_endpoint(bucket: str) -> Iterator[str]:
-    """A moto S3 endpoint on 127.0.0.1 in a child process, with fake credentials and `bucket` created."""
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
-    )
-    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-    parent, child = mp.get_context("spawn").Pipe()
-    proc = mp.get_context("spawn").Process(target=_serve_moto, args=(child,), daemon=True)
-    proc.start()
-    host, port = parent.recv()
-    url = f"http://{host}:{port}"
-    try:
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
-        yield url
-    finally:
-        parent.send("stop")
-        proc.join(10)
+    """A moto S3 endpoint on 127.0.0.1 in a child process, with `bucket` created; fake credentials in the
+    environment until it stops."""
+    with mock.patch.dict(os.environ, FAKE_AWS):
+        parent, child = mp.get_context("spawn").Pipe()
+        proc = mp.get_context("spawn").Process(target=_serve_moto, args=(child,), daemon=True)
+        proc.start()
+        host, port = parent.recv()
+        url = f"http://{host}:{port}"
+        try:
+            boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
+            yield url
+        finally:
+            parent.send("stop")
+            proc.join(10)
 
 
 def loader_rate(uri: str, endpoint: str | None, epochs: int, repeats: int) -> float:
@@ -104,34 +128,20 @@ def train_step_seconds(shape: tuple[int, ...], device: str, steps: int) -> tuple
     return statistics.median(times), count_parameters(net)
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def write_cifar_shaped(path: Path, n: int) -> None:
     """Random uint8 images of CIFAR-10's shape, to see how the loader scales with sample size."""
     rng = np.random.default_rng(SEED)
     np.save(path, rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer epochs, images and steps (about 30 s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for the training step")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    epochs, repeats, steps, n_cifar = (4, 2, 10, 4096) if args.quick else (20, 3, 40, 16384)
-
+def measure(mode: Mode, tmp: str) -> dict[tuple[str, str], float]:
+    """Loader images/s of each data set from local Parquet and from S3 (moto), written under `tmp`."""
     rates: dict[tuple[str, str], float] = {}
-    with tempfile.TemporaryDirectory() as tmp, moto_endpoint("bench") as url:
-        write_cifar_shaped(Path(tmp) / "cifar_shaped.npy", n_cifar)
+    with moto_endpoint("bench") as url:
+        write_cifar_shaped(Path(tmp) / "cifar_shaped.npy", mode.n_cifar)
         configs = {
             "digits [1, 8, 8]": DataConfig(source={"kind": "digits"}, seed=SEED),
-            f"CIFAR-shaped [3, 32, 32], {n_cifar} random": DataConfig(
+            f"CIFAR-shaped [3, 32, 32], {mode.n_cifar} random": DataConfig(
                 source={"kind": "npy", "path": f"{tmp}/cifar_shaped.npy"}, seed=SEED, val_fraction=0.0
             ),
         }
@@ -142,23 +152,30 @@ def main() -> None:
             ):
                 ctx = StageContext(store_uri=root, out_prefix=data.split()[0], endpoint_url=endpoint)
                 uri = prepare_data(cfg, ctx).outputs["dataset"]
-                rates[(data, where)] = loader_rate(uri, endpoint, epochs, repeats)
-    step_s, n_params = train_step_seconds((1, 8, 8), device, steps)
+                rates[(data, where)] = loader_rate(uri, endpoint, mode.epochs, mode.repeats)
+    return rates
 
-    gpu = f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""
-    flags = (" --quick" if args.quick else "") + (f" --threads {args.threads}" if args.threads != 1 else "")
+
+def run(mode: Mode, threads: int = 1) -> tuple[str, dict[str, bytes]]:
+    """Measure the loader and the training step; the report, and no plots."""
+    torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        rates = measure(mode, tmp)
+    step_s, n_params = train_step_seconds((1, 8, 8), device, mode.steps)
+
+    flags = [f"--threads {threads}"] if threads != 1 else []
     lines = [
         "# Loader throughput vs training step",
         "",
-        f"Command: `python -m benchmarks.loader_throughput{flags}`  ",
-        f"Machine: {os.cpu_count()} cores ({cpu_name()}), device `{device}`{gpu}, torch threads "
-        f"{args.threads}, Python {platform.python_version()}, torch {torch.__version__}  ",
-        f"Seeds: data preparation {SEED}, loader {SEED}..{SEED + repeats - 1} (one per pass), "
+        f"Command: `{command('loader_throughput', mode.name, *flags)}`  ",
+        f"Machine: {machine()}  ",
+        f"Seeds: data preparation {SEED}, loader {SEED}..{SEED + mode.repeats - 1} (one per pass), "
         f"training {SEED}.  ",
-        f"Loader: batch {BATCH}, shuffle buffer 8192, {epochs} epochs per pass, best of {repeats} passes; "
-        "S3 is moto on 127.0.0.1 in a separate process.  ",
+        f"Loader: batch {BATCH}, shuffle buffer 8192, {mode.epochs} epochs per pass, best of {mode.repeats} "
+        "passes; S3 is moto on 127.0.0.1 in a separate process.  ",
         f"Training step: EDM-FDM denoising loss, Adam, EMA, grad clip, digits U-Net {UNET} "
-        f"({n_params:,} parameters) at batch {BATCH}, median of {steps} steps after 3 warm-up: "
+        f"({n_params:,} parameters) at batch {BATCH}, median of {mode.steps} steps after 3 warm-up: "
         f"**{step_s * 1e3:.1f} ms/step ({BATCH / step_s:,.0f} images/s)**.",
         "",
         "| data | source | loader images/s | ms per batch of 128 | loading / digits training step |",
@@ -178,9 +195,17 @@ def main() -> None:
         "32x32x3 images is slower still.",
         "",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    sys.stdout.write("\n".join(lines))
+    return "\n".join(lines), {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer epochs, images and steps (about 30 s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the training step")
+    args = parser.parse_args(argv)
+    report, _ = run(MODES["quick" if args.quick else "full"], args.threads)
+    sys.stdout.write(report)
+    print(f"report: {write_report('loader_throughput' + ('_quick' if args.quick else ''), report)}")
 
 
 if __name__ == "__main__":
