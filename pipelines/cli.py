@@ -1,5 +1,5 @@
 """The `fdm` command line: run a pipeline, inspect a past run's stages, re-run one round, sample a model;
-submit a pipeline to a Ray cluster as a job, and serve shared MLflow tracking.
+submit a pipeline to a Ray cluster as a job, serve shared MLflow tracking, and run the benchmarks.
 
 Exit codes: 0 ok, 2 bad usage, config or input data, 1 a stage failed (the stage and its error are printed).
 """
@@ -7,7 +7,9 @@ Exit codes: 0 ok, 2 bad usage, config or input data, 1 a stage failed (the stage
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+import traceback
 
 from rich.console import Console
 
@@ -17,6 +19,8 @@ from pipelines.config import ConfigError, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BAD_INPUT = ("DataError", "ConfigError", "ValidationError")
+# The modules of benchmarks/ that `fdm bench NAME` runs, each with a `main(argv)`.
+BENCHMARKS = ("fdm_training", "fdm_sampling", "distillation", "picard", "pipeline", "loader_throughput")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,10 +50,33 @@ def _parser() -> argparse.ArgumentParser:
     rerun.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     rerun.add_argument("--address", default=None)
 
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark (as python -m benchmarks.NAME); its report goes to benchmarks/results/",
+    )
+    bench.add_argument("name", choices=BENCHMARKS, metavar="NAME", help=f"one of {', '.join(BENCHMARKS)}")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --quick")
+
     sample_cmd.add_parser(sub)
     submit.add_parser(sub)
     mlflow_server.add_parser(sub)
     return p
+
+
+def _bench(name: str, argv: list[str]) -> int:
+    """Run benchmarks.<name>.main(argv): 1 if it fails (its traceback printed); bad options exit 2 there."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    # The benchmark's argparse names itself after argv[0] in its usage and error lines.
+    saved, sys.argv = sys.argv, [f"fdm bench {name}", *argv]
+    try:
+        module.main(argv)
+    except Exception as err:
+        traceback.print_exc()
+        print(f"fdm bench {name}: failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        sys.argv = saved
+    return EXIT_OK
 
 
 def _exit_code(run) -> int:
@@ -71,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             return submit.run(args)
         if args.command == "tracking-server":
             return mlflow_server.run(args)
+        if args.command == "bench":
+            return _bench(args.name, args.args)
         if args.command == "run":
             from pipelines.runner import run_pipeline
 
