@@ -1,11 +1,16 @@
-"""Smoke test of the FDM benchmarks: their tiny modes (a few steps) build a full report and a PNG plot."""
+"""Smoke tests of the benchmarks: their tiny modes (a few steps) build a full report and its PNG plots
+without writing into benchmarks/results/, and `fdm bench NAME` runs each benchmark's main(argv)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
-from benchmarks import fdm_sampling, fdm_training
+from benchmarks import distillation, fdm_sampling, fdm_training, loader_throughput, picard, pipeline
+from benchmarks.common import machine, stated_command
 from benchmarks.fdm_common import first_reach
+from pipelines import cli
 
 
 def test_first_reach_interpolates_and_says_when_never() -> None:
@@ -21,3 +26,82 @@ def test_tiny_mode_builds_report_and_plot(bench) -> None:
     assert "| baseline" in report
     (name, png), *_ = files.items()
     assert name in report and png.startswith(b"\x89PNG")
+
+
+def check_report(report: str, files: dict[str, bytes], tables: list[str], anchors: list[str]) -> None:
+    """The report has the shared machine line, the command MLflow logs, each table header and anchor; plots
+    are PNGs that the report links."""
+    assert f"Machine: {machine()}" in report and stated_command(report).startswith("python -m benchmarks.")
+    for text in tables + anchors:
+        assert text in report
+    for name, data in files.items():
+        assert f"({name})" in report and data.startswith(b"\x89PNG")
+
+
+def test_distillation_tiny_builds_report_and_plot() -> None:
+    report, files = distillation.run(distillation.MODES["tiny"])
+    table = "| steps | teacher DDIM FD | student FD | student / teacher | updates | distill s |"
+    check_report(report, files, [table], ["Paper anchors (Salimans & Ho", "Reading: students beat"])
+    assert list(files) == ["distillation_tiny.png"]
+    assert "| 1 |" in report  # rounds 4 -> 2 -> 1 steps
+
+
+def test_loader_throughput_tiny_builds_report() -> None:
+    report, files = loader_throughput.run(loader_throughput.MODES["tiny"])
+    table = "| data | source | loader images/s | ms per batch of 128 | loading / digits training step |"
+    check_report(report, files, [table], ["Goal: loading a batch costs under 5%"])
+    assert files == {} and "| digits [1, 8, 8] | S3 (moto) |" in report
+
+
+def test_fdm_bench_help_lists_every_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert exit_.value.code == 0 and all(name in out for name in cli.BENCHMARKS)
+
+
+def test_fdm_bench_names_a_bad_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "nosuch", "--quick"])
+    assert exit_.value.code == 2 and "'nosuch'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", cli.BENCHMARKS)
+def test_every_benchmark_main_parses_argv(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"benchmarks.{name}").main(["--help"])
+    assert exit_.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+def test_fdm_bench_passes_options_and_exit_codes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[list[str]] = []
+    monkeypatch.setattr(loader_throughput, "main", seen.append)
+    assert cli.main(["bench", "loader_throughput", "--quick", "--threads", "2"]) == cli.EXIT_OK
+    assert seen == [["--quick", "--threads", "2"]]
+
+    def fail(argv: list[str]) -> None:
+        raise RuntimeError("no space left")
+
+    monkeypatch.setattr(loader_throughput, "main", fail)
+    assert cli.main(["bench", "loader_throughput"]) == cli.EXIT_FAILED
+    assert "fdm bench loader_throughput: failed: no space left" in capsys.readouterr().err
+
+
+# Ray last: the module's Ray cluster (ray_local) starts at its first user and stops after the module.
+
+
+def test_picard_tiny_builds_report_and_plot(ray_local: None) -> None:
+    report, files = picard.run(picard.MODES["tiny"])
+    table = "| model | sampler | evaluator | window | tol | sequential ms | Picard ms | speed-up "
+    anchors = ["Paper anchors (DESIGN.md §5)", "## Goal: >= 3x lower latency for DDPM-20"]
+    check_report(report, files, [table], anchors)
+    assert list(files) == ["picard_tiny.png"] and "| digits U-Net | ddpm 20 | Ray x1 |" in report
+
+
+def test_pipeline_tiny_builds_report(ray_local: None) -> None:
+    report, files = pipeline.run(pipeline.MODES["tiny"])
+    tables = ["| measure | value | goal |", "| stage | status | compute seconds |"]
+    check_report(report, files, tables, ["| <= 5% |", "| <= 10 s |"])
+    assert files == {} and "(all stages cached: True)" in report and "| distill_1 | done |" in report
