@@ -82,6 +82,11 @@ class RunConfig:
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
         return f"{process}{'-fdm' if fdm else ''}-s{seed}-{digest}"
 
+    def curve_key(self, process: ProcessName, fdm: bool, seed: int, classifier_steps: int) -> str:
+        """The cache name of a run's quality curve: its training key plus the evaluation settings."""
+        evals = f"e{self.eval_every}-n{self.num_samples}-h{self.sample_steps}-c{classifier_steps}"
+        return f"curves/{self.training_key(process, fdm, seed)}-{evals}.json"
+
     def describe(self) -> str:
         return (
             f"U-Net {DIGITS_UNET}, Adam lr {self.lr}, batch {self.batch_size}, {self.steps} steps, EMA decay "
@@ -114,6 +119,7 @@ class Digits:
     x_train: Tensor
     metric: FeatureFrechet
     classifier_accuracy: float
+    classifier_steps: int
 
 
 def load_digits(root: Path, classifier_steps: int = 300) -> Digits:
@@ -125,7 +131,7 @@ def load_digits(root: Path, classifier_steps: int = 300) -> Digits:
     clf = train_classifier(clf_cfg, uri, StageContext(str(root), "stages/train_classifier/x", "x"))
     x_train, _, _ = load_split(uri, "train")
     metric = FeatureFrechet(load_classifier(clf.outputs["classifier"]), x_train)
-    return Digits(x_train, metric, clf.metrics["val_accuracy"])
+    return Digits(x_train, metric, clf.metrics["val_accuracy"], classifier_steps)
 
 
 def make_denoiser(process: ProcessName, fdm: bool, cfg: RunConfig, seed: int) -> Denoiser:
@@ -191,11 +197,35 @@ def train(
             curve.quality.append(q)
             log(f"  {curve.label} seed {seed} step {state.step}: FD {q:.3f}")
     if cache is not None:
-        spec = model_spec(denoiser)
+        store = open_store(str(cache))
         save_model(
-            open_store(str(cache)), cfg.training_key(process, fdm, seed), ema_denoiser, spec, {"seed": seed}
+            store, cfg.training_key(process, fdm, seed), ema_denoiser, model_spec(denoiser), {"seed": seed}
+        )
+        store.write_bytes(
+            cfg.curve_key(process, fdm, seed, data.classifier_steps), json.dumps(asdict(curve)).encode()
         )
     return ema_denoiser, curve
+
+
+def trained_curve(
+    process: ProcessName, fdm: bool, cfg: RunConfig, seed: int, data: Digits, cache: Path | None = CACHE
+) -> Curve:
+    """The cached quality curve of this run (when its model is complete too), else a fresh run's."""
+    path = cfg.curve_key(process, fdm, seed, data.classifier_steps)
+    store = None if cache is None else open_store(str(cache))
+    if store is not None and store.exists(path) and is_complete(store, cfg.training_key(process, fdm, seed)):
+        print(f"  {path}: reusing the cached curve")
+        return Curve(**json.loads(store.read_bytes(path)))
+    return train(process, fdm, cfg, seed, data, cache=cache)[1]
+
+
+def input_scale(process: ProcessName, fdm: bool, data_std: float, n: int = 100_000) -> tuple[float, float]:
+    """Median and 90th percentile, over the training sigma law, of the network input's standard deviation
+    c_in(σ)·sqrt(s² + σ²) for data of std s: the baseline keeps it near 1, FDM's c_in = γ(σ) need not."""
+    proc = make_process(process, fdm=fdm)
+    sigma = proc.sample_sigma(n, torch.Generator().manual_seed(0))
+    std = proc.c_in(sigma) * (data_std**2 + sigma**2).sqrt()
+    return float(std.median()), float(std.quantile(0.9))
 
 
 def trained(

@@ -30,12 +30,13 @@ from benchmarks.fdm_common import (
     RunConfig,
     first_reach,
     fmt,
+    input_scale,
     load_digits,
     mean_curve,
     parallel_map,
     plot,
     seed_list,
-    train,
+    trained_curve,
 )
 from fdm_core.processes import ProcessName
 
@@ -65,8 +66,8 @@ MODES = {
 
 
 def train_curve(process: ProcessName, fdm: bool, mode: Mode, seed: int, data: Digits) -> Curve:
-    """One run's quality curve (a pool job: the model itself stays in the cache)."""
-    return train(process, fdm, mode.run, seed, data, cache=mode.cache)[1]
+    """One run's quality curve, from the cache if this run was done before (a pool job)."""
+    return trained_curve(process, fdm, mode.run, seed, data, mode.cache)
 
 
 SHORT_RUN = """
@@ -82,7 +83,9 @@ def step_ratio(base: list[float], fdm: list[float], steps: list[int]) -> tuple[f
     return target, None if reach is None else reach / steps[-1]
 
 
-def section(process: ProcessName, pairs: list[tuple[Curve, Curve]], warmup: int) -> tuple[str, str]:
+def section(
+    process: ProcessName, pairs: list[tuple[Curve, Curve]], warmup: int, data_std: float
+) -> tuple[str, str]:
     """The Markdown table + ratio of one process, and its one-line reading."""
     steps = pairs[0][0].steps
     base, fdm = mean_curve([b for b, _ in pairs]), mean_curve([f for _, f in pairs])
@@ -124,10 +127,21 @@ Paper anchor: FDM ≈ baseline at half the training images (ratio ≈ 0.5).
 Steps FDM needs to reach the baseline's final quality (FD {target:.3f}), as a fraction of the baseline's
 {steps[-1]} steps: **{bound}{fmt(ratio)}** on the seed mean; per seed: {", ".join(map(fmt, seed_ratios))}.
 Training time of these {2 * len(pairs)} runs (summed, one thread each): {seconds:.0f} s.
+{input_note(process, data_std)}
 
 Reading: {reading}
 """
     return text, reading
+
+
+def input_note(process: ProcessName, data_std: float) -> str:
+    """One sentence on the scale of what the network sees, baseline vs FDM, over the training sigmas."""
+    (b_med, b_p90), (f_med, f_p90) = (input_scale(process, fdm, data_std) for fdm in (False, True))
+    return (
+        f"Network input std c_in·√(s² + σ²) over the training σ law (data std s = {data_std:.2f}): "
+        f"baseline median {b_med:.2f}, 90th percentile {b_p90:.2f}; FDM (c_in = γ(σ)) median {f_med:.2f}, "
+        f"90th percentile {f_p90:.2f}."
+    )
 
 
 def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
@@ -144,7 +158,10 @@ def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     ]
     curves = iter(parallel_map(train_curve, jobs, mode.workers))
     results = {p: [(next(curves), next(curves)) for _ in seeds] for p, seeds in mode.seeds.items()}
-    sections, readings = zip(*(section(p, pairs, mode.run.warmup(p)) for p, pairs in results.items()))
+    data_std = float(data.x_train.std())
+    sections, readings = zip(
+        *(section(p, pairs, mode.run.warmup(p), data_std) for p, pairs in results.items())
+    )
     panels = {
         p.upper(): {
             "baseline": (pairs[0][0].steps, mean_curve([b for b, _ in pairs])),

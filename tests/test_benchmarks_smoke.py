@@ -3,13 +3,16 @@ without writing into benchmarks/results/, and `fdm bench NAME` runs each benchma
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import distillation, fdm_sampling, fdm_training, loader_throughput, picard, pipeline
 from benchmarks.common import machine, stated_command
-from benchmarks.fdm_common import first_reach
+from benchmarks.fdm_common import first_reach, load_digits, train, trained, trained_curve
 from pipelines import cli
 
 
@@ -26,6 +29,24 @@ def test_tiny_mode_builds_report_and_plot(bench) -> None:
     assert "| baseline" in report
     (name, png), *_ = files.items()
     assert name in report and png.startswith(b"\x89PNG")
+
+
+def test_fdm_cache_serves_fdm_training_runs_to_both_benchmarks(tmp_path: Path, capsys) -> None:
+    """A cached run gives back the same curve and the same EMA weights, and sampling reuses the model."""
+    mode = dataclasses.replace(fdm_training.MODES["tiny"], cache=tmp_path)
+    first, _ = fdm_training.run(mode)
+    data = load_digits(tmp_path / "data", mode.classifier_steps)
+    capsys.readouterr()
+    curve = trained_curve("edm", True, mode.run, 0, data, tmp_path)
+    model = trained("edm", True, mode.run, 0, data, tmp_path)
+    assert capsys.readouterr().out.count("reusing the cached") == 2
+    assert f"{curve.quality[-1]:.3f} |" in first
+    fresh, _ = train("edm", True, mode.run, 0, data, print, cache=None)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    sampling = dataclasses.replace(fdm_sampling.MODES["tiny"], run=mode.run, cache=tmp_path)
+    fdm_sampling.run(sampling)
+    assert "reusing the cached model" in capsys.readouterr().out
 
 
 def check_report(report: str, files: dict[str, bytes], tables: list[str], anchors: list[str]) -> None:
