@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
 from ray._private import ray_constants
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Start (or join) Ray; returns True if this call started it, so the caller knows to shut it down."""
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, setup_hook: Callable[[], None] | None = None
+) -> bool:
+    """Start (or join) Ray; returns True if this call started it, so the caller knows to shut it down.
+
+    `setup_hook` (an importable function) runs in each worker of an embedded cluster as it starts: Ray
+    prestarts a worker per CPU, so a hook importing the stage code warms them before the first task."""
     if ray.is_initialized():
         return False
     if address:
@@ -25,6 +31,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
+            runtime_env={"worker_process_setup_hook": setup_hook} if setup_hook else None,
             include_dashboard=False,
             logging_level="ERROR",
             log_to_driver=False,

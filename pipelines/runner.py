@@ -25,7 +25,7 @@ from infra.ray_runtime import ProgressBoard, cluster_gpus, init_ray
 from infra.tracking import Tracking
 from pipelines.config import PipelineConfig, parse_config
 from pipelines.plan import StageSpec, downstream_of, plan
-from pipelines.stage_exec import RunEnv, execute_stage
+from pipelines.stage_exec import RunEnv, execute_stage, warm_worker
 from tasks.stage import StageResult
 
 TRANSIENT = (ConnectionError, TimeoutError)
@@ -209,7 +209,7 @@ def _execute(
     cached_only: set[str] = frozenset(),
     rerun: bool = False,
 ) -> PipelineRun:
-    started = init_ray(address)
+    started = init_ray(address, setup_hook=warm_worker)
     try:
         board = ProgressBoard.remote()
         env = RunEnv(

@@ -27,6 +27,11 @@ from tasks.train_base import ModelConfig, TrainConfig, train_base
 from tasks.train_classifier import ClassifierConfig, train_classifier
 
 
+def warm_worker() -> None:
+    """Ray's worker start-up hook for the pipeline: importing this module (torch, MLflow, every stage) is
+    the work, done while the worker waits in Ray's pool rather than when the first stage reaches it."""
+
+
 class StageError(RuntimeError):
     """A stage could not run as asked (e.g. a re-run whose upstream outputs are gone)."""
 
@@ -136,6 +141,7 @@ def execute_stage(
     spec: StageSpec, env: RunEnv, force: bool, require_cached: bool, *upstream: StageResult
 ) -> StageResult:
     """Run `spec` (or serve it from the cache) and record it as a child run of the pipeline's MLflow run."""
+    began = time.time()  # wall clock, so the driver can line stages up (info["task_span"])
     ups = dict(zip(spec.upstream, upstream))
     tags = {
         "stage": spec.name,
@@ -155,7 +161,11 @@ def execute_stage(
             tracking.set_tags(run_id, {"skip_reason": reason})
         _report(env, spec.name, state="skipped", note=reason)
         return StageResult(
-            spec.kind, spec.key, {}, info={"skipped": reason, "name": spec.name}, run_id=run_id
+            spec.kind,
+            spec.key,
+            {},
+            info={"skipped": reason, "name": spec.name, "task_span": [began, time.time()]},
+            run_id=run_id,
         )
 
     if not force and is_complete(store, spec.out_prefix) and store.exists(_result_path(spec)):
@@ -167,6 +177,7 @@ def execute_stage(
             tracking.set_tags(run_id, {"output_uri": store.uri(spec.out_prefix)})
         result.run_id = run_id
         _report(env, spec.name, state="cached", seconds=0.0, headline=result.metrics.get("quality"))
+        result.info["task_span"] = [began, time.time()]
         return result
     if require_cached:
         raise StageError(f"{spec.name}: no complete output at {store.uri(spec.out_prefix)} to re-run from")
@@ -208,6 +219,7 @@ def execute_stage(
         tracking.set_tags(run_id, {"output_uri": store.uri(spec.out_prefix)})
         _log_outputs(tracking, run_id, store, spec)
     _report(env, spec.name, state="done", seconds=seconds, headline=result.metrics.get("quality"))
+    result.info["task_span"] = [began, time.time()]
     return result
 
 

@@ -34,7 +34,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sklearn.datasets import load_digits, make_moons, make_swiss_roll
 
 from infra.manifest import clear_output, write_manifest
 from infra.store import ArtifactStore, NotFoundError, open_store
@@ -150,6 +149,8 @@ def _file_store(uri: str, endpoint_url: str | None) -> tuple[ArtifactStore, str]
 
 
 def _toy2d(src: Toy2DSource, seed: int) -> _Samples:
+    from sklearn import datasets  # imported here: sklearn adds ~1 s to every Ray worker's start otherwise
+
     rng = np.random.default_rng([seed, 1])
     n = src.n
     if src.toy == "eight_gaussians":
@@ -157,17 +158,19 @@ def _toy2d(src: Toy2DSource, seed: int) -> _Samples:
         centers = 4 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
         x = (centers[rng.integers(0, 8, n)] + 0.5 * rng.standard_normal((n, 2))) / 1.414
     elif src.toy == "two_moons":
-        x = make_moons(n, noise=0.1, random_state=seed)[0] * 2 + np.array([-1.0, -0.2])
+        x = datasets.make_moons(n, noise=0.1, random_state=seed)[0] * 2 + np.array([-1.0, -0.2])
     elif src.toy == "checkerboard":
         x1 = rng.random(n) * 4 - 2
         x2 = rng.random(n) - rng.integers(0, 2, n) * 2 + np.floor(x1) % 2
         x = np.stack([x1, x2], axis=1) * 2
     else:
-        x = make_swiss_roll(n, noise=1.0, random_state=seed)[0][:, [0, 2]] / 5
+        x = datasets.make_swiss_roll(n, noise=1.0, random_state=seed)[0][:, [0, 2]] / 5
     return _Samples(x=x.astype(np.float32), labels=np.full(n, -1, np.int64), value_range=None)
 
 
 def _digits(src: DigitsSource) -> _Samples:
+    from sklearn.datasets import load_digits  # lazily, as in _toy2d
+
     digits = load_digits()
     x = digits.images.astype(np.float32)  # [N, 8, 8], background 0
     if src.pad_to is not None:
