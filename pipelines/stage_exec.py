@@ -141,7 +141,7 @@ def execute_stage(
     spec: StageSpec, env: RunEnv, force: bool, require_cached: bool, *upstream: StageResult
 ) -> StageResult:
     """Run `spec` (or serve it from the cache) and record it as a child run of the pipeline's MLflow run."""
-    began = time.time()  # wall clock, so the driver can line stages up (info["task_span"])
+    began = time.time()  # wall clock, so the driver can line stages up (info["task_span", "compute_span"])
     ups = dict(zip(spec.upstream, upstream))
     tags = {
         "stage": spec.name,
@@ -171,6 +171,7 @@ def execute_stage(
     if not force and is_complete(store, spec.out_prefix) and store.exists(_result_path(spec)):
         result = StageResult(**json.loads(store.read_bytes(_result_path(spec))))
         result.cached = True
+        result.info.pop("compute_span", None)  # the original run's; nothing is computed now
         with tracking.child_run(env.parent_run_id, spec.name, {**tags, "cached": "true"}) as run_id:
             tracking.log_params(run_id, {"config": spec.config})
             tracking.log_metrics(run_id, result.metrics)
@@ -203,14 +204,14 @@ def execute_stage(
             log_metrics=log_metrics,
             endpoint_url=env.endpoint_url,
         )
-        t0 = time.perf_counter()
+        t0, computing = time.perf_counter(), time.time()
         try:
             result = call_task(spec, ups, ctx)
         except BaseException as err:
             _report(env, spec.name, state="failed", error=f"{type(err).__name__}: {err}")
             raise
         seconds = time.perf_counter() - t0
-        result.info.update({"name": spec.name, "seconds": seconds})
+        result.info.update({"name": spec.name, "seconds": seconds, "compute_span": [computing, time.time()]})
         if dataset or spec.kind == "prepare_data":
             result.info["dataset"] = dataset or result.outputs["dataset"]
         result.run_id = run_id

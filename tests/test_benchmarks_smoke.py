@@ -121,6 +121,12 @@ def test_picard_tiny_builds_report_and_plot(ray_local: None) -> None:
     assert list(files) == ["picard_tiny.png"] and "| digits U-Net | ddpm 20 | Ray x1 |" in report
 
 
+def test_busy_seconds_is_the_union_of_intervals() -> None:
+    assert pipeline.busy_seconds([[0, 2], [1, 3], [5, 6]]) == 4.0
+    assert pipeline.busy_seconds([[0, 10], [2, 3]]) == 10.0
+    assert pipeline.busy_seconds([]) == 0.0
+
+
 def test_pipeline_tiny_builds_report(ray_local: None) -> None:
     report, files = pipeline.run(pipeline.MODES["tiny"])
     tables = ["| measure | value | goal |", "| stage | status | compute seconds |"]
