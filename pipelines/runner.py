@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,16 +202,18 @@ def _finish(run: PipelineRun, tracking: Tracking, console: Console) -> None:
 def _execute(
     cfg: PipelineConfig,
     stages: list[StageSpec],
-    tracking: Tracking,
-    run_id: str,
+    open_run: Callable[[], tuple[Tracking, str]],
     address: str | None,
     console: Console,
     force: set[str] = frozenset(),
     cached_only: set[str] = frozenset(),
     rerun: bool = False,
 ) -> PipelineRun:
+    """Start Ray first, so its prestarted workers warm up while `open_run` sets up the MLflow parent run,
+    then submit the stages and follow them to the end."""
     started = init_ray(address, setup_hook=warm_worker)
     try:
+        tracking, run_id = open_run()
         board = ProgressBoard.remote()
         env = RunEnv(
             store_root=cfg.store.root if "://" in cfg.store.root else str(Path(cfg.store.root).resolve()),
@@ -240,11 +243,15 @@ def run_pipeline(
 ) -> PipelineRun:
     """Run the full DAG as a new MLflow parent run; stages whose outputs verify in the store are cached."""
     console = console or Console()
-    tracking = Tracking.setup(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
-    run_id = tracking.start_parent(cfg.name, cfg.model_dump(mode="json"), {"pipeline": cfg.name})
-    tracking.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
-    console.print(f"MLflow run id: [bold]{run_id}[/bold]  (tracking {tracking.tracking_uri})")
-    return _execute(cfg, plan(cfg), tracking, run_id, address, console)
+
+    def open_run() -> tuple[Tracking, str]:
+        tracking = Tracking.setup(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+        run_id = tracking.start_parent(cfg.name, cfg.model_dump(mode="json"), {"pipeline": cfg.name})
+        tracking.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        console.print(f"MLflow run id: [bold]{run_id}[/bold]  (tracking {tracking.tracking_uri})")
+        return tracking, run_id
+
+    return _execute(cfg, plan(cfg), open_run, address, console)
 
 
 def load_run_config(tracking_uri: str, run_id: str) -> tuple[PipelineConfig, Tracking]:
@@ -277,12 +284,15 @@ def rerun_stage(
         if s.name in needed:
             needed.update(s.upstream)
     selected = [s for s in stages if s.name in needed]
-    tracking.client.update_run(run_id, status="RUNNING")
+
+    def open_run() -> tuple[Tracking, str]:
+        tracking.client.update_run(run_id, status="RUNNING")
+        return tracking, run_id
+
     return _execute(
         cfg,
         selected,
-        tracking,
-        run_id,
+        open_run,
         address,
         console,
         force=set(targets),
