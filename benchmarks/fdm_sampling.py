@@ -123,6 +123,10 @@ def section(process: ProcessName, quality: Qualities, mode: Mode) -> tuple[str, 
                 f"(FD {base[-1]:.3f}): FD rises with NFE past a point, a sign of under-trained models "
                 "(the paper's converged ones improve monotonically)"
             )
+        ahead = [f"{e} ({f:.2f} vs {b:.2f})" for e, b, f in zip(nfes, base, fdm) if f < b]
+        verdict += (
+            f"; FDM is ahead at NFE {', '.join(ahead)}" if ahead else "; FDM is behind at every NFE tried"
+        )
         readings.append(verdict)
         parts.append(f"""### {method}
 
