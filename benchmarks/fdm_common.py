@@ -239,6 +239,11 @@ def trained(
     return train(process, fdm, cfg, seed, data, cache=cache)[0]
 
 
+def pair_jobs(seeds: dict[ProcessName, tuple[int, ...]], mode: object, data: Digits) -> list[tuple]:
+    """Pool jobs (process, fdm, mode, seed, data): the baseline then the FDM run, per process and seed."""
+    return [(p, fdm, mode, seed, data) for p, ss in seeds.items() for seed in ss for fdm in (False, True)]
+
+
 def parallel_map(fn: Callable[..., object], jobs: Sequence[tuple], workers: int) -> list:
     """`fn(*job)` for every job, in order: inline for one worker, else in a pool of `workers` processes.
 

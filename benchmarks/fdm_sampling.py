@@ -32,6 +32,7 @@ from benchmarks.fdm_common import (
     fmt,
     generate,
     load_digits,
+    pair_jobs,
     parallel_map,
     plot,
     seed_list,
@@ -149,12 +150,7 @@ def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data = load_digits(Path(tmp), mode.classifier_steps)
-    jobs = [
-        (p, fdm, mode, seed, data)
-        for p, seeds in mode.seeds.items()
-        for seed in seeds
-        for fdm in (False, True)
-    ]
+    jobs = pair_jobs(mode.seeds, mode, data)
     per_run = iter(parallel_map(sweep, jobs, mode.workers))
     results: dict[ProcessName, Qualities] = {}
     for process, seeds in mode.seeds.items():

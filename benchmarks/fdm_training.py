@@ -33,6 +33,7 @@ from benchmarks.fdm_common import (
     input_scale,
     load_digits,
     mean_curve,
+    pair_jobs,
     parallel_map,
     plot,
     seed_list,
@@ -150,12 +151,7 @@ def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data = load_digits(Path(tmp), mode.classifier_steps)
-    jobs = [
-        (p, fdm, mode, seed, data)
-        for p, seeds in mode.seeds.items()
-        for seed in seeds
-        for fdm in (False, True)
-    ]
+    jobs = pair_jobs(mode.seeds, mode, data)
     curves = iter(parallel_map(train_curve, jobs, mode.workers))
     results = {p: [(next(curves), next(curves)) for _ in seeds] for p, seeds in mode.seeds.items()}
     data_std = float(data.x_train.std())
