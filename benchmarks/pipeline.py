@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from matplotlib.figure import Figure
 from rich.console import Console
 
-from benchmarks.common import command, machine, write_report
+from benchmarks.common import command, machine, png, write_report
 from pipelines.config import PipelineConfig, load_config
 from pipelines.runner import PipelineRun, run_pipeline
 
@@ -108,9 +109,30 @@ def timed(cfg: PipelineConfig) -> Timed:
     return Timed(run, start, time.time())
 
 
+def timeline(runs: dict[str, Timed]) -> Figure:
+    """One panel per run: each stage's Ray task (light) and stage function (dark) against seconds since
+    the run started, so the start-up and the gaps between stages show as white space."""
+    fig = Figure(figsize=(10, 1.2 + 0.28 * len(next(iter(runs.values())).run.outcomes)), layout="constrained")
+    axes = fig.subplots(1, len(runs), squeeze=False)[0]
+    for ax, (title, t) in zip(axes, runs.items()):
+        names = list(t.run.outcomes)
+        for y, name in enumerate(names):
+            info = t.run.outcomes[name].result.info
+            for kind, color in (("task_span", "#9ecae1"), ("compute_span", "#08519c")):
+                if kind in info:
+                    b, e = info[kind]
+                    ax.barh(y, e - b, left=b - t.start, color=color, height=0.6)
+        ax.axvline(t.wall, color="grey", linestyle="--", linewidth=1)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds since the run started (dashed: run end)")
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
 def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     """Time the pipeline of `mode` in a scratch store and MLflow (on the running Ray, else one of its own),
-    then its fully cached re-run `mode.cached_repeats` times; the report, and no plots."""
+    then its fully cached re-run `mode.cached_repeats` times; the report and its timeline plot."""
     ray_note = (
         "Runs share the Ray cluster that was already up."
         if ray.is_initialized()
@@ -134,6 +156,8 @@ def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     rows = "\n".join(f"| {n} | {o.status} | {o.seconds or 0:.1f} |" for n, o in first.run.outcomes.items())
     title = mode.config + ("" if mode.name == "full" else f" {mode.name}")
     config = f"pipelines/configs/{mode.config}.yaml"
+    plot_name = f"pipeline{'' if mode.name == 'full' else '_' + mode.name}.png"
+    plot = png(timeline({"first run": first, "a fully cached re-run": cached[len(cached) // 2]}))
     report = f"""# Pipeline orchestration overhead ({title})
 
 Machine: {machine()}. Command: `{command("pipeline", mode.name)}`. Config `{config}`
@@ -151,6 +175,8 @@ MLflow is a fresh sqlite file in a scratch directory.
 | fully cached re-run, wall: median of {len(cached)} (min-max) | {cached_cell} | <= 10 s |
 | of which start-up to the first stage (median) | {c_startup:.1f} s | |
 
+![stage timeline]({plot_name})
+
 Stages of the first run:
 
 | stage | status | compute seconds |
@@ -161,16 +187,16 @@ Reading: the overhead is mostly fixed start-up (Ray's processes, then a worker i
 the stage code; Ray's setup hook starts that import as the worker is prestarted) and does not grow with
 stage length, so its fraction shrinks as stages grow.
 """
-    return report, {}
+    return report, {plot_name: plot}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="the toy2d pipeline, small settings")
     args = ap.parse_args(argv)
-    report, _ = run(MODES["quick" if args.quick else "full"])
+    report, files = run(MODES["quick" if args.quick else "full"])
     print(report)
-    print(f"report: {write_report('pipeline' + ('_quick' if args.quick else ''), report)}")
+    print(f"report: {write_report('pipeline' + ('_quick' if args.quick else ''), report, files)}")
 
 
 if __name__ == "__main__":
