@@ -123,6 +123,7 @@ def timeline(runs: dict[str, Timed]) -> Figure:
                     b, e = info[kind]
                     ax.barh(y, e - b, left=b - t.start, color=color, height=0.6)
         ax.axvline(t.wall, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlim(0, 1.02 * t.wall)  # from the run start: the white space before the first bar is start-up
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("seconds since the run started (dashed: run end)")
