@@ -140,9 +140,19 @@ def _dataset_of(ups: dict[str, StageResult]) -> str:
 def execute_stage(
     spec: StageSpec, env: RunEnv, force: bool, require_cached: bool, *upstream: StageResult
 ) -> StageResult:
-    """Run `spec` (or serve it from the cache) and record it as a child run of the pipeline's MLflow run."""
-    began = time.time()  # wall clock, so the driver can line stages up (info["task_span", "compute_span"])
-    ups = dict(zip(spec.upstream, upstream))
+    """Run `spec` (or serve it from the cache) and record it as a child run of the pipeline's MLflow run.
+
+    The result carries this task's wall-clock span (info["task_span"]) and, when the stage function ran,
+    its span too (info["compute_span"]), so the driver can line the stages up."""
+    began = time.time()
+    result = _run_or_serve(spec, env, force, require_cached, dict(zip(spec.upstream, upstream)))
+    result.info["task_span"] = [began, time.time()]
+    return result
+
+
+def _run_or_serve(
+    spec: StageSpec, env: RunEnv, force: bool, require_cached: bool, ups: dict[str, StageResult]
+) -> StageResult:
     tags = {
         "stage": spec.name,
         "kind": spec.kind,
@@ -164,21 +174,19 @@ def execute_stage(
             spec.kind,
             spec.key,
             {},
-            info={"skipped": reason, "name": spec.name, "task_span": [began, time.time()]},
+            info={"skipped": reason, "name": spec.name},
             run_id=run_id,
         )
 
     if not force and is_complete(store, spec.out_prefix) and store.exists(_result_path(spec)):
         result = StageResult(**json.loads(store.read_bytes(_result_path(spec))))
         result.cached = True
-        result.info.pop("compute_span", None)  # the original run's; nothing is computed now
         with tracking.child_run(env.parent_run_id, spec.name, {**tags, "cached": "true"}) as run_id:
             tracking.log_params(run_id, {"config": spec.config})
             tracking.log_metrics(run_id, result.metrics)
             tracking.set_tags(run_id, {"output_uri": store.uri(spec.out_prefix)})
         result.run_id = run_id
         _report(env, spec.name, state="cached", seconds=0.0, headline=result.metrics.get("quality"))
-        result.info["task_span"] = [began, time.time()]
         return result
     if require_cached:
         raise StageError(f"{spec.name}: no complete output at {store.uri(spec.out_prefix)} to re-run from")
@@ -210,17 +218,17 @@ def execute_stage(
         except BaseException as err:
             _report(env, spec.name, state="failed", error=f"{type(err).__name__}: {err}")
             raise
-        seconds = time.perf_counter() - t0
-        result.info.update({"name": spec.name, "seconds": seconds, "compute_span": [computing, time.time()]})
+        seconds, computed = time.perf_counter() - t0, time.time()
+        result.info.update({"name": spec.name, "seconds": seconds})
         if dataset or spec.kind == "prepare_data":
             result.info["dataset"] = dataset or result.outputs["dataset"]
         result.run_id = run_id
         store.write_bytes(_result_path(spec), json.dumps(asdict(result), default=str).encode())
+        result.info["compute_span"] = [computing, computed]  # this run's only: not in the cached sidecar
         tracking.log_metrics(run_id, {**result.metrics, "stage_seconds": seconds})
         tracking.set_tags(run_id, {"output_uri": store.uri(spec.out_prefix)})
         _log_outputs(tracking, run_id, store, spec)
     _report(env, spec.name, state="done", seconds=seconds, headline=result.metrics.get("quality"))
-    result.info["task_span"] = [began, time.time()]
     return result
 
 
