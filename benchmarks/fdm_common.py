@@ -15,12 +15,14 @@ import json
 import math
 import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from matplotlib.figure import Figure
@@ -239,9 +241,24 @@ def trained(
     return train(process, fdm, cfg, seed, data, cache=cache)[0]
 
 
-def pair_jobs(seeds: dict[ProcessName, tuple[int, ...]], mode: object, data: Digits) -> list[tuple]:
-    """Pool jobs (process, fdm, mode, seed, data): the baseline then the FDM run, per process and seed."""
-    return [(p, fdm, mode, seed, data) for p, ss in seeds.items() for seed in ss for fdm in (False, True)]
+class PairMode(Protocol):
+    """What both FDM benchmarks' modes say about their runs."""
+
+    seeds: dict[ProcessName, tuple[int, ...]]
+    classifier_steps: int
+    workers: int
+
+
+def run_pairs(fn: Callable[..., object], mode: PairMode) -> tuple[Digits, list]:
+    """Load the digits data and its metric once, then `fn(process, fdm, mode, seed, data)` for the baseline
+    then the FDM run of every process and seed, over `mode.workers` processes; (data, results in order)."""
+    torch.set_num_threads(1)  # more threads than free cores thrashes on the shared 2-core machine
+    with tempfile.TemporaryDirectory() as tmp:
+        data = load_digits(Path(tmp), mode.classifier_steps)
+    jobs = [
+        (p, fdm, mode, seed, data) for p, ss in mode.seeds.items() for seed in ss for fdm in (False, True)
+    ]
+    return data, parallel_map(fn, jobs, mode.workers)
 
 
 def parallel_map(fn: Callable[..., object], jobs: Sequence[tuple], workers: int) -> list:

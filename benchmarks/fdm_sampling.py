@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from benchmarks.common import machine, write_report
 from benchmarks.fdm_common import (
@@ -31,10 +28,8 @@ from benchmarks.fdm_common import (
     first_reach,
     fmt,
     generate,
-    load_digits,
-    pair_jobs,
-    parallel_map,
     plot,
+    run_pairs,
     seed_list,
     trained,
 )
@@ -146,12 +141,9 @@ NFE at equal quality (the baseline's best, FD {target:.3f}): baseline {base_nfe}
 
 def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     """Train a baseline/FDM pair per process and seed, sweep the samplers, build the report and its plot."""
-    torch.set_num_threads(1)  # more threads than free cores thrashes on the shared 2-core machine
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        data = load_digits(Path(tmp), mode.classifier_steps)
-    jobs = pair_jobs(mode.seeds, mode, data)
-    per_run = iter(parallel_map(sweep, jobs, mode.workers))
+    data, runs = run_pairs(sweep, mode)
+    per_run = iter(runs)
     results: dict[ProcessName, Qualities] = {}
     for process, seeds in mode.seeds.items():
         sums: Qualities = {}

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from benchmarks.common import machine, write_report
 from benchmarks.fdm_common import (
@@ -31,11 +28,9 @@ from benchmarks.fdm_common import (
     first_reach,
     fmt,
     input_scale,
-    load_digits,
     mean_curve,
-    pair_jobs,
-    parallel_map,
     plot,
+    run_pairs,
     seed_list,
     trained_curve,
 )
@@ -147,12 +142,9 @@ def input_note(process: ProcessName, data_std: float) -> str:
 
 def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     """Train every pair of `mode`, then build the report and its plot."""
-    torch.set_num_threads(1)  # more threads than free cores thrashes on the shared 2-core machine
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        data = load_digits(Path(tmp), mode.classifier_steps)
-    jobs = pair_jobs(mode.seeds, mode, data)
-    curves = iter(parallel_map(train_curve, jobs, mode.workers))
+    data, runs = run_pairs(train_curve, mode)
+    curves = iter(runs)
     results = {p: [(next(curves), next(curves)) for _ in seeds] for p, seeds in mode.seeds.items()}
     data_std = float(data.x_train.std())
     sections, readings = zip(
