@@ -24,15 +24,13 @@ import torch
 from matplotlib.figure import Figure
 
 from benchmarks.common import command, machine, png, write_report
-from fdm_core.samplers import process_grid
-from infra.store import open_store
-from tasks.checkpoints import load_model
-from tasks.distill_round import DistillConfig, distill_round
-from tasks.evaluate import EvalConfig, SamplerSpec, evaluate
-from tasks.prepare_data import DataConfig, prepare_data
-from tasks.stage import StageContext
-from tasks.train_base import ModelConfig, TrainConfig, train_base
-from tasks.train_classifier import ClassifierConfig, train_classifier
+from tasks.registry import STAGES
+from tasks.stage import StageContext, run_stage
+from tasks.stages.distill_round import DistillConfig, DistillRoundConfig
+from tasks.stages.evaluate import EvalConfig, SamplerSpec
+from tasks.stages.prepare_data import DataConfig
+from tasks.stages.train_base import ModelConfig, TrainBaseConfig, TrainConfig
+from tasks.stages.train_classifier import ClassifierConfig
 
 SEED = 0
 
@@ -81,19 +79,20 @@ def measure(setting: Setting, root: str, threads: int, device: str, fdm: bool) -
     def ctx(name: str) -> StageContext:
         return StageContext(root, name, key=name, num_threads=threads, device=device)
 
-    data = prepare_data(DataConfig(source={"kind": "digits"}, val_fraction=0.1, seed=SEED), ctx("data"))
-    dataset = data.outputs["dataset"]
-    clf = train_classifier(
-        ClassifierConfig(steps=setting.classifier_steps, seed=SEED), dataset, ctx("classifier")
-    )
-    classifier = clf.outputs["classifier"]
+    data_cfg = DataConfig(source={"kind": "digits"}, val_fraction=0.1, seed=SEED)
+    data = run_stage(STAGES["prepare_data"], data_cfg, ctx("data"))
+    dataset = data.output_uri
+    clf_cfg = ClassifierConfig(steps=setting.classifier_steps, seed=SEED)
+    clf = run_stage(STAGES["train_classifier"], clf_cfg, ctx("classifier"), dataset=dataset)
+    classifier = clf.output_uri
 
     model_cfg = ModelConfig(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
     train_cfg = TrainConfig(
         process="edm", fdm=fdm, steps=setting.base_steps, batch_size=128, lr=2e-3, ema_decay=0.995, seed=SEED
     )
-    base = train_base(model_cfg, train_cfg, dataset, ctx("base"))
-    base_uri = base.outputs["model"]
+    base_cfg = TrainBaseConfig(model=model_cfg, train=train_cfg)
+    base = run_stage(STAGES["train_base"], base_cfg, ctx("base"), dataset=dataset)
+    base_uri = base.output_uri
 
     counts = []
     n = setting.start_steps
@@ -106,7 +105,8 @@ def measure(setting: Setting, root: str, threads: int, device: str, fdm: bool) -
         samplers=[SamplerSpec(method="euler", steps=n) for n in counts],
         seed=SEED,
     )
-    teacher_eval = evaluate(eval_cfg, base_uri, dataset, classifier, ctx("eval_base"))
+    judged = {"dataset": dataset, "classifier": classifier}
+    teacher_eval = run_stage(STAGES["evaluate"], eval_cfg, ctx("eval_base"), model=base_uri, **judged)
     teacher_fd = {n: _fd(teacher_eval.metrics, n) for n in counts}
 
     distill_cfg = DistillConfig(
@@ -117,26 +117,26 @@ def measure(setting: Setting, root: str, threads: int, device: str, fdm: bool) -
         checkpoint_every=10**6,
         seed=SEED,
     )
-    model, _ = load_model(open_store(base_uri), "")
-    uri, sigmas, rounds = base_uri, process_grid(model.process, setting.start_steps).tolist(), []
+    uri, teacher_steps, rounds = base_uri, setting.start_steps, []
     for k, steps in enumerate(counts[1:], start=1):
-        res = distill_round(distill_cfg, uri, sigmas, dataset, k, ctx(f"distill_{k}"))
-        ev = evaluate(eval_cfg, res.outputs["model"], dataset, classifier, ctx(f"eval_{k}"))
+        round_cfg = DistillRoundConfig(**distill_cfg.model_dump(), teacher_steps=teacher_steps, round_index=k)
+        res = run_stage(STAGES["distill_round"], round_cfg, ctx(f"distill_{k}"), teacher=uri, dataset=dataset)
+        ev = run_stage(STAGES["evaluate"], eval_cfg, ctx(f"eval_{k}"), model=res.output_uri, **judged)
         rounds.append(
             Round(
                 steps,
                 int(res.metrics["updates"]),
                 res.metrics["distill_seconds"],
-                res.metrics["loss"],
+                res.metrics["distill/loss"],
                 _fd(ev.metrics, steps),
             )
         )
         print(
-            f"round {k}: {len(sigmas) - 1} -> {steps} steps, FD {rounds[-1].fd:.3f} "
+            f"round {k}: {teacher_steps} -> {steps} steps, FD {rounds[-1].fd:.3f} "
             f"(teacher DDIM {teacher_fd[steps]:.3f}), {rounds[-1].seconds:.0f} s",
             flush=True,
         )
-        uri, sigmas = res.outputs["model"], res.info["sigmas"]
+        uri, teacher_steps = res.output_uri, steps
 
     return {
         "counts": counts,

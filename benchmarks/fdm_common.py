@@ -38,11 +38,13 @@ from fdm_core.training import EMA, TrainState, denoising_loss, train_step
 from infra.manifest import is_complete
 from infra.store import open_store
 from pipelines.plan import code_version
-from tasks.checkpoints import load_model, model_spec, save_model
+from tasks.checkpoints import load_model, model_spec, write_model
 from tasks.dataset import load_split
-from tasks.prepare_data import DataConfig, prepare_data
-from tasks.stage import StageContext
-from tasks.train_classifier import Classifier, ClassifierConfig, load_classifier, train_classifier
+from tasks.registry import STAGES
+from tasks.stage import StageContext, run_stage
+from tasks.stages.prepare_data import DataConfig
+from tasks.stages.train_classifier import ClassifierConfig
+from tasks.train_classifier import Classifier, load_classifier
 
 # Trained models, keyed by training config (FDM_BENCH_CACHE overrides; delete it to retrain from scratch).
 CACHE = Path(os.environ.get("FDM_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
@@ -78,7 +80,7 @@ class RunConfig:
             "fdm": fdm,
             "seed": seed,
             "unet": DIGITS_UNET,
-            "code": code_version(),
+            "code": code_version("benchmarks.fdm_common"),
             **fields,
         }
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
@@ -127,10 +129,12 @@ class Digits:
 def load_digits(root: Path, classifier_steps: int = 300) -> Digits:
     """Prepare sklearn's 8x8 digits (val 10%) under `root` and train the evaluation classifier on them."""
     cfg = DataConfig.model_validate({"source": {"kind": "digits"}, "val_fraction": 0.1})
-    data = prepare_data(cfg, StageContext(str(root), "stages/prepare_data/x", "x"))
-    uri = data.outputs["dataset"]
+    uri = run_stage(
+        STAGES["prepare_data"], cfg, StageContext(str(root), "stages/prepare_data/x", "x")
+    ).output_uri
     clf_cfg = ClassifierConfig(steps=classifier_steps)
-    clf = train_classifier(clf_cfg, uri, StageContext(str(root), "stages/train_classifier/x", "x"))
+    ctx = StageContext(str(root), "stages/train_classifier/x", "x")
+    clf = run_stage(STAGES["train_classifier"], clf_cfg, ctx, dataset=uri)
     x_train, _, _ = load_split(uri, "train")
     metric = FeatureFrechet(load_classifier(clf.outputs["classifier"]), x_train)
     return Digits(x_train, metric, clf.metrics["val_accuracy"], classifier_steps)
@@ -200,7 +204,7 @@ def train(
             log(f"  {curve.label} seed {seed} step {state.step}: FD {q:.3f}")
     if cache is not None:
         store = open_store(str(cache))
-        save_model(
+        write_model(
             store, cfg.training_key(process, fdm, seed), ema_denoiser, model_spec(denoiser), {"seed": seed}
         )
         store.write_bytes(

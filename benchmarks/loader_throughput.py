@@ -35,8 +35,9 @@ from fdm_core.precond import Denoiser
 from fdm_core.processes import make_process
 from fdm_core.training import EMA, TrainState, denoising_loss, train_step
 from tasks.dataset import ParquetBatches
-from tasks.prepare_data import DataConfig, prepare_data
-from tasks.stage import StageContext
+from tasks.registry import STAGES
+from tasks.stage import StageContext, run_stage
+from tasks.stages.prepare_data import DataConfig
 
 BATCH = 128
 SEED = 0
@@ -151,7 +152,7 @@ def measure(mode: Mode, tmp: str) -> dict[tuple[str, str], float]:
                 ("S3 (moto)", "s3://bench", url),
             ):
                 ctx = StageContext(store_uri=root, out_prefix=data.split()[0], endpoint_url=endpoint)
-                uri = prepare_data(cfg, ctx).outputs["dataset"]
+                uri = run_stage(STAGES["prepare_data"], cfg, ctx).output_uri
                 rates[(data, where)] = loader_rate(uri, endpoint, mode.epochs, mode.repeats)
     return rates
 

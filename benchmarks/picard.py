@@ -43,7 +43,7 @@ from fdm_core.training import EMA, TrainState, denoising_loss, train_step
 from infra.ray_evaluator import RayEvaluator
 from infra.ray_runtime import init_ray
 from infra.store import open_store
-from tasks.checkpoints import model_spec, save_model
+from tasks.checkpoints import model_spec, write_model
 from tasks.sample import StepFactory
 
 SEED = 0
@@ -172,7 +172,7 @@ def build_models(store_root: str, train_steps: tuple[int, int]) -> list[Model]:
         prefix = f"models/{name.split()[-1].lower()}"
         n_params = count_parameters(denoiser.net)
         spec = model_spec(denoiser, data_shape=list(data.shape[1:]), parameters=n_params)
-        save_model(store, prefix, denoiser, spec, {"stage": "benchmark"})
+        write_model(store, prefix, denoiser, spec, {"stage": "benchmark"})
         note = f"{n_params:,} parameters, {note}"
         models.append(Model(name, denoiser, store.uri(prefix), tuple(data.shape[1:]), note))
     return models

@@ -18,15 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from fdm_core import targets
+from fdm_core.options import Parameterisation, Weighting, check_stable
 from fdm_core.precond import Denoiser, Head
 from fdm_core.processes import Process
-from fdm_core.targets import Parameterisation, Weighting
 from fdm_core.tensors import append_dims
 
 DenoiserFn = Callable[[Tensor, Tensor], Tensor]
 # The student heads that implement each parameterisation; the first is what `make_student` sets.
 HEADS: dict[str, tuple[Head, ...]] = {"x": ("precond", "x"), "v": ("v",), "eps": ("eps",)}
-UNSTABLE = frozenset({("eps", "truncated_snr")})
 # Below this net-input scale c_in(sigma) sigma the network cannot tell one noise sample from another.
 BLIND_INPUT = 1e-3
 
@@ -63,17 +62,6 @@ def distill_target(
     x_s = ddim_step(x_mid, teacher(x_mid, sigma_mid), sigma_mid, sigma_s)
     ratio = append_dims(sigma_s / sigma_t, x_t)
     return (x_s - ratio * x_t) / (1 - ratio)
-
-
-def check_stable(parameterisation: Parameterisation, weighting: Weighting, allow_unstable: bool) -> None:
-    """Refuse eps-prediction with truncated-SNR weighting, which Salimans & Ho found to diverge."""
-    if parameterisation not in HEADS:
-        raise ValueError(f"parameterisation: expected x|v|eps (got {parameterisation!r})")
-    if (parameterisation, weighting) in UNSTABLE and not allow_unstable:
-        raise ValueError(
-            f"parameterisation: {parameterisation!r} with {weighting!r} weighting diverges in "
-            "progressive distillation (Salimans & Ho); use 'x' or 'v', or set allow_unstable"
-        )
 
 
 def check_one_step(process: Process, sigma_0: float) -> None:

@@ -9,14 +9,12 @@ capped during a warm-up (see `fdm_core.fdm`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from fdm_core import fdm
-
-ProcessName = Literal["vp", "ve", "edm"]
+from fdm_core.options import ProcessName
 
 VP_BETA_MIN = 0.1
 VP_BETA_D = 19.9

@@ -17,13 +17,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fdm_core.options import METHODS, Method
 from fdm_core.processes import VP_T_MIN, Process, vp_sigma, vp_sigma_inv
 from fdm_core.tensors import append_dims
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
-Method = Literal["euler", "heun", "ddpm", "dpmpp_2m"]
 GridKind = Literal["karras", "vp", "ve"]
-METHODS: tuple[str, ...] = ("euler", "heun", "ddpm", "dpmpp_2m")
 STOCHASTIC = frozenset({"ddpm"})
 
 

@@ -7,15 +7,11 @@ z = x/sqrt(1+sigma^2), v = alpha eps - s x0 and |v_hat - v|^2 = (SNR + 1) |D - x
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
+from fdm_core.options import Parameterisation, Weighting
 from fdm_core.tensors import append_dims
-
-Parameterisation = Literal["x", "eps", "v"]
-Weighting = Literal["snr", "truncated_snr", "snr_plus_one", "constant"]
 
 
 def snr(sigma: Tensor) -> Tensor:

@@ -1,25 +1,29 @@
-"""Manifests: a directory of outputs is complete only once its MANIFEST.json is written, last.
+"""Manifests: a directory of outputs is complete only once its _MANIFEST.json is written, last.
 
-The manifest lists every file with its size and sha256 (plus row counts where they apply) and who
-produced it. File digests depend only on file contents; the production time lives in the manifest
-alone, so re-running a deterministic stage reproduces the same digests.
+The manifest lists every file with its size and sha256 (plus row counts of Parquet files) and who
+produced it; a stage output's manifest also holds the stage's result and the digests of the inputs it
+consumed, so everything served from a cache is covered by it. File digests depend only on file contents;
+the production time lives in the manifest alone, so a deterministic stage reproduces the same digests.
+The name starts with "_" so Parquet readers (pyarrow, pandas, Ray Data, DuckDB, Spark) skip it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import socket
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from infra.store import ArtifactStore, NotFoundError, StoreError
 
-MANIFEST_NAME = "MANIFEST.json"
-MANIFEST_FORMAT = 1
+MANIFEST_NAME = "_MANIFEST.json"
+MANIFEST_FORMAT = 2
 _CHUNK = 1 << 20
 
 
@@ -47,6 +51,8 @@ class Manifest:
 
     files: dict[str, FileEntry]
     producer: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    inputs: dict[str, str] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
 
     def to_json(self) -> bytes:
@@ -54,14 +60,28 @@ class Manifest:
             "format": self.format,
             "producer": self.producer,
             "files": [asdict(e) for e in sorted(self.files.values(), key=lambda e: e.name)],
+            "inputs": self.inputs,
         }
+        if self.result is not None:
+            doc["result"] = self.result
         return json.dumps(doc, indent=2, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
         doc = json.loads(data)
         files = {e["name"]: FileEntry(**e) for e in doc["files"]}
-        return cls(files=files, producer=doc.get("producer", {}), format=doc["format"])
+        return cls(
+            files=files,
+            producer=doc.get("producer", {}),
+            result=doc.get("result"),
+            inputs=doc.get("inputs", {}),
+            format=doc["format"],
+        )
+
+    @property
+    def digest(self) -> str:
+        """The output's identity: sha256 of its manifest, which covers every file and the result."""
+        return hashlib.sha256(self.to_json()).hexdigest()
 
     def check(self, name: str, data: bytes, uri: str) -> bytes:
         """Return `data` if it matches the entry for `name`, else raise CorruptOutputError naming `uri`."""
@@ -115,14 +135,62 @@ def write_manifest(
     unknown = sorted(set(rows) - set(files))
     if unknown:
         raise ValueError(f"{store.uri(_join(prefix, unknown[0]))}: row count given for a file not written")
-    info = {
+    manifest = Manifest(files=files, producer=_producer(producer))
+    store.write_bytes(_join(prefix, MANIFEST_NAME), manifest.to_json())
+    return manifest
+
+
+def _producer(producer: dict[str, Any]) -> dict[str, Any]:
+    return {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "code_version": _code_version(),
         **producer,
     }
-    manifest = Manifest(files=files, producer=info)
+
+
+def seal_dir(
+    store: ArtifactStore,
+    local_dir: str | os.PathLike[str],
+    prefix: str,
+    producer: dict[str, Any],
+    result: dict[str, Any] | None = None,
+    inputs: dict[str, str] | None = None,
+) -> Manifest:
+    """Hash the files of a local directory, upload them under `prefix`, then write the manifest, last.
+
+    Digests are taken from the local files, so sealing never reads back from a remote store."""
+    import pyarrow.parquet as pq  # here: reading manifests (cache checks) needs no pyarrow
+
+    root = Path(local_dir)
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = path.relative_to(root).as_posix()
+        if name == MANIFEST_NAME:
+            raise ValueError(f"{path}: a stage must not write its own manifest")
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        rows = pq.read_metadata(path).num_rows if name.endswith(".parquet") else None
+        files[name] = FileEntry(name, path.stat().st_size, h.hexdigest(), rows)
+    store.upload_dir(root, prefix)
+    manifest = Manifest(files=files, producer=_producer(producer), result=result, inputs=inputs or {})
     store.write_bytes(_join(prefix, MANIFEST_NAME), manifest.to_json())
+    return manifest
+
+
+def check_present(store: ArtifactStore, prefix: str) -> Manifest:
+    """The manifest of `prefix` if every file it lists is there with its recorded size (one listing, no
+    file read); IncompleteOutputError or CorruptOutputError naming the first file that is not."""
+    manifest = read_manifest(store, prefix)
+    sizes = store.sizes(prefix)
+    for name, entry in sorted(manifest.files.items()):
+        path = _join(prefix, name)
+        if path not in sizes:
+            raise IncompleteOutputError(f"{store.uri(path)}: listed in the manifest but missing")
+        if sizes[path] != entry.size:
+            raise CorruptOutputError(f"{store.uri(path)}: size {sizes[path]} != {entry.size} in the manifest")
     return manifest
 
 

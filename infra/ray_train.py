@@ -3,6 +3,7 @@ process group (NCCL on GPU, gloo on CPU). The training loop itself comes from ta
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +21,10 @@ def run_data_parallel(
     cpus_per_worker: float = 1,
     use_gpu: bool = False,
     name: str = "fdm-train",
+    files_into: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Run `loop(config)` on `workers` Ray Train workers; returns the metrics rank 0 last reported."""
+    """Run `loop(config)` on `workers` Ray Train workers; returns the metrics rank 0 last reported and
+    copies the files it reported (its Ray Train checkpoint) into `files_into`."""
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     # Ray Train's run state goes to a throwaway directory (a fresh run every time, never an implicit
     # resume): resumption and model checkpoints are the artifact store's, written by rank 0.
@@ -34,7 +37,10 @@ def run_data_parallel(
             ),
             run_config=RunConfig(name=name, storage_path=storage),
         )
-        return dict(trainer.fit().metrics or {})
+        result = trainer.fit()
+        if files_into is not None and result.checkpoint is not None:
+            result.checkpoint.to_directory(str(files_into))
+        return dict(result.metrics or {})
 
 
 def worker_rank() -> tuple[int, int, torch.device]:
@@ -43,11 +49,10 @@ def worker_rank() -> tuple[int, int, torch.device]:
     return ctx.get_world_rank(), ctx.get_world_size(), get_device()
 
 
-def report(metrics: dict[str, Any]) -> None:
-    """Report final metrics; every rank must call it. Rank 0 attaches an empty Ray Train checkpoint: only
-    metrics reported with a checkpoint reach the run's Result."""
+def report(metrics: dict[str, Any], files: str | os.PathLike[str]) -> None:
+    """Report final metrics; every rank must call it. Rank 0 attaches the directory `files` (its outputs) as
+    the Ray Train checkpoint, which also carries its metrics to the run's Result."""
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="fdm-report-") as empty:
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(empty))
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(files)))

@@ -14,12 +14,10 @@ import tempfile
 from abc import ABC, abstractmethod
 from functools import cache, cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import boto3
-import pyarrow.fs as pafs
-from botocore.config import Config
-from botocore.exceptions import ClientError
+if TYPE_CHECKING:  # boto3 and pyarrow load on first S3 or Arrow use: a cache check needs neither
+    import pyarrow.fs as pafs
 
 ENDPOINT_ENV_VARS = ("FDM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 # Transient S3 errors (throttling, 5xx, connection resets) are retried with exponential backoff.
@@ -75,6 +73,10 @@ class ArtifactStore(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Sorted store-relative paths of all files under the directory `prefix` (recursive)."""
+
+    @abstractmethod
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Size in bytes of every file under `prefix`, by path (one listing; no file is read)."""
 
     @abstractmethod
     def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> None:
@@ -151,6 +153,9 @@ class LocalStore(ArtifactStore):
             if p.is_file() and not p.name.startswith(_TMP_PREFIX)
         )
 
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        return {path: self._path(path).stat().st_size for path in self.list(prefix)}
+
     def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> None:
         src = Path(local_dir)
         for p in sorted(src.rglob("*")):
@@ -183,12 +188,17 @@ class LocalStore(ArtifactStore):
                 child.unlink()
 
     def arrow_path(self, path: str = "") -> tuple[pafs.FileSystem, str]:
+        import pyarrow.fs as pafs
+
         return pafs.LocalFileSystem(), str(self._path(path))
 
 
 @cache
 def _s3_client(endpoint_url: str | None) -> Any:
     """One boto3 client per endpoint: clients are thread-safe and slow (~0.1 s) to create."""
+    import boto3
+    from botocore.config import Config
+
     config = Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
@@ -196,6 +206,8 @@ def _s3_client(endpoint_url: str | None) -> Any:
 @cache
 def _arrow_s3(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
     """One pyarrow S3 filesystem per endpoint and region, with the same bounded retries as boto3."""
+    import pyarrow.fs as pafs
+
     retry = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
     if endpoint_url is None:
         return pafs.S3FileSystem(region=region, retry_strategy=retry)
@@ -203,6 +215,12 @@ def _arrow_s3(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(
         endpoint_override=host.rstrip("/"), scheme=scheme, region=region, retry_strategy=retry
     )
+
+
+def _client_error() -> type[Exception]:
+    from botocore.exceptions import ClientError
+
+    return ClientError
 
 
 class S3Store(ArtifactStore):
@@ -227,6 +245,8 @@ class S3Store(ArtifactStore):
 
     @cached_property
     def _arrow_fs(self) -> pafs.S3FileSystem:
+        import pyarrow.fs as pafs
+
         if self.endpoint_url is None:
             return _arrow_s3(None, pafs.resolve_s3_region(self.bucket))
         return _arrow_s3(self.endpoint_url, self._client.meta.region_name or "us-east-1")
@@ -240,7 +260,7 @@ class S3Store(ArtifactStore):
     def read_bytes(self, path: str) -> bytes:
         try:
             return self._client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"].read()
-        except ClientError as err:
+        except _client_error() as err:
             if err.response["Error"]["Code"] in ("NoSuchKey", "404"):
                 raise NotFoundError(f"{self.uri(path)}: file not found") from err
             raise StoreError(f"{self.uri(path)}: {err}") from err
@@ -251,22 +271,28 @@ class S3Store(ArtifactStore):
     def exists(self, path: str) -> bool:
         try:
             self._client.head_object(Bucket=self.bucket, Key=self._key(path))
-        except ClientError as err:
+        except _client_error() as err:
             if err.response["Error"]["Code"] in ("NoSuchKey", "404"):
                 return False
             raise StoreError(f"{self.uri(path)}: {err}") from err
         return True
 
-    def _keys(self, prefix: str) -> list[str]:
+    def _objects(self, prefix: str) -> dict[str, int]:
         key = self._key(prefix)
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=f"{key}/" if key else ""
         )
-        keys = (obj["Key"] for page in pages for obj in page.get("Contents", []))
-        return [k for k in keys if not k.endswith("/")]  # skip "directory" marker objects
+        objects = ((obj["Key"], obj["Size"]) for page in pages for obj in page.get("Contents", []))
+        return {k: size for k, size in objects if not k.endswith("/")}  # skip "directory" markers
+
+    def _keys(self, prefix: str) -> list[str]:
+        return list(self._objects(prefix))
 
     def list(self, prefix: str = "") -> list[str]:
         return sorted(self._rel(k) for k in self._keys(prefix))
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        return {self._rel(k): size for k, size in sorted(self._objects(prefix).items())}
 
     def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> None:
         src = Path(local_dir)

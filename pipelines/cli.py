@@ -16,6 +16,7 @@ from rich.console import Console
 from infra import mlflow_server
 from pipelines import sample_cmd, submit
 from pipelines.config import ConfigError, load_config
+from pipelines.plan import StageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BAD_INPUT = ("DataError", "ConfigError", "ValidationError")
@@ -40,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None, help="join this Ray cluster instead of starting one locally")
 
     stages = sub.add_parser("stages", help="the stage table of a past pipeline run")
-    stages.add_argument("run_id")
-    stages.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    stages.add_argument("run_id", help="the pipeline's (parent) MLflow run id, as `fdm run` prints it")
+    stages.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
 
     rerun = sub.add_parser("rerun", help="re-run one stage of a past run from its stored upstream outputs")
     rerun.add_argument("run_id")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             return _exit_code(run_pipeline(cfg, args.address, console))
         if args.command == "stages":
-            from pipelines.runner import past_stages
+            from pipelines.stages_cmd import past_stages
 
             console.print(past_stages(args.tracking_uri, args.run_id))
             return EXIT_OK
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         console.print(f"[red]config error:[/red]\n{err}", highlight=False)
         return EXIT_USAGE
-    except KeyError as err:
+    except (KeyError, StageError) as err:
         console.print(f"[red]error:[/red] {err.args[0]}", highlight=False)
         return EXIT_USAGE
     return EXIT_USAGE

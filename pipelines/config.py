@@ -14,12 +14,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fdm_core.distill import check_one_step
-from tasks.distill_round import DistillConfig
-from tasks.evaluate import EvalConfig
-from tasks.prepare_data import DataConfig
-from tasks.train_base import ModelConfig, TrainConfig
-from tasks.train_classifier import ClassifierConfig
+from tasks.stages.distill_round import DistillConfig
+from tasks.stages.evaluate import EvalConfig
+from tasks.stages.picard_sample import PicardSampleConfig
+from tasks.stages.prepare_data import DataConfig
+from tasks.stages.train_base import ModelConfig, TrainConfig
+from tasks.stages.train_classifier import ClassifierConfig
 
 
 class ConfigError(ValueError):
@@ -77,6 +77,10 @@ class Resources(BaseModel):
     prepare_data: StageResources = Field(default_factory=StageResources)
     train: StageResources = Field(default_factory=lambda: StageResources(num_cpus=2, num_gpus=1))
     evaluate: StageResources = Field(default_factory=lambda: StageResources(num_cpus=2, num_gpus=1))
+    sample: StageResources = Field(
+        default_factory=StageResources,
+        description="the picard_sample stage's driver; its actors take picard.actor_cpus each",
+    )
     max_retries: int = Field(2, ge=0, description="Ray retries of a stage after a worker or node dies")
 
 
@@ -104,6 +108,10 @@ class PipelineConfig(BaseModel):
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     distill: DistillSchedule = Field(default_factory=DistillSchedule)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    picard: PicardSampleConfig = Field(
+        default_factory=lambda: PicardSampleConfig(enabled=False),
+        description="ParaDiGMS sampling on Ray actors, against sequential (off unless enabled)",
+    )
     resources: Resources = Field(default_factory=Resources)
     store: StoreConfig = Field(default_factory=StoreConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -112,6 +120,8 @@ class PipelineConfig(BaseModel):
     def _one_step_reachable(self) -> PipelineConfig:
         """Refuse at load time a 1-step target the base model's input scaling makes unlearnable (FDM)."""
         if self.distill.enabled and self.distill.end_steps == 1:
+            from fdm_core.distill import check_one_step  # torch, only for configs that reach 1 step
+
             process = self.train.build_process()
             try:
                 check_one_step(process, process.sigma_max)

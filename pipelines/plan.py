@@ -1,11 +1,14 @@
-"""The pipeline's DAG as data: which stages run, what each depends on, and its content-addressed key.
+"""The pipeline's DAG as data: which stages run, their named inputs, and each stage's content-addressed key.
 
-A stage's key is a hash of its config section, its upstream keys and the code version, so changing only the
-distillation settings keeps the data and base-model keys (and their cached outputs) unchanged.
+A stage's key hashes its config section, its inputs' keys, its declaration's `version`, and the source of
+the project modules its function imports (found by reading import statements, not by importing), so
+editing the evaluation re-runs the evaluations and nothing upstream (Dagster's code_version, Flyte's
+cache_version). Planning reads declarations only: it imports neither torch nor Ray.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -14,47 +17,110 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import PipelineConfig
-from tasks.evaluate import SamplerSpec
+from tasks.registry import STAGES
+from tasks.stage import StageKind
+from tasks.stages.evaluate import SamplerSpec
 
-CODE_DIRS = ("fdm_core", "infra", "tasks")
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT_PACKAGES = ("fdm_core", "infra", "tasks", "benchmarks")
+
+
+class StageError(RuntimeError):
+    """A stage could not run as asked (e.g. a re-run whose upstream outputs are gone)."""
+
+
+def _source(module: str) -> Path | None:
+    """The file of a project module, or None for anything else (a package or an outside library)."""
+    if module.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    path = ROOT.joinpath(*module.split(".")).with_suffix(".py")
+    return path if path.is_file() else None
 
 
 @cache
-def code_version() -> str:
-    """Hash of the source the stages run (fdm_core, infra, tasks): a code change invalidates the cache."""
-    root = Path(__file__).resolve().parent.parent
+def module_closure(module: str) -> tuple[str, ...]:
+    """`module` and every project module it imports, transitively (lazy imports inside functions too)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _source(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return tuple(sorted(seen))
+
+
+@cache
+def code_version(module: str) -> str:
+    """Hash of the source of `module` and the project modules it imports: the code a stage runs."""
     h = hashlib.sha256()
-    for d in CODE_DIRS:
-        for path in sorted((root / d).rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
+    for name in module_closure(module):
+        h.update(name.encode())
+        h.update(_source(name).read_bytes())
     return h.hexdigest()[:12]
 
 
-def stage_key(kind: str, section: Any, upstream_keys: list[str]) -> str:
+def stage_key(kind: StageKind, section: Any, input_keys: dict[str, str]) -> str:
     blob = json.dumps(
-        {"kind": kind, "config": section, "upstream": upstream_keys, "code": code_version()},
+        {
+            "kind": kind.name,
+            "version": kind.version,
+            "code": code_version(kind.module),
+            "config": section,
+            "inputs": input_keys,
+        },
         sort_keys=True,
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Gate:
+    """Run the stage only if stage `student`'s quality is at most `factor` x stage `teacher`'s
+    `teacher_metric` (lower is better): the quality gate that stops halving."""
+
+    student: str
+    teacher: str
+    teacher_metric: str
+    factor: float
+
+
 @dataclass
 class StageSpec:
-    """One node of the DAG: `name` is unique in the run (e.g. distill_2), `kind` the task it runs."""
+    """One node of the DAG: `name` is unique in the run (e.g. distill_2), `kind` names its declaration.
+
+    `inputs` maps the declaration's input names to upstream stage names; `after` lists further stages it
+    waits for (a gate's evaluations)."""
 
     name: str
     kind: str
     key: str
     config: dict[str, Any]
-    upstream: list[str]
+    inputs: dict[str, str]
+    after: list[str] = field(default_factory=list)
     round: int | None = None
     steps: int | None = None
-    params: dict[str, Any] = field(default_factory=dict)
+    gate: Gate | None = None
+    resources: dict[str, float] = field(default_factory=dict)
 
     @property
-    def out_prefix(self) -> str:
+    def decl(self) -> StageKind:
+        return STAGES[self.kind]
+
+    @property
+    def upstream(self) -> list[str]:
+        return list(dict.fromkeys([*self.inputs.values(), *self.after]))
+
+    @property
+    def out_root(self) -> str:
+        """Where this key's outputs live: one immutable version directory per computation."""
         return f"stages/{self.kind}/{self.key}"
 
 
@@ -73,65 +139,88 @@ def uses_classifier(cfg: PipelineConfig) -> bool:
     return cfg.data.source.kind != "toy2d"
 
 
+class _Plan:
+    """Adds stages in topological order, keying each from its declaration and its inputs' keys."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.stages: list[StageSpec] = []
+
+    def add(
+        self, name: str, kind: str, section: dict[str, Any], inputs: dict[str, StageSpec], **extra: Any
+    ) -> StageSpec:
+        decl = STAGES[kind]
+        missing = set(decl.required_inputs()) - set(inputs)
+        if missing or set(inputs) - set(decl.inputs):
+            raise ValueError(f"{name}: inputs {sorted(inputs)} do not match {kind}'s {dict(decl.inputs)}")
+        decl.config.model_validate(section)
+        group = getattr(self.cfg.resources, decl.resources)
+        spec = StageSpec(
+            name=name,
+            kind=kind,
+            key=stage_key(decl, section, {n: s.key for n, s in inputs.items()}),
+            config=section,
+            inputs={n: s.name for n, s in inputs.items()},
+            resources={"num_cpus": group.num_cpus, "num_gpus": group.num_gpus},
+            **extra,
+        )
+        self.stages.append(spec)
+        return spec
+
+
 def plan(cfg: PipelineConfig) -> list[StageSpec]:
     """Stages in topological order."""
     d = cfg.model_dump(mode="json")
-    stages: list[StageSpec] = []
-    prep = StageSpec("prepare_data", "prepare_data", stage_key("prepare_data", d["data"], []), d["data"], [])
-    stages.append(prep)
-    clf = None
+    p = _Plan(cfg)
+    data = p.add("prepare_data", "prepare_data", d["data"], {})
+    judge = {}
     if uses_classifier(cfg):
-        clf = StageSpec(
-            "train_classifier",
-            "train_classifier",
-            stage_key("train_classifier", d["classifier"], [prep.key]),
-            d["classifier"],
-            [prep.name],
-        )
-        stages.append(clf)
-    base_cfg = {"model": d["model"], "train": d["train"]}
-    base = StageSpec(
-        "train_base", "train_base", stage_key("train_base", base_cfg, [prep.key]), base_cfg, [prep.name]
-    )
-    stages.append(base)
-    eval_cfg = {**d["evaluate"], "samplers": [s.model_dump() for s in base_samplers(cfg)]}
-    eval_up = [base] + ([clf] if clf else [])
-    ev = StageSpec(
+        judge = {
+            "classifier": p.add("train_classifier", "train_classifier", d["classifier"], {"dataset": data})
+        }
+    base = p.add("train_base", "train_base", {"model": d["model"], "train": d["train"]}, {"dataset": data})
+    base_eval = {**d["evaluate"], "samplers": [s.model_dump() for s in base_samplers(cfg)]}
+    ev = p.add(
         "evaluate_base",
         "evaluate",
-        stage_key("evaluate", eval_cfg, [s.key for s in eval_up]),
-        eval_cfg,
-        [s.name for s in eval_up],
+        base_eval,
+        {"model": base, "dataset": data, **judge},
         round=0,
         steps=cfg.distill.start_steps,
     )
-    stages.append(ev)
     # With a quality gate, round k+1 waits for the evaluations of round k's student and of its teacher.
     teacher, teacher_steps, evals = base, cfg.distill.start_steps, [ev]
     for k, steps in enumerate(cfg.distill.student_steps, start=1):
-        round_cfg = {**d["distill"]["round"], "teacher_steps": teacher_steps}
-        upstream = [teacher, prep]
+        gate = None
         if cfg.distill.quality_gate is not None and k >= 2:
-            upstream += [evals[-1], evals[-2]]
-        key = stage_key("distill_round", round_cfg, [teacher.key, prep.key])
-        dist = StageSpec(
-            f"distill_{k}", "distill_round", key, round_cfg, [s.name for s in upstream], round=k, steps=steps
-        )
-        stages.append(dist)
-        up = [dist] + ([clf] if clf else [])
-        ev_k = StageSpec(
-            f"evaluate_{k}",
-            "evaluate",
-            stage_key("evaluate", d["evaluate"], [s.key for s in up]),
-            d["evaluate"],
-            [s.name for s in up],
+            metric = f"euler{cfg.distill.start_steps}/quality" if k == 2 else "quality"
+            gate = Gate(evals[-1].name, evals[-2].name, metric, cfg.distill.quality_gate)
+        section = {**d["distill"]["round"], "teacher_steps": teacher_steps, "round_index": k}
+        dist = p.add(
+            f"distill_{k}",
+            "distill_round",
+            section,
+            {"teacher": teacher, "dataset": data},
+            after=[gate.student, gate.teacher] if gate else [],
             round=k,
             steps=steps,
+            gate=gate,
         )
-        stages.append(ev_k)
+        evals.append(
+            p.add(
+                f"evaluate_{k}",
+                "evaluate",
+                d["evaluate"],
+                {"model": dist, "dataset": data, **judge},
+                round=k,
+                steps=steps,
+            )
+        )
         teacher, teacher_steps = dist, steps
-        evals.append(ev_k)
-    return stages
+    if cfg.picard.enabled:
+        model = base if cfg.picard.model == "base" else teacher
+        p.add("picard_sample", "picard_sample", d["picard"], {"model": model})
+    return p.stages
 
 
 def downstream_of(stages: list[StageSpec], name: str) -> list[str]:

@@ -1,8 +1,10 @@
-"""The driver: plan the DAG, submit it as chained Ray tasks, show live status, record the MLflow parent run.
+"""The driver: plan the DAG, serve what the cache holds, compute the rest as chained Ray tasks, show live
+status, and record the MLflow parent run.
 
-Stages are chained by passing ObjectRefs of small StageResults from one `.remote()` call to the next (no
-deprecated DAG API, no Ray Workflows). Re-running a stage forces it (and optionally its downstream) while
-its upstream must be served from the store's cache.
+Everything the store already holds is resolved here from manifests alone; when that is every stage, Ray
+is never started. Otherwise the remaining stages are chained by passing ObjectRefs of small StageResults
+from one `.remote()` call to the next (no deprecated DAG API, no Ray Workflows). Re-running a stage forces
+it (and optionally its downstream) to recompute from scratch, while its upstream must come from the cache.
 """
 
 from __future__ import annotations
@@ -15,18 +17,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
 import yaml
-from matplotlib.figure import Figure
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from infra.ray_runtime import ProgressBoard, cluster_gpus, init_ray
 from infra.tracking import Tracking
 from pipelines.config import PipelineConfig, parse_config
-from pipelines.plan import StageSpec, downstream_of, plan
-from pipelines.stage_exec import RunEnv, execute_stage, warm_worker
+from pipelines.executor import (
+    RunEnv,
+    execute_stage,
+    record_resolved,
+    serve,
+    skip_reason,
+    skipped,
+    warm_worker,
+)
+from pipelines.plan import StageError, StageSpec, downstream_of, plan
 from tasks.stage import StageResult
 
 TRANSIENT = (ConnectionError, TimeoutError)
@@ -46,35 +53,24 @@ class PipelineRun:
     run_id: str
     outcomes: dict[str, StageOutcome] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    used_ray: bool = False
 
     @property
     def failed(self) -> list[StageOutcome]:
         return [o for o in self.outcomes.values() if o.status == "failed"]
 
 
-def _resources(cfg: PipelineConfig, spec: StageSpec, gpus: bool) -> dict[str, Any]:
-    group = {"prepare_data": cfg.resources.prepare_data, "evaluate": cfg.resources.evaluate}.get(
-        spec.kind, cfg.resources.train
-    )
-    return {"num_cpus": group.num_cpus, "num_gpus": group.num_gpus if gpus else 0}
-
-
-def _headline(o: StageOutcome) -> str:
-    if o.result is None:
-        return o.error.splitlines()[0][:60] if o.error else ""
-    if o.result.info.get("skipped"):
-        return str(o.result.info["skipped"])[:60]
-    m = o.result.metrics
-    if "quality" in m:
-        name = o.result.info.get("metric_name", "quality")
-        return f"{name}={m['quality']:.4g}"
-    if "val_accuracy" in m:
-        return f"val_acc={m['val_accuracy']:.3f}"
-    if "loss" in m:
-        return f"loss={m['loss']:.4g}"
-    if "n_train" in m:
-        return f"n_train={int(m['n_train'])}"
-    return ""
+def headline(spec: StageSpec, result: StageResult | None, error: str | None = None) -> str:
+    """The stage's headline metric (from its declaration), its skip reason, or its error."""
+    if result is None:
+        return error.splitlines()[0][:60] if error else ""
+    if result.info.get("skipped"):
+        return str(result.info["skipped"])[:60]
+    key = spec.decl.headline
+    if key not in result.metrics:
+        return ""
+    name = result.info.get("metric_name", key) if key == "quality" else key
+    return f"{name}={result.metrics[key]:.4g}"
 
 
 def stage_table(run: PipelineRun, board: dict[str, dict[str, Any]] | None = None) -> Table:
@@ -93,29 +89,67 @@ def stage_table(run: PipelineRun, board: dict[str, dict[str, Any]] | None = None
             else (time.time() - live["started"] if "started" in live else None)
         )
         table.add_row(
-            name, o.spec.key[:10], status, progress, f"{secs:.1f}" if secs is not None else "", _headline(o)
+            name,
+            o.spec.key[:10],
+            status,
+            progress,
+            f"{secs:.1f}" if secs is not None else "",
+            headline(o.spec, o.result, o.error),
         )
     return table
 
 
-def _submit(
-    cfg: PipelineConfig, stages: list[StageSpec], env: RunEnv, force: set[str], cached_only: set[str]
-) -> dict[str, ray.ObjectRef]:
-    refs: dict[str, ray.ObjectRef] = {}
-    task = ray.remote(execute_stage)
-    gpus = env.use_gpu
+def resolve_cached(stages: list[StageSpec], env: RunEnv, force: set[str]) -> dict[str, StageResult]:
+    """Stages settled without computing, in plan order: cache hits (manifests only) and the stages a
+    skipped upstream or a failed quality gate rules out. A forced stage, and all below it, stay open."""
+    store = env.store()
+    resolved: dict[str, StageResult] = {}
     for spec in stages:
-        res = _resources(cfg, spec, gpus)
-        spec.params.update(res)
-        if spec.kind == "train_base" and cfg.train.workers > 1:
-            res = {"num_cpus": 0, "num_gpus": 0}  # it only coordinates: its Ray Train workers hold `res` each
+        if spec.name in force or any(u not in resolved for u in spec.upstream):
+            continue
+        ups = {u: resolved[u] for u in spec.upstream}
+        reason = skip_reason(spec, ups)
+        result = skipped(spec, reason) if reason else serve(store, spec, ups)
+        if result is not None:
+            resolved[spec.name] = result
+    return resolved
+
+
+def _outcome(o: StageOutcome, result: StageResult) -> None:
+    o.result = result
+    o.status = "skipped" if result.info.get("skipped") else "cached" if result.cached else "done"
+    o.seconds = None if o.status == "skipped" else 0.0 if result.cached else result.info.get("seconds")
+
+
+def _submit(
+    cfg: PipelineConfig,
+    pending: list[StageSpec],
+    resolved: dict[str, StageResult],
+    env: RunEnv,
+    force: set[str],
+) -> dict[str, Any]:
+    import ray
+
+    refs: dict[str, Any] = {}
+    task = ray.remote(execute_stage)
+    for spec in pending:
+        decl = spec.decl
+        res = {
+            "num_cpus": spec.resources["num_cpus"],
+            "num_gpus": spec.resources["num_gpus"] if env.use_gpu else 0,
+        }
+        if decl.coordinates and decl.coordinates(decl.config.model_validate(spec.config)):
+            res = {"num_cpus": 0, "num_gpus": 0}  # its workers hold the stage's resources, each
+        args = [refs[u] if u in refs else resolved[u] for u in spec.upstream]
         refs[spec.name] = task.options(
             name=spec.name, max_retries=cfg.resources.max_retries, retry_exceptions=list(TRANSIENT), **res
-        ).remote(spec, env, spec.name in force, spec.name in cached_only, *[refs[u] for u in spec.upstream])
+        ).remote(spec, env, spec.name in force, *args)
     return refs
 
 
-def _wait(run: PipelineRun, refs: dict[str, ray.ObjectRef], board: Any, console: Console) -> None:
+def _wait(run: PipelineRun, refs: dict[str, Any], board: Any, console: Console) -> None:
+    import ray
+
     pending = {ref: name for name, ref in refs.items()}
     with Live(
         stage_table(run), console=console, refresh_per_second=2, transient=not console.is_terminal
@@ -126,11 +160,7 @@ def _wait(run: PipelineRun, refs: dict[str, ray.ObjectRef], board: Any, console:
                 name = pending.pop(ref)
                 o = run.outcomes[name]
                 try:
-                    o.result = ray.get(ref)
-                    o.status = (
-                        "skipped" if o.result.info.get("skipped") else "cached" if o.result.cached else "done"
-                    )
-                    o.seconds = 0.0 if o.result.cached else o.result.info.get("seconds")
+                    _outcome(o, ray.get(ref))
                 except Exception as err:  # a stage failure: recorded; who failed first is settled below
                     o.status = "failed"
                     cause = getattr(err, "cause", None) or err
@@ -146,6 +176,8 @@ def _wait(run: PipelineRun, refs: dict[str, ray.ObjectRef], board: Any, console:
 
 def _summary_plot(run: PipelineRun) -> bytes | None:
     """Quality vs sampling steps: the base model's DDIM/other samplers and each distilled student."""
+    from matplotlib.figure import Figure
+
     base = run.outcomes.get("evaluate_base")
     if base is None or base.result is None:
         return None
@@ -160,7 +192,7 @@ def _summary_plot(run: PipelineRun) -> bytes | None:
     students = [
         (o.spec.steps, o.result.metrics["quality"])
         for o in run.outcomes.values()
-        if o.spec.kind == "evaluate" and o.spec.round and o.result and "quality" in o.result.metrics
+        if o.spec.round and o.result and "quality" in o.result.metrics
     ]
     if students:
         by_method["distilled students"] = students
@@ -185,6 +217,9 @@ def _finish(run: PipelineRun, tracking: Tracking, console: Console) -> None:
             "error": o.error,
             "metrics": o.result.metrics if o.result else {},
             "outputs": o.result.outputs if o.result else {},
+            "spans": {
+                k: o.result.info[k] for k in ("task_span", "compute_span") if o.result and k in o.result.info
+            },
         }
         for name, o in run.outcomes.items()
     }
@@ -193,6 +228,7 @@ def _finish(run: PipelineRun, tracking: Tracking, console: Console) -> None:
     if png:
         tracking.log_bytes(run.run_id, png, "quality_vs_steps.png")
     tracking.log_metrics(run.run_id, {"wall_seconds": run.wall_seconds})
+    tracking.set_tags(run.run_id, {"fdm.used_ray": str(run.used_ray).lower()})
     tracking.end(run.run_id, "FAILED" if run.failed else "FINISHED")
     console.print(stage_table(run))
     for o in run.failed:
@@ -209,39 +245,56 @@ def _execute(
     cached_only: set[str] = frozenset(),
     rerun: bool = False,
 ) -> PipelineRun:
-    """Start Ray first, so its prestarted workers warm up while `open_run` sets up the MLflow parent run,
-    then submit the stages and follow them to the end."""
-    started = init_ray(address, setup_hook=warm_worker)
+    """Resolve the cached stages; if any remain, start Ray first, so its prestarted workers warm up while
+    `open_run` sets up the MLflow parent run, then submit them and follow them to the end."""
+    t0 = time.perf_counter()
+    root = cfg.store.root if "://" in cfg.store.root else str(Path(cfg.store.root).resolve())
+    probe = RunEnv(root, cfg.store.endpoint_url, Tracking("", ""), "")
+    resolved = resolve_cached(stages, probe, set(force))
+    missing = sorted(set(cached_only) - set(resolved))
+    if missing:
+        spec = next(s for s in stages if s.name == missing[0])
+        raise StageError(
+            f"{spec.name}: no complete output at {probe.store().uri(spec.out_root)} to re-run from"
+        )
+    pending = [s for s in stages if s.name not in resolved]
+    started = False
+    if pending:
+        from infra.ray_runtime import ProgressBoard, cluster_gpus, init_ray
+
+        started = init_ray(address, setup_hook=warm_worker)
     try:
         tracking, run_id = open_run()
-        board = ProgressBoard.remote()
         env = RunEnv(
-            store_root=cfg.store.root if "://" in cfg.store.root else str(Path(cfg.store.root).resolve()),
+            store_root=root,
             endpoint_url=cfg.store.endpoint_url,
             tracking=tracking,
             parent_run_id=run_id,
-            use_gpu=cluster_gpus() > 0,
-            board=board,
-            quality_gate=cfg.distill.quality_gate,
-            start_steps=cfg.distill.start_steps,
+            use_gpu=bool(pending) and cluster_gpus() > 0,
+            board=ProgressBoard.remote() if pending else None,
             rerun=rerun,
         )
-        run = PipelineRun(run_id, {s.name: StageOutcome(s) for s in stages})
-        t0 = time.perf_counter()
-        refs = _submit(cfg, stages, env, set(force), set(cached_only))
-        _wait(run, refs, board, console)
+        run = PipelineRun(run_id, {s.name: StageOutcome(s) for s in stages}, used_ray=bool(pending))
+        for spec in stages:
+            if spec.name in resolved:
+                _outcome(run.outcomes[spec.name], record_resolved(env, spec, resolved[spec.name]))
+        if pending:
+            refs = _submit(cfg, pending, resolved, env, set(force))
+            _wait(run, refs, env.board, console)
         run.wall_seconds = time.perf_counter() - t0
         _finish(run, tracking, console)
         return run
     finally:
         if started:
+            import ray
+
             ray.shutdown()
 
 
 def run_pipeline(
     cfg: PipelineConfig, address: str | None = None, console: Console | None = None
 ) -> PipelineRun:
-    """Run the full DAG as a new MLflow parent run; stages whose outputs verify in the store are cached."""
+    """Run the full DAG as a new MLflow parent run; stages whose outputs are in the store are cached."""
     console = console or Console()
 
     def open_run() -> tuple[Tracking, str]:
@@ -270,8 +323,8 @@ def rerun_stage(
     address: str | None = None,
     console: Console | None = None,
 ) -> PipelineRun:
-    """Recompute `stage` (and its downstream if asked) of a past run, as new child runs of the same parent;
-    everything upstream must come from the store's cache and is never recomputed."""
+    """Recompute `stage` (and its downstream if asked) of a past run from scratch, as new child runs of the
+    same parent; everything upstream must come from the store's cache and is never recomputed."""
     console = console or Console()
     cfg, tracking = load_run_config(tracking_uri, run_id)
     stages = plan(cfg)
@@ -299,40 +352,3 @@ def rerun_stage(
         cached_only=needed - set(targets),
         rerun=True,
     )
-
-
-def past_stages(tracking_uri: str, run_id: str) -> Table:
-    """The stage table of a past run, from its MLflow child runs."""
-    client = Tracking(tracking_uri, "").client
-    parent = client.get_run(run_id)
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
-        order_by=["start_time ASC"],
-    )
-    table = Table(title=f"pipeline run {run_id} ({parent.info.status})")
-    for col in ("stage", "key", "status", "seconds", "headline", "child run"):
-        table.add_column(col)
-    for c in children:
-        tags = c.data.tags
-        status = (
-            "skipped"
-            if tags.get("skipped") == "true"
-            else "cached"
-            if tags.get("cached") == "true"
-            else c.info.status.lower()
-        )
-        if tags.get("rerun") == "True":
-            status += " (rerun)"
-        secs = (c.info.end_time - c.info.start_time) / 1000 if c.info.end_time else None
-        m = c.data.metrics
-        head = next((f"{k}={m[k]:.4g}" for k in ("quality", "val_accuracy", "loss", "n_train") if k in m), "")
-        table.add_row(
-            tags.get("stage", c.info.run_name),
-            tags.get("key", "")[:10],
-            status,
-            f"{secs:.1f}" if secs is not None else "",
-            head,
-            c.info.run_id[:12],
-        )
-    return table

@@ -15,13 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import ray
-import torch
-
-from fdm_core.samplers import METHODS
-from infra.ray_runtime import init_ray
-from infra.store import StoreError
-from tasks.sample import SampleConfig, generate, samples_npz
+from fdm_core.options import METHODS
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,13 +38,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also run the sequential sampler; report deviation")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start one on 127.0.0.1)")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: FDM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out", default="samples.npz", help="output .npz (default samples.npz)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Sample, write `--out`, print the cost. Exit codes as `fdm`: 0 ok, 2 bad input, 1 sampling failed."""
+    import ray
+    import torch
+
+    from infra.ray_runtime import init_ray
+    from infra.store import StoreError
+    from tasks.sample import SampleConfig, generate, samples_npz
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         cfg = SampleConfig(
             sampler=args.sampler,
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             cfg.picard and cfg.actors > 0 and init_ray(args.ray_address, max(os.cpu_count() or 1, cfg.actors))
         )
         try:
-            samples, stats = generate(cfg, args.checkpoint, args.endpoint_url, args.device)
+            samples, stats = generate(cfg, args.checkpoint, args.endpoint_url, device)
         finally:
             if started:
                 ray.shutdown()

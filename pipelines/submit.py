@@ -19,11 +19,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from ray.job_submission import JobStatus, JobSubmissionClient
+from typing import TYPE_CHECKING, Any
 
 from pipelines.config import ConfigError, load_config
+
+if TYPE_CHECKING:  # Ray loads when a job is submitted or queried, not with the `fdm` command line
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Never uploaded: environments, local outputs and history (Ray's upload limit is a few hundred MiB).
@@ -61,6 +62,8 @@ def add_parser(subparsers: Any) -> None:
 
 def job_client(address: str) -> JobSubmissionClient:
     """A job client for `address`, sending RAY_AUTH_TOKEN as the bearer token when it is set."""
+    from ray.job_submission import JobSubmissionClient
+
     token = os.environ.get("RAY_AUTH_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else None
     return JobSubmissionClient(address, headers=headers)
@@ -114,6 +117,8 @@ def follow(
 
 def job_exit_code(client: JobSubmissionClient, job_id: str) -> int:
     """`fdm run`'s own exit code for a finished job (0 ok, 2 bad input, 1 failed); 1 if it never ran."""
+    from ray.job_submission import JobStatus
+
     info = client.get_job_info(job_id)
     if info.status == JobStatus.SUCCEEDED:
         return EXIT_OK

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ from fdm_core.networks import build_network
 from fdm_core.precond import Denoiser
 from fdm_core.processes import Process
 from fdm_core.training import EMA, TrainState
-from infra.manifest import is_complete, read_manifest, read_verified, write_manifest
+from infra.manifest import is_complete, read_manifest, read_verified, seal_dir, write_manifest
 from infra.store import ArtifactStore
 
 MODEL_JSON = "model.json"
@@ -60,13 +62,21 @@ def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
 
 
-def save_model(
+def save_model(out_dir: Path, weights: nn.Module, spec: dict[str, Any]) -> None:
+    """Stage a model artifact (weights of `weights`, usually the EMA copy) in a local output directory."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / WEIGHTS).write_bytes(st_save(_weights(weights)))
+    (out_dir / MODEL_JSON).write_bytes(json.dumps(spec, indent=2, sort_keys=True).encode())
+
+
+def write_model(
     store: ArtifactStore, prefix: str, weights: nn.Module, spec: dict[str, Any], producer: dict[str, Any]
-) -> None:
-    """Write a model artifact (weights of `weights`, usually the EMA copy) and its manifest, last."""
-    store.write_bytes(posixpath.join(prefix, WEIGHTS), st_save(_weights(weights)))
-    store.write_bytes(posixpath.join(prefix, MODEL_JSON), json.dumps(spec, indent=2, sort_keys=True).encode())
-    write_manifest(store, prefix, producer)
+) -> str:
+    """A complete model artifact in the store outside any stage (benchmarks, tests); returns its URI."""
+    with tempfile.TemporaryDirectory(prefix="fdm-model-") as tmp:
+        save_model(Path(tmp), weights, spec)
+        seal_dir(store, tmp, prefix, producer)
+    return store.uri(prefix)
 
 
 def load_model(store: ArtifactStore, prefix: str, device: str = "cpu") -> tuple[Denoiser, dict[str, Any]]:
@@ -176,14 +186,15 @@ def resume_training(
     model: nn.Module,
     ema: EMA | None,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> TrainState:
     """Continue from the newest complete checkpoint under `root` (schedule included), or start fresh."""
     ckpt = latest_training_checkpoint(store, root)
     if ckpt is None:
         return TrainState()
     state = restore(ckpt, model, ema, optimizer)
-    scheduler.last_epoch = state.step
+    if scheduler is not None:
+        scheduler.last_epoch = state.step
     return state
 
 

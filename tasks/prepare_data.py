@@ -1,8 +1,10 @@
 """Stage `prepare_data`: a source dataset -> split, shuffled Parquet shards plus a manifest in the store.
 
-Output layout under ``ctx.out_prefix`` (complete only once MANIFEST.json exists, written last)::
+Output layout (complete only once _MANIFEST.json exists, written last by `run_stage`)::
 
-    train-00000.parquet ...   val-00000.parquet ...   dataset.json   MANIFEST.json
+    train-00000.parquet ...   val-00000.parquet ...   _dataset.json   _MANIFEST.json
+
+The sidecars start with "_", so Parquet readers take the directory as a dataset of shards only.
 
 Parquet schema of every shard:
 
@@ -10,7 +12,7 @@ Parquet schema of every shard:
     label  int64                         class index, -1 where the source has no labels
     split  string                        "train" or "val"
 
-The schema metadata key ``fdm.dataset`` (and dataset.json, which adds the file list per split) holds
+The schema metadata key ``fdm.dataset`` (and _dataset.json, which adds the file list per split) holds
 JSON with ``shape`` ([C, H, W] or [D]), ``num_classes``, ``class_names``, ``normalization``
 (``{"from": [lo, hi], "to": [-1, 1]}``, or null where values are stored as given) and ``source``.
 Rows are written in a seeded random order, so re-running with the same inputs and config reproduces
@@ -27,101 +29,33 @@ import posixpath
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from infra.manifest import clear_output, write_manifest
 from infra.store import ArtifactStore, NotFoundError, open_store
 from tasks.stage import StageContext, StageResult
+from tasks.stages.prepare_data import (
+    Cifar10Source,
+    DataConfig,
+    DigitsSource,
+    ImageFolderSource,
+    NpySource,
+    Toy2DSource,
+)
 
-STAGE = "prepare_data"
-DATASET_META_NAME = "dataset.json"
+DATASET_META_NAME = "_dataset.json"
 SCHEMA_META_KEY = b"fdm.dataset"
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
 class DataError(ValueError):
     """Unusable input data; the message names the offending file or folder."""
-
-
-class _Source(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Toy2DSource(_Source):
-    """A classic 2-D toy distribution (FFJORD's definitions), drawn with the config seed."""
-
-    kind: Literal["toy2d"] = "toy2d"
-    toy: Literal["eight_gaussians", "two_moons", "checkerboard", "swiss_roll"]
-    n: int = Field(10_000, ge=2)
-
-
-class DigitsSource(_Source):
-    """scikit-learn's 1,797 real 8x8 digits (values 0..16), optionally zero-padded and/or resized."""
-
-    kind: Literal["digits"] = "digits"
-    pad_to: int | None = Field(None, ge=8)
-    resize_to: int | None = Field(None, ge=1)
-
-
-class ImageFolderSource(_Source):
-    """Image files under `path`; with class sub-folders (path/<class>/img.png) the folder names are labels."""
-
-    kind: Literal["image_folder"] = "image_folder"
-    path: str = Field(min_length=1)
-    mode: Literal["RGB", "L"] = "RGB"
-    resize_to: int | None = Field(None, ge=1)
-
-
-class Cifar10Source(_Source):
-    """The CIFAR-10 python-pickle batches in directory `path` (dicts with b'data' [N, 3072] and b'labels')."""
-
-    kind: Literal["cifar10"] = "cifar10"
-    path: str = Field(min_length=1)
-    batches: list[str] = Field(default_factory=lambda: list(CIFAR10_TRAIN_BATCHES), min_length=1)
-
-
-class NpySource(_Source):
-    """An .npy array [N, D], [N, H, W] or [N, C, H, W], or an .npz holding one (and optionally labels)."""
-
-    kind: Literal["npy"] = "npy"
-    path: str = Field(min_length=1)
-    x_key: str = "x"
-    labels_key: str | None = None
-    # Mapped to [-1, 1]; None keeps floats as given and maps uint8 from [0, 255].
-    value_range: tuple[float, float] | None = None
-
-    @field_validator("value_range")
-    @classmethod
-    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and not v[0] < v[1]:
-            raise ValueError("value_range must be (lo, hi) with lo < hi")
-        return v
-
-
-Source = Annotated[
-    Toy2DSource | DigitsSource | ImageFolderSource | Cifar10Source | NpySource, Field(discriminator="kind")
-]
-
-
-class DataConfig(BaseModel):
-    """Configuration of the prepare_data stage."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: Source
-    seed: int = 0
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    shard_rows: int = Field(8192, ge=1)
-    row_group_rows: int = Field(1024, ge=1)
 
 
 @dataclass
@@ -368,9 +302,7 @@ def _shard_bytes(
 
 
 def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
-    """Read the source, split it by seed, write shuffled Parquet shards, dataset.json, then the manifest."""
-    if not ctx.out_prefix.strip("/"):
-        raise ValueError("out_prefix: must name a directory inside the store (it is cleared before writing)")
+    """Read the source, split it by seed, and stage shuffled Parquet shards and _dataset.json."""
     samples = _load_source(cfg, ctx.endpoint_url)
     shape = list(samples.x.shape[1:])
     splits = split_indices(len(samples.x), cfg.val_fraction, cfg.seed)
@@ -389,9 +321,6 @@ def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
         [("x", pa.list_(pa.float32(), math.prod(shape))), ("label", pa.int64()), ("split", pa.string())],
         metadata={SCHEMA_META_KEY: json.dumps(meta, sort_keys=True)},
     )
-    store = open_store(ctx.store_uri, ctx.endpoint_url)
-    clear_output(store, ctx.out_prefix)
-    rows: dict[str, int] = {}
     files: dict[str, list[str]] = {}
     for split in SPLITS:
         idx = splits[split]
@@ -401,26 +330,19 @@ def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
             name = f"{split}-{i:05d}.parquet"
             x = _normalise(samples.x[take], samples.value_range)
             data = _shard_bytes(x, samples.labels[take], split, schema, cfg.row_group_rows)
-            store.write_bytes(posixpath.join(ctx.out_prefix, name), data)
-            rows[name] = len(take)
+            ctx.output_path(name).write_bytes(data)
             files[split].append(name)
     meta["splits"] = {s: {"rows": len(splits[s]), "files": files[s]} for s in SPLITS}
-    meta_json = json.dumps(meta, indent=2, sort_keys=True).encode()
-    store.write_bytes(posixpath.join(ctx.out_prefix, DATASET_META_NAME), meta_json)
-    producer = {"stage": STAGE, "key": ctx.key, "config": cfg.model_dump()}
-    write_manifest(store, ctx.out_prefix, producer, rows=rows)
-
+    ctx.output_path(DATASET_META_NAME).write_bytes(json.dumps(meta, indent=2, sort_keys=True).encode())
     metrics = {
         "n_train": float(len(splits["train"])),
         "n_val": float(len(splits["val"])),
         "num_classes": float(samples.num_classes),
-        "n_shards": float(len(rows)),
+        "n_shards": float(sum(len(f) for f in files.values())),
     }
-    ctx.log_metrics(metrics, 0)
     return StageResult(
-        stage=STAGE,
+        stage="prepare_data",
         key=ctx.key,
-        outputs={"dataset": store.uri(ctx.out_prefix)},
         metrics=metrics,
         info={"shape": shape, "num_classes": samples.num_classes, "source": cfg.source.kind},
     )

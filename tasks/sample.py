@@ -1,4 +1,5 @@
-"""Stage: draw samples from a model artifact, sequentially or by ParaDiGMS Picard windows (DESIGN.md §5).
+"""Sampling a model artifact, sequentially or by ParaDiGMS Picard windows (DESIGN.md §5): `fdm sample` and
+the picard_sample stage use it.
 
 Picard windows are evaluated locally in one batched call, or split across Ray actors that each load the
 model from the artifact store (`StepFactory`). The same seed gives the same initial noise and the same
@@ -8,7 +9,6 @@ DDPM noise to both samplers, so their results are directly comparable.
 from __future__ import annotations
 
 import io
-import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,11 +21,9 @@ from torch import Tensor
 from fdm_core.picard import picard_sample
 from fdm_core.precond import Denoiser
 from fdm_core.samplers import Method, nfe, process_grid, sample, step_delta
-from infra.manifest import write_manifest
 from infra.ray_evaluator import RayEvaluator, StepFn, Strategy
 from infra.store import open_store
 from tasks.checkpoints import load_model
-from tasks.stage import StageContext, StageResult
 
 DEFAULT_STEPS = 18
 DEFAULT_METHOD: Method = "heun"
@@ -43,6 +41,7 @@ class SampleConfig(BaseModel):
     window: int = Field(64, ge=1)
     tol: float = Field(0.1, gt=0)
     actors: int = Field(0, ge=0, description="Ray actors evaluating Picard windows; 0 = local batched call")
+    actor_cpus: float = Field(1.0, gt=0, description="logical CPUs per actor")
     strategy: Strategy = "PACK"
     compare: bool = Field(False, description="also run the sequential sampler and report the deviation")
 
@@ -114,7 +113,9 @@ def generate(
     stats: dict[str, Any] = {"sampler": method, "steps": steps, "num": cfg.num, "seed": cfg.seed}
     evaluator = None
     if cfg.picard and cfg.actors:
-        evaluator = RayEvaluator(StepFactory(model_uri, endpoint_url), cfg.actors, cfg.strategy)
+        evaluator = RayEvaluator(
+            StepFactory(model_uri, endpoint_url), cfg.actors, cfg.strategy, num_cpus=cfg.actor_cpus
+        )
     stats["setup_seconds"] = time.perf_counter() - t_setup
     try:
         t0 = time.perf_counter()
@@ -153,18 +154,3 @@ def samples_npz(samples: Tensor, stats: dict[str, Any]) -> bytes:
         buf, samples=clipped, shape=np.array(clipped.shape), **{k: np.asarray(v) for k, v in stats.items()}
     )
     return buf.getvalue()
-
-
-def sample_model(cfg: SampleConfig, model_uri: str, ctx: StageContext) -> StageResult:
-    """Sample `model_uri` and write `samples.npz` (with its stats) and a manifest under the stage prefix."""
-    torch.set_num_threads(max(1, ctx.num_threads))
-    samples, stats = generate(cfg, model_uri, ctx.endpoint_url, ctx.device)
-    store = open_store(ctx.store_uri, ctx.endpoint_url)
-    store.write_bytes(posixpath.join(ctx.out_prefix, "samples.npz"), samples_npz(samples, stats))
-    write_manifest(store, ctx.out_prefix, {"stage": "sample", "key": ctx.key, "model": model_uri})
-    metrics = {
-        k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
-    return StageResult(
-        stage="sample", key=ctx.key, outputs={"samples": store.uri(ctx.out_prefix)}, metrics=metrics
-    )

@@ -14,11 +14,12 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from test_submit import CONFIG, TINY, TINY_STAGES, free_ports
 
+from infra.manifest import MANIFEST_NAME
 from infra.mlflow_server import start_tracking_server, stop_tracking_server
 from infra.store import open_store
 from pipelines.config import load_config
 from pipelines.runner import run_pipeline
-from tasks.checkpoints import latest_training_checkpoint, load_model
+from tasks.checkpoints import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,21 +81,20 @@ def test_pipeline_tracks_to_the_server_and_stores_in_s3(
     assert f"mlflow/{exp}/{run.run_id}/artifacts/config.yaml" in keys
     assert any(a.path == "metrics.json" for a in client.list_artifacts(evaluate_run))  # read back via proxy
 
-    # The artifact store: prepared dataset, model and training checkpoints under the s3:// root.
-    data_key = run.outcomes["prepare_data"].spec.key
-    base_key = run.outcomes["train_base"].spec.key
-    assert any(
-        k.startswith(f"store/stages/prepare_data/{data_key}/") and k.endswith(".parquet") for k in keys
-    )
-    assert f"store/stages/prepare_data/{data_key}/MANIFEST.json" in keys
-    assert f"store/stages/train_base/{base_key}/weights.safetensors" in keys
-    assert any(k.startswith(f"store/checkpoints/train_base/{base_key}/step-") for k in keys)
+    # The artifact store: prepared dataset and model under the s3:// root, each in the version directory
+    # its key's CURRENT names; the training checkpoints are gone once the stage's output is complete.
+    store = open_store(cfg.store.root, s3_server)
+    data_root, base_root = (run.outcomes[n].spec.out_root for n in ("prepare_data", "train_base"))
+    data_dir = f"{data_root}/{store.read_bytes(f'{data_root}/CURRENT').decode()}"
+    base_dir = f"{base_root}/{store.read_bytes(f'{base_root}/CURRENT').decode()}"
+    assert any(k.startswith(f"store/{data_dir}/") and k.endswith(".parquet") for k in keys)
+    assert f"store/{data_dir}/{MANIFEST_NAME}" in keys
+    assert f"store/{base_dir}/weights.safetensors" in keys
+    assert not any(k.startswith("store/checkpoints/train_base/") for k in keys)
     assert not any(k.startswith("store/") and "/mlflow/" in k for k in keys)
 
-    # Trained by 2 DDP workers; rank 0 wrote what single-worker training writes, and evaluate loaded it.
+    # Trained by 2 DDP workers; rank 0 reported the model Ray Train carried back, and evaluate loaded it.
     assert run.outcomes["train_base"].result.metrics["workers"] == 2
-    store = open_store(cfg.store.root, s3_server)
-    ckpt = latest_training_checkpoint(store, f"checkpoints/train_base/{base_key}")
-    assert ckpt is not None and ckpt.step == 50 and not any(k.startswith("module.") for k in ckpt.model)
-    _, spec = load_model(store, f"stages/train_base/{base_key}")
+    model, spec = load_model(store, base_dir)
     assert spec["network"]["kind"] == "mlp"
+    assert not any(k.startswith("net.module.") for k in model.state_dict())

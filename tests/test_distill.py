@@ -17,12 +17,20 @@ from fdm_core.networks import MLP, UNet
 from fdm_core.precond import Denoiser
 from fdm_core.processes import make_process
 from fdm_core.samplers import get_sigmas, process_grid, sample, step_delta
+from infra.manifest import MANIFEST_NAME
 from infra.store import open_store
-from tasks.checkpoints import load_model, model_spec, save_model
-from tasks.distill_round import DistillConfig, distill_round, passes_quality_gate
-from tasks.prepare_data import DataConfig, prepare_data
-from tasks.stage import StageContext
-from tasks.train_base import ModelConfig, TrainConfig, train_base
+from tasks.checkpoints import load_model, model_spec, write_model
+from tasks.registry import STAGES
+from tasks.stage import StageContext, StageResult, run_stage
+from tasks.stages.distill_round import DistillConfig, DistillRoundConfig, passes_quality_gate
+from tasks.stages.prepare_data import DataConfig
+from tasks.stages.train_base import ModelConfig, TrainBaseConfig, TrainConfig
+
+
+def distill(cfg: DistillConfig, teacher: str, teacher_steps: int, dataset: str, r: int, ctx) -> StageResult:
+    """One round through the edge that persists its output, as the executor runs it."""
+    round_cfg = DistillRoundConfig(**cfg.model_dump(), teacher_steps=teacher_steps, round_index=r)
+    return run_stage(STAGES["distill_round"], round_cfg, ctx, teacher=teacher, dataset=dataset)
 
 
 # --- the target, exactly ---------------------------------------------------------------------------
@@ -66,11 +74,8 @@ def test_student_grid_halves_and_refuses_odd_steps() -> None:
         student_grid(get_sigmas("karras", 3))
     with pytest.raises(ValueError, match="end at 0"):
         student_grid(torch.tensor([3.0, 2.0, 1.0]))
-    ctx = StageContext("/nonexistent", "out")
-    with pytest.raises(ValueError, match="odd"):
-        distill_round(
-            DistillConfig(), "/nonexistent", get_sigmas("karras", 5).tolist(), "/nonexistent", 0, ctx
-        )
+    with pytest.raises(ValidationError, match="teacher_steps"):
+        DistillRoundConfig(teacher_steps=1)
 
 
 def test_eps_with_truncated_snr_is_refused() -> None:
@@ -116,12 +121,17 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Eight Gaussians in 2-D and an EDM MLP teacher trained on them with tasks.train_base (~10 s)."""
     root = str(tmp_path_factory.mktemp("distill"))
     data_cfg = DataConfig(source={"kind": "toy2d", "toy": "eight_gaussians", "n": 4000})
-    dataset = prepare_data(data_cfg, StageContext(root, "data")).outputs["dataset"]
+    dataset = run_stage(STAGES["prepare_data"], data_cfg, StageContext(root, "data")).outputs["dataset"]
     train_cfg = TrainConfig(
         process="edm", fdm=False, steps=800, batch_size=256, lr=3e-3, lr_rampup=50, ema_decay=0.99
     )
     model_cfg = ModelConfig(kind="mlp", hidden=128, depth=3)
-    teacher = train_base(model_cfg, train_cfg, dataset, StageContext(root, "teacher", key="teacher"))
+    teacher = run_stage(
+        STAGES["train_base"],
+        TrainBaseConfig(model=model_cfg, train=train_cfg),
+        StageContext(root, "teacher", key="teacher"),
+        dataset=dataset,
+    )
     return {"root": root, "dataset": dataset, "teacher": teacher.outputs["model"]}
 
 
@@ -143,7 +153,7 @@ def test_two_rounds_stay_close_to_the_teacher(toy: dict[str, str]) -> None:
     model, uri, grid = teacher, toy["teacher"], teacher_grid
     for r in range(2):
         ctx = StageContext(toy["root"], f"round{r}", key=f"round{r}")
-        res = distill_round(cfg, uri, grid, toy["dataset"], r, ctx)
+        res = distill(cfg, uri, len(grid) - 1, toy["dataset"], r, ctx)
         student, spec = _load(res.outputs["model"])
         half = res.info["sigmas"]
         assert half == grid[::2] and res.info["steps"] == spec["steps"] == len(grid) // 2
@@ -171,30 +181,32 @@ class _Crash(RuntimeError):
 
 def test_round_resumes_from_its_checkpoint(toy: dict[str, str]) -> None:
     cfg = DistillConfig(updates=30, batch_size=64, lr=1e-3, checkpoint_every=10, log_every=5)
-    grid = process_grid(_load(toy["teacher"])[0].process, 8).tolist()
     logged: list[tuple[int, float]] = []
 
     def crash_after_25(metrics: dict[str, float], step: int) -> None:
-        logged.append((step, metrics["lr"]))
+        logged.append((step, metrics["distill/lr"]))
         if step == 25:
             raise _Crash
 
     ctx = StageContext(toy["root"], "resumed", key="resumed", log_metrics=crash_after_25)
     with pytest.raises(_Crash):
-        distill_round(cfg, toy["teacher"], grid, toy["dataset"], 0, ctx)
+        distill(cfg, toy["teacher"], 8, toy["dataset"], 0, ctx)
     assert [s for s, _ in logged] == [5, 10, 15, 20, 25]
-    assert not Path(toy["root"], "resumed", "MANIFEST.json").exists()
+    assert not Path(toy["root"], "resumed").exists()  # nothing reaches the store before the stage ends
+    checkpoints = Path(toy["root"], "checkpoints", "distill_round", "resumed")
+    assert (checkpoints / "step-000000020" / MANIFEST_NAME).exists()
 
     logged.clear()
-    ctx.log_metrics = lambda metrics, step: logged.append((step, metrics["lr"]))
-    res = distill_round(cfg, toy["teacher"], grid, toy["dataset"], 0, ctx)
+    ctx.log_metrics = lambda metrics, step: logged.append((step, metrics["distill/lr"]))
+    res = distill(cfg, toy["teacher"], 8, toy["dataset"], 0, ctx)
     assert res.metrics["resumed_from"] == 20
     assert res.metrics["updates"] == 30
     assert [s for s, _ in logged] == [25, 30]  # continues the step counter, not from 0
     # ... and the learning-rate schedule: lr_k = lr (1 - k/updates) on step k + 1.
     assert [lr for _, lr in logged] == pytest.approx([1e-3 * (1 - 24 / 30), 1e-3 * (1 - 29 / 30)])
-    producer = json.loads(Path(toy["root"], "resumed", "MANIFEST.json").read_text())["producer"]
-    assert producer["updates"] == 30
+    manifest = json.loads(Path(toy["root"], "resumed", MANIFEST_NAME).read_text())
+    assert manifest["result"]["metrics"]["updates"] == 30  # the result is covered by the manifest
+    assert not checkpoints.exists()  # a complete stage keeps no training checkpoints
 
 
 @pytest.mark.parametrize(
@@ -205,20 +217,19 @@ def test_round_runs_for_any_process(
 ) -> None:
     """Mechanics for VP/VE/EDM teachers, FDM or not: the student keeps the process (FDM's c_in included),
     takes the chosen head, records its grid, reloads and samples; it refuses being distilled off its grid."""
-    store = open_store(str(tmp_path))
     teacher = Denoiser(MLP(2, hidden=16, depth=1), make_process(name, fdm=fdm))
-    save_model(store, "teacher", teacher, model_spec(teacher, data_shape=[2]), {"stage": "test"})
+    uri = write_model(open_store(str(tmp_path)), "teacher", teacher, model_spec(teacher, data_shape=[2]), {})
     grid = process_grid(teacher.process, 4).tolist()
     cfg = DistillConfig(updates=2, batch_size=16, parameterisation=parameterisation)
-    res = distill_round(cfg, store.uri("teacher"), grid, toy["dataset"], 0, StageContext(str(tmp_path), "s1"))
+    res = distill(cfg, uri, 4, toy["dataset"], 0, StageContext(str(tmp_path), "s1"))
     student, spec = _load(res.outputs["model"])
     assert spec["process"]["name"] == name and spec["process"]["fdm"] == fdm
     assert student.head == ("precond" if parameterisation == "x" else parameterisation)
     assert spec["steps"] == 2 and spec["sigmas"] == grid[::2]
     out = _euler(student, torch.randn(8, 2), spec["sigmas"])
     assert torch.isfinite(out).all()
-    with pytest.raises(ValueError, match=r"teacher_sigmas: .* was distilled for a 2-step grid"):
-        distill_round(cfg, res.outputs["model"], grid, toy["dataset"], 1, StageContext(str(tmp_path), "s2"))
+    with pytest.raises(ValueError, match=r"teacher_steps: .* was distilled for a 2-step grid"):
+        distill(cfg, res.outputs["model"], 4, toy["dataset"], 1, StageContext(str(tmp_path), "s2"))
 
 
 def test_one_step_student_of_fdm_is_refused(tmp_path: Path, toy: dict[str, str]) -> None:
@@ -226,11 +237,7 @@ def test_one_step_student_of_fdm_is_refused(tmp_path: Path, toy: dict[str, str])
     for name in ("edm", "vp", "ve"):
         check_one_step(make_process(name), float(make_process(name).sigma_max))
     check_one_step(make_process("ve", fdm=True), 100.0)  # VE-FDM (m = 1): gamma(100) 100 ~ 0.05, visible
-    store = open_store(str(tmp_path))
     teacher = Denoiser(MLP(2, hidden=16, depth=1), make_process("edm", fdm=True))
-    save_model(store, "teacher", teacher, model_spec(teacher, data_shape=[2]), {"stage": "test"})
-    grid = process_grid(teacher.process, 2).tolist()
+    uri = write_model(open_store(str(tmp_path)), "teacher", teacher, model_spec(teacher, data_shape=[2]), {})
     with pytest.raises(ValueError, match=r"c_in \* sigma = 3.1e-06 \(FDM's critically damped gamma\)"):
-        distill_round(
-            DistillConfig(), store.uri("teacher"), grid, toy["dataset"], 0, StageContext(str(tmp_path), "s")
-        )
+        distill(DistillConfig(), uri, 2, toy["dataset"], 0, StageContext(str(tmp_path), "s"))

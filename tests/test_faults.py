@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from infra.manifest import is_complete, verify
+from infra.manifest import MANIFEST_NAME, is_complete, verify
 from infra.store import open_store
 from infra.tracking import flatten
 from pipelines.cli import main
@@ -56,7 +56,7 @@ def test_killed_training_worker_resumes_from_checkpoint(ray_local: None, tmp_pat
     store = open_store(cfg.store.root)
     deadline, killed = time.time() + 240, None
     while time.time() < deadline and killed is None:
-        ckpts = [p for p in store.list("checkpoints/train_base") if p.endswith("MANIFEST.json")]
+        ckpts = [p for p in store.list("checkpoints/train_base") if p.endswith(MANIFEST_NAME)]
         pid = _ray_worker_pid("train_base")
         if ckpts and pid:
             os.kill(pid, signal.SIGKILL)
@@ -69,7 +69,7 @@ def test_killed_training_worker_resumes_from_checkpoint(ray_local: None, tmp_pat
     base = run.outcomes["train_base"].result
     assert base.metrics["resumed_from"] >= 100  # the retry did not restart from step 0
     assert base.metrics["steps"] == 1500
-    verify(store, run.outcomes["train_base"].spec.out_prefix)
+    verify(open_store(run.outcomes["train_base"].result.outputs["model"]), "")
     client = MlflowClient(cfg.tracking.uri)
     exp = client.get_run(run.run_id).info.experiment_id
     attempts = client.search_runs(
@@ -96,7 +96,7 @@ def test_nan_loss_fails_the_stage_keeps_the_last_checkpoint(ray_local: None, tmp
     assert "non-finite loss" in failed["train_base"] and "at step" in failed["train_base"]
     assert run.outcomes["distill_1"].status == "not run"
     store = open_store(cfg.store.root)
-    assert not is_complete(store, run.outcomes["train_base"].spec.out_prefix)
+    assert not store.list(run.outcomes["train_base"].spec.out_root)  # nothing of the stage's output
     ckpt_root = f"checkpoints/train_base/{run.outcomes['train_base'].spec.key}"
     assert any(is_complete(store, f"{ckpt_root}/{p.split('/')[-2]}") for p in store.list(ckpt_root))
 
@@ -104,8 +104,7 @@ def test_nan_loss_fails_the_stage_keeps_the_last_checkpoint(ray_local: None, tmp
 def test_deleted_output_reruns_instead_of_stale_cache(ray_local: None, tmp_path: Path) -> None:
     cfg = load_config(CONFIG, _overrides(tmp_path, "train.steps=100"))
     first = run_pipeline(cfg, console=Console(quiet=True))
-    store = open_store(cfg.store.root)
-    store.delete(f"{first.outcomes['distill_1'].spec.out_prefix}/weights.safetensors")
+    open_store(first.outcomes["distill_1"].result.outputs["model"]).delete("weights.safetensors")
     second = run_pipeline(cfg, console=Console(quiet=True))
     status = {n: o.status for n, o in second.outcomes.items()}
     assert status["train_base"] == "cached" and status["distill_1"] == "done"

@@ -82,8 +82,9 @@ def test_mlflow_holds_parent_and_one_child_per_stage(first_run) -> None:
     assert (
         base.data.tags["cached"] == "false" and base.data.tags["key"] == run.outcomes["train_base"].spec.key
     )
-    assert len(client.get_metric_history(base.info.run_id, "loss")) >= 3  # metrics by step
-    assert base.data.tags["output_uri"].endswith(run.outcomes["train_base"].spec.out_prefix)
+    assert len(client.get_metric_history(base.info.run_id, "train/loss")) >= 3  # metrics by step
+    version = base.data.tags["output_version"]
+    assert base.data.tags["output_uri"].endswith(f"{run.outcomes['train_base'].spec.out_root}/{version}")
     ev = children["evaluate_1"]
     assert ev.data.tags["round"] == "1" and ev.data.tags["steps"] == "4"
     assert "quality" in ev.data.metrics and "euler4/nfe" in ev.data.metrics
@@ -92,11 +93,12 @@ def test_mlflow_holds_parent_and_one_child_per_stage(first_run) -> None:
     assert "model.json" in model_files and "weights.safetensors" not in model_files
 
 
-def test_second_run_is_all_cache_hits(first_run, overrides: list[str], capsys: pytest.CaptureFixture) -> None:
-    assert main(["run", str(CONFIG), *[a for o in overrides for a in ("--set", o)]]) == 0
-    out = capsys.readouterr().out
-    assert out.count("cached") >= len(first_run[1].outcomes)
-    assert " done " not in out
+def test_second_run_is_all_cache_hits_without_ray(first_run, overrides: list[str]) -> None:
+    """A fully cached run decides every hit from manifests in the driver: no Ray task, no Ray start."""
+    run = run_pipeline(load_config(CONFIG, overrides), console=Console(quiet=True))
+    assert {o.status for o in run.outcomes.values()} == {"cached"}
+    assert not run.used_ray
+    assert run.outcomes["evaluate_2"].result.metrics == first_run[1].outcomes["evaluate_2"].result.metrics
 
 
 def test_changing_distillation_reuses_data_and_base(first_run, overrides: list[str]) -> None:

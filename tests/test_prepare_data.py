@@ -17,7 +17,6 @@ from sklearn.datasets import load_digits
 from infra.manifest import (
     MANIFEST_NAME,
     CorruptOutputError,
-    IncompleteOutputError,
     is_complete,
     read_manifest,
     verify,
@@ -26,8 +25,10 @@ from infra.manifest import (
 from infra.store import ArtifactStore, open_store
 from tasks import prepare_data as prep
 from tasks.dataset import ParquetBatches, dataset_meta, load_split
-from tasks.prepare_data import CIFAR10_TRAIN_BATCHES, DataConfig, DataError, prepare_data
-from tasks.stage import StageContext
+from tasks.prepare_data import DataError
+from tasks.registry import STAGES
+from tasks.stage import StageContext, StageResult, run_stage
+from tasks.stages.prepare_data import CIFAR10_TRAIN_BATCHES, DataConfig
 
 
 @dataclass
@@ -43,6 +44,11 @@ class Place:
 
     def ctx(self, out: str = "stages/prepare_data/k") -> StageContext:
         return StageContext(store_uri=self.root, out_prefix=out, key="k", endpoint_url=self.endpoint)
+
+
+def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
+    """The stage function through the edge that persists its outputs, as the executor calls it."""
+    return run_stage(STAGES["prepare_data"], cfg, ctx)
 
 
 @pytest.fixture
@@ -236,9 +242,11 @@ def test_corrupt_parquet_with_matching_manifest_names_file(local):
         load_split(result.outputs["dataset"], "val")
 
 
-def test_interrupted_stage_leaves_nothing_complete(place, monkeypatch):
+def test_interrupted_stage_leaves_the_earlier_output_intact(place, monkeypatch):
     cfg = DataConfig(source={"kind": "digits"}, shard_rows=400)
     prepare_data(cfg, place.ctx())  # an earlier complete output at the same prefix
+    store, out = place.store, "stages/prepare_data/k"
+    before = read_manifest(store, out)
     calls = []
     real = prep._shard_bytes
 
@@ -251,12 +259,9 @@ def test_interrupted_stage_leaves_nothing_complete(place, monkeypatch):
     monkeypatch.setattr(prep, "_shard_bytes", fail_on_third)
     with pytest.raises(OSError, match="worker killed"):
         prepare_data(cfg, place.ctx())
-    store = place.store
-    out = "stages/prepare_data/k"
-    assert not store.exists(f"{out}/{MANIFEST_NAME}") and store.list(out)  # shards written, no manifest
-    assert not is_complete(store, out)
-    with pytest.raises(IncompleteOutputError, match=MANIFEST_NAME):
-        list(ParquetBatches(store.uri(out), endpoint_url=place.endpoint))
+    # The failed stage wrote only to its local staging directory: the store still holds the old output.
+    assert verify(store, out) == before
+    assert len(list(ParquetBatches(store.uri(out), endpoint_url=place.endpoint))) > 0
 
 
 def assert_refused(place: Place, cfg: DataConfig, names: str) -> None:
@@ -275,7 +280,7 @@ def test_bad_images(place):
     assert "9x6" in str(err)
     # resize_to makes differently sized images acceptable
     assert prepare_data(DataConfig(source={**folder, "resize_to": 4}), place.ctx()).info["shape"] == [3, 4, 4]
-    store.delete("stages/prepare_data/k/MANIFEST.json")
+    store.delete(f"stages/prepare_data/k/{MANIFEST_NAME}")
     store.write_bytes("src/images/dog/big.png", b"\x89PNG garbage")
     assert_refused(place, DataConfig(source=folder), store.uri("src/images/dog/big.png"))
     good = store.read_bytes("src/images/cat/0.png")

@@ -1,4 +1,4 @@
-"""Picard windows on Ray actors that load a real model artifact, the `sample` stage and `fdm sample`."""
+"""Picard windows on Ray actors that load a real model artifact, the picard_sample stage and `fdm sample`."""
 
 import argparse
 import os
@@ -19,9 +19,11 @@ from infra.manifest import is_complete
 from infra.ray_evaluator import RayEvaluator
 from infra.store import open_store
 from pipelines import sample_cmd
-from tasks.checkpoints import load_model, model_spec, save_model
-from tasks.sample import SampleConfig, StepFactory, sample_model, sampling_grid
-from tasks.stage import StageContext
+from tasks.checkpoints import load_model, model_spec, write_model
+from tasks.registry import STAGES
+from tasks.sample import SampleConfig, StepFactory, sampling_grid
+from tasks.stage import StageContext, run_stage
+from tasks.stages.picard_sample import PicardSampleConfig
 
 STEPS = 64
 
@@ -34,8 +36,7 @@ def model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     torch.nn.init.normal_(net.out.weight, std=0.3)
     denoiser = Denoiser(net, make_process("edm", fdm=True))
     store = open_store(str(tmp_path_factory.mktemp("store")))
-    save_model(store, "models/toy", denoiser, model_spec(denoiser, data_shape=[2]), {"stage": "test"})
-    return store.uri("models/toy")
+    return write_model(store, "models/toy", denoiser, model_spec(denoiser, data_shape=[2]), {"stage": "test"})
 
 
 def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,15 +136,21 @@ def test_sample_config_refuses_picard_options_without_picard() -> None:
         SampleConfig(actors=2)
 
 
-def test_sample_stage_writes_samples_and_manifest(model_uri: str, tmp_path: Path) -> None:
-    ctx = StageContext(store_uri=str(tmp_path), out_prefix="stages/sample/k")
-    cfg = SampleConfig(sampler="euler", steps=16, num=8, picard=True, window=4)
-    result = sample_model(cfg, model_uri, ctx)
-    store = open_store(str(tmp_path))
-    assert is_complete(store, "stages/sample/k")
+def test_picard_sample_stage_on_actors_matches_sequential(
+    ray_local: None, model_uri: str, tmp_path: Path
+) -> None:
+    """The pipeline stage: Picard on 2 actors holding the model, against the sequential sampler."""
+    ctx = StageContext(store_uri=str(tmp_path), out_prefix="stages/picard_sample/k")
+    cfg = PicardSampleConfig(sampler="ddpm", steps=STEPS, num=8, window=16, actors=2, actor_cpus=0.5)
+    result = run_stage(STAGES["picard_sample"], cfg, ctx, model=model_uri)
+    assert is_complete(open_store(str(tmp_path)), "stages/picard_sample/k")
     npz = np.load(Path(result.outputs["samples"]) / "samples.npz")
     assert npz["samples"].shape == (8, 2)
-    assert result.metrics["parallel_iterations"] == int(npz["parallel_iterations"]) < 16
+    m = result.metrics
+    assert m["parallel_iterations"] == int(npz["parallel_iterations"]) < STEPS
+    assert m["model_evaluations"] >= STEPS and m["speedup"] > 0
+    assert m["max_deviation"] < 0.1  # tolerance 0.1 on data of scale ~1
+    assert (Path(result.outputs["samples"]) / "samples.png").stat().st_size > 0
 
 
 def test_sampling_grid_prefers_a_distilled_students_own_grid(model_uri: str) -> None:

@@ -1,0 +1,232 @@
+"""Executing one stage: skip it, serve it from the cache, or compute it inside an MLflow child run.
+
+The cache check reads manifests only: a stage is a hit when its key's current output has a complete
+manifest (every listed file present at its recorded size) whose recorded input digests equal the current
+digests of the outputs it consumes; the bytes are verified when a consumer reads them. A computation
+writes a new immutable version directory (`stages/<kind>/<key>/<version>/`) through `run_stage`, then
+switches the key's CURRENT pointer to it, so a failure never disturbs the previous complete output.
+This module is torch-free; the stage functions are imported only where a stage computes.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from infra.manifest import CorruptOutputError, IncompleteOutputError, Manifest, check_present
+from infra.store import ArtifactStore, NotFoundError, open_store
+from infra.tracking import Tracking
+from pipelines.plan import StageSpec
+from tasks.registry import STAGES
+from tasks.stage import StageContext, StageResult, run_stage
+from tasks.stages.distill_round import passes_quality_gate
+
+CURRENT = "CURRENT"
+
+
+def warm_worker() -> None:
+    """Ray's worker start-up hook for the pipeline: importing the stage functions (torch, every stage) is
+    the work, done while the worker waits in Ray's pool rather than when the first stage reaches it."""
+    for kind in STAGES.values():
+        kind.function()
+
+
+@dataclass(frozen=True)
+class RunEnv:
+    """Everything a worker needs besides the stage: store, tracking, parent run, device policy."""
+
+    store_root: str
+    endpoint_url: str | None
+    tracking: Tracking
+    parent_run_id: str
+    use_gpu: bool = False
+    board: Any = None
+    rerun: bool = False
+
+    def store(self) -> ArtifactStore:
+        return open_store(self.store_root, self.endpoint_url)
+
+
+def _report(env: RunEnv, name: str, **fields: Any) -> None:
+    if env.board is not None:
+        env.board.report.remote(name, **fields)
+
+
+def current_output(store: ArtifactStore, spec: StageSpec) -> tuple[str, Manifest] | None:
+    """The version directory and manifest of the key's current complete output, or None; a listed file
+    that is missing or has the wrong size makes it incomplete (one listing, no file read)."""
+    try:
+        version = store.read_bytes(posixpath.join(spec.out_root, CURRENT)).decode().strip()
+    except NotFoundError:
+        return None
+    prefix = posixpath.join(spec.out_root, version)
+    try:
+        return prefix, check_present(store, prefix)
+    except (IncompleteOutputError, CorruptOutputError):
+        return None
+
+
+def input_digests(spec: StageSpec, ups: dict[str, StageResult]) -> dict[str, str]:
+    """The digests of the outputs this stage consumes, by input name."""
+    return {name: ups[stage].digest for name, stage in spec.inputs.items()}
+
+
+def serve(store: ArtifactStore, spec: StageSpec, ups: dict[str, StageResult]) -> StageResult | None:
+    """The stage's result from the cache, if its current output was made from these very inputs."""
+    found = current_output(store, spec)
+    if found is None:
+        return None
+    _, manifest = found
+    if manifest.result is None or manifest.inputs != input_digests(spec, ups):
+        return None
+    return StageResult.from_record(manifest.result, store, manifest.digest)
+
+
+def skip_reason(spec: StageSpec, ups: dict[str, StageResult]) -> str | None:
+    """Why this stage must not run: an upstream stage was skipped, or its quality gate stopped halving."""
+    for name, r in ups.items():
+        if r.info.get("skipped"):
+            return f"upstream {name} skipped"
+    if spec.gate is not None:
+        g = spec.gate
+        student = ups[g.student].metrics.get("quality", float("nan"))
+        teacher = ups[g.teacher].metrics.get(g.teacher_metric, float("nan"))
+        if not passes_quality_gate(student, teacher, g.factor):
+            return (
+                f"quality gate: {g.student} {student:.4g} > {g.factor} x {g.teacher} {teacher:.4g}; "
+                "halving stops"
+            )
+    return None
+
+
+def skipped(spec: StageSpec, reason: str) -> StageResult:
+    return StageResult(spec.kind, spec.key, info={"skipped": reason, "name": spec.name})
+
+
+def stage_tags(spec: StageSpec, env: RunEnv, state: str) -> dict[str, str]:
+    """The tags of a stage's child run, from its spec and declaration."""
+    tags = {
+        "stage": spec.name,
+        "kind": spec.kind,
+        "key": spec.key,
+        "version": spec.decl.version,
+        "headline": spec.decl.headline,
+        "round": spec.round,
+        "steps": spec.steps,
+        "rerun": env.rerun or None,
+        "cached": str(state == "cached").lower(),
+        "skipped": "true" if state == "skipped" else None,
+    }
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def record_resolved(env: RunEnv, spec: StageSpec, result: StageResult) -> StageResult:
+    """Log a stage that did not compute (served from the cache, or skipped) as a finished child run."""
+    tracking = env.tracking
+    state = "skipped" if result.info.get("skipped") else "cached"
+    with tracking.child_run(env.parent_run_id, spec.name, stage_tags(spec, env, state)) as run_id:
+        if state == "skipped":
+            tracking.set_tags(run_id, {"skip_reason": result.info["skipped"]})
+        else:
+            tracking.log_params(run_id, {"config": spec.config})
+            tracking.log_metrics(run_id, result.metrics)
+            tracking.set_tags(run_id, {"output_uri": result.outputs.get(spec.decl.output, "")})
+    result.run_id = run_id
+    return result
+
+
+def new_version() -> str:
+    """A fresh, sortable version directory name for one computation of a key."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+def execute_stage(spec: StageSpec, env: RunEnv, force: bool, *upstream: StageResult) -> StageResult:
+    """Ray task body: skip, serve from the cache or compute `spec`, recorded as a child run of the pipeline.
+
+    The result carries this task's wall-clock span (info["task_span"]) and, when the stage function ran,
+    its span too (info["compute_span"]), so the driver can line the stages up."""
+    began = time.time()
+    ups = dict(zip(spec.upstream, upstream))
+    reason = skip_reason(spec, ups)
+    store = env.store()
+    if reason:
+        result = record_resolved(env, spec, skipped(spec, reason))
+        _report(env, spec.name, state="skipped", note=reason)
+    elif not force and (hit := serve(store, spec, ups)) is not None:
+        result = record_resolved(env, spec, hit)
+        _report(env, spec.name, state="cached", seconds=0.0)
+    else:
+        result = compute(spec, env, store, ups, fresh=force)
+    result.info["task_span"] = [began, time.time()]
+    return result
+
+
+def compute(
+    spec: StageSpec, env: RunEnv, store: ArtifactStore, ups: dict[str, StageResult], fresh: bool
+) -> StageResult:
+    """Compute the stage into a new version of its key, then make that version current.
+
+    `fresh` (a forced re-run) first drops the key's training checkpoints, so nothing is resumed."""
+    decl, tracking = spec.decl, env.tracking
+    checkpoints = posixpath.join("checkpoints", spec.kind, spec.key)
+    if fresh:
+        store.delete_prefix(checkpoints)
+    retried = tracking.close_stale(env.parent_run_id, spec.name)
+    _report(env, spec.name, state="running", pid=os.getpid(), attempt=retried + 1)
+    num_cpus = max(1, int(spec.resources.get("num_cpus", 1)))
+    cfg = decl.config.model_validate(spec.config)
+    total = decl.total_steps(cfg) if decl.total_steps else None
+    version = new_version()
+    with tracking.child_run(env.parent_run_id, spec.name, stage_tags(spec, env, "computed")) as run_id:
+        tracking.log_params(run_id, {"config": spec.config})
+
+        def log_metrics(metrics: dict[str, float], step: int) -> None:
+            tracking.log_metrics(run_id, metrics, step)
+            _report(env, spec.name, step=step, total=total)
+
+        ctx = StageContext(
+            store_uri=env.store_root,
+            out_prefix=posixpath.join(spec.out_root, version),
+            key=spec.key,
+            num_threads=num_cpus,
+            device="cuda" if env.use_gpu and spec.resources.get("num_gpus", 0) > 0 else "cpu",
+            log_metrics=log_metrics,
+            endpoint_url=env.endpoint_url,
+            checkpoints=checkpoints,
+        )
+        inputs = {name: ups[stage].output_uri for name, stage in spec.inputs.items()}
+        t0, computing = time.perf_counter(), time.time()
+        try:
+            result = run_stage(
+                decl,
+                cfg,
+                ctx,
+                producer={"stage_name": spec.name, "version": decl.version},
+                input_digests=input_digests(spec, ups),
+                **inputs,
+            )
+        except BaseException as err:
+            _report(env, spec.name, state="failed", error=f"{type(err).__name__}: {err}")
+            raise
+        seconds = time.perf_counter() - t0
+        store.write_bytes(posixpath.join(spec.out_root, CURRENT), version.encode())
+        result.info.update({"name": spec.name, "seconds": seconds, "compute_span": [computing, time.time()]})
+        result.run_id = run_id
+        tracking.log_metrics(run_id, {**result.metrics, "stage_seconds": seconds})
+        tracking.set_tags(run_id, {"output_uri": result.outputs[decl.output], "output_version": version})
+        _log_outputs(tracking, run_id, store, ctx.out_prefix)
+    _report(env, spec.name, state="done", seconds=seconds)
+    return result
+
+
+def _log_outputs(tracking: Tracking, run_id: str, store: ArtifactStore, prefix: str) -> None:
+    """Small outputs (grids, metrics, model spec) go to MLflow; weights stay in the store, linked by a tag."""
+    for path in store.list(prefix):
+        name = path.rsplit("/", 1)[-1]
+        if path.endswith((".png", ".json")) and not name.startswith("_"):
+            tracking.log_bytes(run_id, store.read_bytes(path), name)

@@ -1,0 +1,53 @@
+"""The evaluate stage's declaration and config: how every model of the pipeline is judged."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fdm_core.options import Method
+from tasks.stage import StageKind
+
+
+class SamplerSpec(BaseModel):
+    """One way to sample: a method and a step count (on the model's own grid when it has one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Method = "heun"
+    steps: int = Field(18, ge=1)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.method}{self.steps}"
+
+
+class PicardOptions(BaseModel):
+    """Sample the evaluations with ParaDiGMS (euler, heun, ddpm) instead of the sequential sampler."""
+
+    model_config = ConfigDict(extra="forbid")
+    window: int = Field(16, ge=1)
+    tol: float = Field(0.1, gt=0)
+
+
+class EvalConfig(BaseModel):
+    """How every model in the pipeline is judged."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_samples: int = Field(500, ge=16)
+    batch_size: int = Field(250, ge=1)
+    samplers: list[SamplerSpec] = Field(default_factory=lambda: [SamplerSpec(method="heun", steps=18)])
+    seed: int = 0
+    inception: str | None = Field(None, description="local TorchScript Inception (EDM/StyleGAN fid format)")
+    grid_size: int = Field(8, ge=1, le=32)
+    picard: PicardOptions | None = None
+
+
+STAGE = StageKind(
+    name="evaluate",
+    config=EvalConfig,
+    run="tasks.evaluate:evaluate",
+    inputs={"model": "model", "dataset": "dataset", "classifier": "classifier?"},
+    output="evaluation",
+    resources="evaluate",
+    headline="quality",
+    version="2",
+)

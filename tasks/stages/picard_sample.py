@@ -1,0 +1,50 @@
+"""The picard_sample stage's declaration and config: ParaDiGMS sampling of a pipeline model on a pool of
+Ray actors that each hold the model, against the sequential sampler with the same noise."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fdm_core.options import Method
+from tasks.stage import StageKind
+
+
+class PicardSampleConfig(BaseModel):
+    """Which model to sample, with which sampler and Picard settings, on how many actors."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="add the stage to the pipeline")
+    model: Literal["base", "final"] = Field(
+        "base", description="the base model, or the last distilled student (on its own grid)"
+    )
+    sampler: Literal["euler", "heun", "ddpm"] = Field(
+        "ddpm", description="Picard is exact for these single-step samplers (not dpmpp_2m)"
+    )
+    steps: int = Field(200, ge=1, description="sequential steps; ignored for a student, which keeps its grid")
+    num: int = Field(16, ge=1, description="samples drawn, as one batch")
+    seed: int = 0
+    window: int = Field(32, ge=1, description="Picard window p: steps evaluated in parallel")
+    tol: float = Field(0.1, gt=0, description="Picard tolerance tau on the per-step error")
+    actors: int = Field(2, ge=0, description="Ray actors holding the model; 0 = one local batched call")
+    actor_cpus: float = Field(0.5, gt=0, description="logical CPUs per actor (each also takes a GPU if any)")
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="placement of the actors; STRICT_SPREAD puts one per node on a cluster"
+    )
+
+    @property
+    def method(self) -> Method:
+        return self.sampler
+
+
+STAGE = StageKind(
+    name="picard_sample",
+    config=PicardSampleConfig,
+    run="tasks.picard_sample:picard_sample",
+    inputs={"model": "model"},
+    output="samples",
+    resources="sample",
+    headline="speedup",
+    version="1",
+)
