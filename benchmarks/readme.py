@@ -1,5 +1,5 @@
-"""The generated parts of the documentation: README blocks from the benchmark reports and the CLI, and
-docs/configuration.md from the pipeline's pydantic models.
+"""The generated parts of the documentation: README blocks from the benchmark reports, the `fdm` parser and
+the shipped toy2d config, and docs/configuration.md from the pipeline's pydantic models.
 
     python -m benchmarks.readme           # rewrite README.md's generated blocks and docs/configuration.md
     python -m benchmarks.readme --check   # exit 1, naming each stale block, if a fresh rendering differs
@@ -474,6 +474,13 @@ def helps(parser: argparse.ArgumentParser) -> dict[str, str]:
     return {a.dest: a.help or "" for a in _subparsers_action(parser)._choices_actions}
 
 
+def config_example(results: Path) -> str:
+    """The shipped toy2d config, whole, without its comment header."""
+    text = (ROOT / "pipelines" / "configs" / "toy2d.yaml").read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    return f"```yaml\n{body.strip()}\n```"
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "results:make-run": make_run,
     "results:distillation": distillation,
@@ -484,6 +491,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "results:pipeline": pipeline,
     "results:loader_throughput": loader_throughput,
     "cli:usage": cli_usage,
+    "config:example": config_example,
 }
 
 
@@ -666,7 +674,9 @@ def render_configuration() -> str:
 
 # --- check and write ----------------------------------------------------------------------------------
 def _diff(old: str, new: str, name: str) -> str:
-    lines = list(difflib.unified_diff(old.splitlines(), new.splitlines(), name, "fresh rendering", n=0))
+    lines = list(
+        difflib.unified_diff(old.splitlines(), new.splitlines(), name, "fresh rendering", n=0, lineterm="")
+    )
     return "\n".join(lines[:12])
 
 
