@@ -30,11 +30,13 @@ class DistillSchedule(BaseModel):
     """Progressive distillation: halve from `start_steps` down to `end_steps`, optionally gated on quality."""
 
     model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
+    enabled: bool = Field(True, description="run the distillation rounds; false stops after the base model")
     start_steps: int = Field(
         64, ge=2, description="steps of the base model's DDIM sampler, the first teacher"
     )
-    end_steps: int = Field(4, ge=1)
+    end_steps: int = Field(
+        4, ge=1, description="steps of the last student; start_steps/end_steps is a power of 2"
+    )
     quality_gate: float | None = Field(
         None, gt=0, description="stop halving when a student's metric is worse than this x the teacher's"
     )
@@ -65,8 +67,10 @@ class DistillSchedule(BaseModel):
 
 
 class StageResources(BaseModel):
+    """The Ray resources one stage of a kind asks for."""
+
     model_config = ConfigDict(extra="forbid")
-    num_cpus: float = Field(1, gt=0)
+    num_cpus: float = Field(1, gt=0, description="per stage; also the stage's torch threads")
     num_gpus: float = Field(0, ge=0, description="per stage; used only when the cluster has GPUs")
 
 
@@ -85,15 +89,19 @@ class Resources(BaseModel):
 
 
 class StoreConfig(BaseModel):
+    """Where stage outputs live: `<root>/stages/<stage>/<key>/`, each with its MANIFEST.json."""
+
     model_config = ConfigDict(extra="forbid")
     root: str = Field("artifacts", description="local directory or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (credentials: AWS chain)")
 
 
 class TrackingConfig(BaseModel):
+    """MLflow: one parent run per pipeline run, one child run per stage."""
+
     model_config = ConfigDict(extra="forbid")
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "fdm-pipeline"
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI, e.g. http://HOST:5000")
+    experiment: str = Field("fdm-pipeline", description="MLflow experiment name, created if missing")
     artifact_location: str | None = Field(None, description="for a new experiment; default next to the db")
 
 
@@ -101,7 +109,7 @@ class PipelineConfig(BaseModel):
     """A full pipeline: data -> base model -> distillation rounds, each evaluated."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = "pipeline"
+    name: str = Field("pipeline", description="the MLflow parent run's name")
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

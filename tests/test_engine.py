@@ -163,3 +163,16 @@ def test_a_cache_hit_reads_manifests_only(runs: dict, monkeypatch: pytest.Monkey
         assert hit is not None, spec.name
         resolved[spec.name] = hit
     assert read and all(p.endswith(("/CURRENT", "/_MANIFEST.json")) for p in read), read
+
+
+def test_a_moved_store_is_all_cache_hits(runs: dict, tmp_path: Path) -> None:
+    """Everything recorded in the store is relative to its root: moved, it serves every stage."""
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(runs["work"] / "store", moved)
+    cfg = load_config(DIGITS, [*TINY, f"store.root={moved}"])
+    store, resolved = LocalStore(moved), {}
+    for spec in plan(cfg):
+        hit = serve(store, spec, {u: resolved[u] for u in spec.upstream})
+        assert hit is not None, spec.name
+        assert hit.output_uri.startswith(str(moved)), hit.outputs
+        resolved[spec.name] = hit

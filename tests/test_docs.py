@@ -1,0 +1,219 @@
+"""The docs agree with the code: README.md's `fdm` command lines parse with the real CLI parser, every
+subcommand has an example, the tests it names exist, the config paths it names exist, its required sections
+are there, and its generated blocks (and docs/configuration.md) equal a fresh rendering. Parses only: no Ray,
+no training."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from benchmarks import readme
+from pipelines.cli import _parser
+from pipelines.config import PipelineConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+REQUIRED_SECTIONS = [
+    "What it does",
+    "The `fdm` command",
+    "Running on a cluster",
+    "Configuration",
+    "Evaluation metrics",
+    "Samplers",
+    "Layout",
+    "Reliability: faults injected, survived, work lost",
+    "Results",
+]
+SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
+TEST_REF = re.compile(r"(tests/[\w/]+\.py)(?:::(\w+))?")
+
+
+def _text() -> str:
+    return README.read_text()
+
+
+def _section(title: str) -> str:
+    """The body of README's `## title` section, up to the next `## ` heading."""
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", _text(), re.MULTILINE | re.DOTALL)
+    assert m, f"README.md has no section '## {title}'"
+    return m.group(1)
+
+
+def shell_lines(markdown: str) -> list[tuple[int, str]]:
+    """(line number, logical line) of every shell code block, with `\\`-continued lines joined."""
+    out, fence, start, buf = [], None, 0, ""
+    for no, line in enumerate(markdown.splitlines(), 1):
+        if line.startswith("```"):
+            fence = line[3:].strip() if fence is None else None
+            continue
+        if fence is None or fence not in SHELL_FENCES:
+            continue
+        if not buf:
+            start = no
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+            continue
+        out.append((start, buf + line))
+        buf = ""
+    return out
+
+
+def _tokens(line: str) -> list[str]:
+    line = re.sub(r"\$\([^()]*\)", "VALUE", line)  # $(hostname -I | ...) is one value to the command
+    lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lex.whitespace_split = True
+    lex.commenters = "#"
+    return list(lex)
+
+
+def fdm_commands(markdown: str) -> list[tuple[int, list[str]]]:
+    """Every `fdm ...` invocation in the shell blocks, as argv after `fdm` (also `.venv/bin/fdm`, after
+    `--` of `ray job submit`, and inside a quoted `ray exec` command)."""
+    found = []
+
+    def scan(no: int, tokens: list[str]) -> None:
+        for i, tok in enumerate(tokens):
+            if tok.startswith("fdm "):  # a quoted command line, e.g. ray exec ... 'fdm tracking-server ...'
+                scan(no, _tokens(tok))
+            elif tok == "fdm" or tok.endswith("/fdm"):
+                argv = []
+                for arg in tokens[i + 1 :]:
+                    if arg and set(arg) <= set("();<>|&"):
+                        break
+                    argv.append(arg)
+                found.append((no, argv))
+                return
+
+    for no, line in shell_lines(markdown):
+        scan(no, _tokens(line))
+    return found
+
+
+def _parse(argv: list[str]) -> str:
+    """'' if the real `fdm` parser accepts argv, else its error message. `fdm bench NAME` passes everything
+    after NAME to the benchmark (argparse REMAINDER), so only NAME is checked."""
+    if argv[:1] == ["bench"]:
+        argv = argv[:2]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            _parser().parse_args(argv)
+    except SystemExit as exit_:
+        if exit_.code:
+            return err.getvalue().strip().splitlines()[-1]
+    return ""
+
+
+def test_required_sections_are_present() -> None:
+    headings = re.findall(r"^## (.+?)\s*$", _text(), re.MULTILINE)
+    missing = [h for h in REQUIRED_SECTIONS if h not in headings]
+    assert not missing, f"README.md lacks the sections {missing}"
+
+
+def test_every_fdm_command_line_parses() -> None:
+    commands = fdm_commands(_text())
+    assert len(commands) >= 8
+    bad = [
+        f"README.md:{no}: fdm {' '.join(argv)}\n    {err}" for no, argv in commands if (err := _parse(argv))
+    ]
+    assert not bad, "fdm command lines the CLI parser refuses:\n" + "\n".join(bad)
+
+
+def test_every_subcommand_has_an_example() -> None:
+    subcommands = readme.subcommands(_parser())
+    shown = {argv[0] for _, argv in fdm_commands(_text()) if argv}
+    missing = [name for name in subcommands if name not in shown]
+    assert not missing, f"`fdm --help` subcommands with no example command line in README.md: {missing}"
+
+
+def _defined_tests(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+
+
+def test_named_tests_exist() -> None:
+    refs = TEST_REF.findall(_text())
+    assert refs
+    bad = []
+    for path, name in refs:
+        file = ROOT / path
+        if not file.is_file():
+            bad.append(f"{path}: no such file")
+        elif name and name not in _defined_tests(file):
+            bad.append(f"{path}::{name}: no such test")
+    assert not bad, "README.md names tests that do not exist:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_every_fault_row_names_its_test() -> None:
+    rows = [line for line in _section("Reliability: faults injected, survived, work lost").splitlines()]
+    rows = [r for r in rows if r.startswith("| ") and not r.startswith("| fault injected")]
+    assert rows, "the Reliability section has no fault table"
+    unnamed = [r.split("|")[1].strip() for r in rows if not re.search(r"tests/[\w/]+\.py::test_\w+", r)]
+    assert not unnamed, f"fault rows without a `tests/...::test_...` that demonstrates them: {unnamed}"
+
+
+def _resolves(path: list[str], model: type = PipelineConfig) -> bool:
+    """Whether a dotted config path names a field (through nested models and the data.source variants)."""
+    if not path:
+        return True
+    info = model.model_fields.get(path[0])
+    if info is None:
+        return False
+    ann = readme._strip(info.annotation)
+    models = [a for a in (readme._union_args(ann) or (ann,)) if readme._is_model(a)]
+    if len(path) == 1:
+        return True
+    return any(_resolves(path[1:], m) for m in models)
+
+
+def test_config_paths_in_readme_exist() -> None:
+    """Every `--set PATH=...` of the README's command lines and every `section.field` it names exists."""
+    text = _text()
+    top = "|".join(PipelineConfig.model_fields)
+    named = set(re.findall(rf"`((?:{top})(?:\.\w+)+)(?:=[^`]*)?`", text))
+    named = {p for p in named if not re.search(r"\.(json|yaml|png|md|npz)$", p)}  # files, e.g. model.json
+    named |= set(re.findall(r"--set ((?:[a-z_]+\.)*[a-z_]+)=", text))  # not placeholders (KEY=VALUE)
+    for _, argv in fdm_commands(text):
+        named |= {argv[i + 1].split("=")[0] for i, a in enumerate(argv[:-1]) if a == "--set"}
+    unknown = sorted(p for p in named if not _resolves(p.split(".")))
+    assert len(named) > 10
+    assert not unknown, f"README.md names config fields that do not exist: {unknown}"
+
+
+def test_generated_blocks_equal_a_fresh_rendering() -> None:
+    problems = readme.check()
+    assert not problems, "\n".join(problems)
+
+
+def test_digits_config_states_the_measured_time() -> None:
+    wall = readme.num(readme.report("pipeline").table("measure").rows[0][1])
+    header = (ROOT / "pipelines" / "configs" / "digits.yaml").read_text().split("\nname:")[0]
+    assert f"{wall:.1f} s" in header, f"digits.yaml's header does not state pipeline.md's {wall:.1f} s"
+
+
+@pytest.mark.parametrize(
+    ("line", "argv"),
+    [
+        (".venv/bin/fdm run x.yaml --set a.b=1  # comment", ["run", "x.yaml", "--set", "a.b=1"]),
+        (
+            "ray job submit --address A -- \\\n  fdm rerun R --stage distill_3",
+            ["rerun", "R", "--stage", "distill_3"],
+        ),
+        ("ray exec c.yaml 'fdm tracking-server --host $(hostname -I | cut -d\" \" -f1)'", None),
+        ("fdm bench picard --quick | tee log", ["bench", "picard", "--quick"]),
+    ],
+)
+def test_command_extraction(line: str, argv: list[str] | None) -> None:
+    found = fdm_commands(f"```bash\n{line}\n```\n")
+    assert len(found) == 1
+    if argv is None:
+        assert found[0][1] == ["tracking-server", "--host", "VALUE"]
+    else:
+        assert found[0][1] == argv
