@@ -87,11 +87,7 @@ class Tracking:
             self.client.log_batch(run_id, params=batch)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        clean = [
-            mlflow.entities.Metric(k, float(v), _now_ms(), step)
-            for k, v in metrics.items()
-            if isinstance(v, int | float) and v == v and abs(v) != float("inf")
-        ]
+        clean = _metrics(metrics, step)
         if clean:
             self.client.log_batch(run_id, metrics=clean)
 
@@ -128,6 +124,25 @@ class Tracking:
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
+    def record_child(
+        self,
+        parent_run_id: str,
+        name: str,
+        tags: Mapping[str, Any],
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> str:
+        """A finished child run for a stage that did not compute (cached, skipped), in three calls."""
+        clean_tags = {k: REDACTED if _SECRET.search(k) else str(v) for k, v in tags.items()}
+        run_id = self.start_child(parent_run_id, name, clean_tags)
+        params_list = [mlflow.entities.Param(k, v) for k, v in flatten(params or {}).items()]
+        # One batch with the metrics and the first 100 params (MLflow's limit per batch), then the rest.
+        self.client.log_batch(run_id, metrics=_metrics(metrics or {}, 0), params=params_list[:100])
+        for i in range(100, len(params_list), 100):
+            self.client.log_batch(run_id, params=params_list[i : i + 100])
+        self.end(run_id)
+        return run_id
+
     @contextmanager
     def child_run(self, parent_run_id: str, name: str, tags: Mapping[str, str]) -> Iterator[str]:
         """A child run that ends FAILED if the body raises, FINISHED otherwise."""
@@ -138,6 +153,15 @@ class Tracking:
             self.end(run_id, "FAILED")
             raise
         self.end(run_id)
+
+
+def _metrics(metrics: Mapping[str, float], step: int) -> list[mlflow.entities.Metric]:
+    """MLflow metrics of the finite numbers in `metrics` (MLflow refuses NaN and inf in some stores)."""
+    return [
+        mlflow.entities.Metric(k, float(v), _now_ms(), step)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and v == v and abs(v) != float("inf")
+    ]
 
 
 def _now_ms() -> int:

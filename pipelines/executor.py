@@ -127,16 +127,16 @@ def stage_tags(spec: StageSpec, env: RunEnv, state: str) -> dict[str, str]:
 
 def record_resolved(env: RunEnv, spec: StageSpec, result: StageResult) -> StageResult:
     """Log a stage that did not compute (served from the cache, or skipped) as a finished child run."""
-    tracking = env.tracking
     state = "skipped" if result.info.get("skipped") else "cached"
-    with tracking.child_run(env.parent_run_id, spec.name, stage_tags(spec, env, state)) as run_id:
-        if state == "skipped":
-            tracking.set_tags(run_id, {"skip_reason": result.info["skipped"]})
-        else:
-            tracking.log_params(run_id, {"config": spec.config})
-            tracking.log_metrics(run_id, result.metrics)
-            tracking.set_tags(run_id, {"output_uri": result.outputs.get(spec.decl.output, "")})
-    result.run_id = run_id
+    tags = stage_tags(spec, env, state)
+    if state == "skipped":
+        tags["skip_reason"] = result.info["skipped"]
+        result.run_id = env.tracking.record_child(env.parent_run_id, spec.name, tags)
+    else:
+        tags["output_uri"] = result.output_uri
+        result.run_id = env.tracking.record_child(
+            env.parent_run_id, spec.name, tags, {"config": spec.config}, result.metrics
+        )
     return result
 
 

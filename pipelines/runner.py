@@ -9,6 +9,7 @@ it (and optionally its downstream) to recompute from scratch, while its upstream
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from infra.store import ArtifactStore, NotFoundError
 from infra.tracking import Tracking
 from pipelines.config import PipelineConfig, parse_config
 from pipelines.executor import (
@@ -37,6 +39,7 @@ from pipelines.plan import StageError, StageSpec, downstream_of, plan
 from tasks.stage import StageResult
 
 TRANSIENT = (ConnectionError, TimeoutError)
+PLOT_VERSION = 1  # bump when _summary_plot draws differently
 
 
 @dataclass
@@ -174,15 +177,11 @@ def _wait(run: PipelineRun, refs: dict[str, Any], board: Any, console: Console) 
             o.status = "not run"
 
 
-def _summary_plot(run: PipelineRun) -> bytes | None:
-    """Quality vs sampling steps: the base model's DDIM/other samplers and each distilled student."""
-    from matplotlib.figure import Figure
-
+def _quality_points(run: PipelineRun) -> dict[str, list[tuple[int, float]]]:
+    """Quality by sampling steps: the base model's samplers, and each distilled student on its own grid."""
     base = run.outcomes.get("evaluate_base")
     if base is None or base.result is None:
-        return None
-    fig = Figure(figsize=(5, 3.5), dpi=100)
-    ax = fig.subplots()
+        return {}
     by_method: dict[str, list[tuple[int, float]]] = {}
     for k, v in base.result.metrics.items():
         if k.endswith("/quality"):
@@ -196,19 +195,45 @@ def _summary_plot(run: PipelineRun) -> bytes | None:
     ]
     if students:
         by_method["distilled students"] = students
-    for label, pts in by_method.items():
-        pts.sort()
+    return {label: sorted(pts) for label, pts in by_method.items()}
+
+
+def _summary_plot(points: dict[str, list[tuple[int, float]]], metric: str) -> bytes:
+    """The quality-vs-steps plot (matplotlib is imported here, only when a plot must be drawn)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5), dpi=100)
+    ax = fig.subplots()
+    for label, pts in points.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sampling steps")
-    ax.set_ylabel(base.result.info.get("metric_name", "quality") + " (lower is better)")
+    ax.set_ylabel(f"{metric} (lower is better)")
     ax.legend(fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     return buf.getvalue()
 
 
-def _finish(run: PipelineRun, tracking: Tracking, console: Console) -> None:
+def summary_png(run: PipelineRun, store: ArtifactStore) -> bytes | None:
+    """The run's quality-vs-steps plot, kept in the store by a hash of what it shows: a re-run with the
+    same results (every fully cached run) reuses it instead of drawing it again."""
+    points = _quality_points(run)
+    if not points:
+        return None
+    base = run.outcomes["evaluate_base"].result
+    metric = base.info.get("metric_name", "quality")
+    digest = hashlib.sha256(json.dumps([points, metric, PLOT_VERSION]).encode()).hexdigest()[:16]
+    path = f"plots/quality_vs_steps-{digest}.png"
+    try:
+        return store.read_bytes(path)
+    except NotFoundError:
+        png = _summary_plot(points, metric)
+        store.write_bytes(path, png)
+        return png
+
+
+def _finish(run: PipelineRun, tracking: Tracking, store: ArtifactStore, console: Console) -> None:
     summary = {
         name: {
             "status": o.status,
@@ -224,7 +249,7 @@ def _finish(run: PipelineRun, tracking: Tracking, console: Console) -> None:
         for name, o in run.outcomes.items()
     }
     tracking.log_text(run.run_id, json.dumps(summary, indent=2, default=str), "summary.json")
-    png = _summary_plot(run)
+    png = summary_png(run, store)
     if png:
         tracking.log_bytes(run.run_id, png, "quality_vs_steps.png")
     tracking.log_metrics(run.run_id, {"wall_seconds": run.wall_seconds})
@@ -282,7 +307,7 @@ def _execute(
             refs = _submit(cfg, pending, resolved, env, set(force))
             _wait(run, refs, env.board, console)
         run.wall_seconds = time.perf_counter() - t0
-        _finish(run, tracking, console)
+        _finish(run, tracking, env.store(), console)
         return run
     finally:
         if started:
