@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from benchmarks.common import command, machine, png, write_report
 from tasks.registry import STAGES
-from tasks.stage import StageContext, run_stage
+from tasks.stage import StageContext, StageResult, run_stage
 from tasks.stages.distill_round import DistillConfig, DistillRoundConfig
 from tasks.stages.evaluate import EvalConfig, SamplerSpec
 from tasks.stages.prepare_data import DataConfig
@@ -69,8 +69,8 @@ class Round:
     fd: float
 
 
-def _fd(result_metrics: dict[str, float], steps: int) -> float:
-    return result_metrics[f"euler{steps}/fd"]
+def _fd(result: StageResult, steps: int) -> float:
+    return result.info["by_sampler"][f"euler{steps}"]["fd"]
 
 
 def measure(setting: Setting, root: str, threads: int, device: str, fdm: bool) -> dict:
@@ -107,7 +107,7 @@ def measure(setting: Setting, root: str, threads: int, device: str, fdm: bool) -
     )
     judged = {"dataset": dataset, "classifier": classifier}
     teacher_eval = run_stage(STAGES["evaluate"], eval_cfg, ctx("eval_base"), model=base_uri, **judged)
-    teacher_fd = {n: _fd(teacher_eval.metrics, n) for n in counts}
+    teacher_fd = {n: _fd(teacher_eval, n) for n in counts}
 
     distill_cfg = DistillConfig(
         updates=setting.updates,
@@ -128,7 +128,7 @@ def measure(setting: Setting, root: str, threads: int, device: str, fdm: bool) -
                 int(res.metrics["updates"]),
                 res.metrics["distill_seconds"],
                 res.metrics["distill/loss"],
-                _fd(ev.metrics, steps),
+                _fd(ev, steps),
             )
         )
         print(

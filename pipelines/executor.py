@@ -95,7 +95,11 @@ def skip_reason(spec: StageSpec, ups: dict[str, StageResult]) -> str | None:
     if spec.gate is not None:
         g = spec.gate
         student = ups[g.student].metrics.get("quality", float("nan"))
-        teacher = ups[g.teacher].metrics.get(g.teacher_metric, float("nan"))
+        by_sampler = ups[g.teacher].info.get("by_sampler", {})
+        teacher_metrics = (
+            by_sampler.get(g.teacher_sampler, {}) if g.teacher_sampler else ups[g.teacher].metrics
+        )
+        teacher = teacher_metrics.get("quality", float("nan"))
         if not passes_quality_gate(student, teacher, g.factor):
             return (
                 f"quality gate: {g.student} {student:.4g} > {g.factor} x {g.teacher} {teacher:.4g}; "
@@ -125,6 +129,11 @@ def stage_tags(spec: StageSpec, env: RunEnv, state: str) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 
+def params(spec: StageSpec) -> dict[str, Any]:
+    """A stage's config as MLflow params, under its path in the pipeline config (as the parent logs it)."""
+    return {spec.section: spec.config} if spec.section else spec.config
+
+
 def record_resolved(env: RunEnv, spec: StageSpec, result: StageResult) -> StageResult:
     """Log a stage that did not compute (served from the cache, or skipped) as a finished child run."""
     state = "skipped" if result.info.get("skipped") else "cached"
@@ -133,9 +142,9 @@ def record_resolved(env: RunEnv, spec: StageSpec, result: StageResult) -> StageR
         tags["skip_reason"] = result.info["skipped"]
         result.run_id = env.tracking.record_child(env.parent_run_id, spec.name, tags)
     else:
-        tags["output_uri"] = result.output_uri
+        tags.update(output_uri=result.output_uri, **result.info.get("tags", {}))
         result.run_id = env.tracking.record_child(
-            env.parent_run_id, spec.name, tags, {"config": spec.config}, result.metrics
+            env.parent_run_id, spec.name, tags, params(spec), result.metrics
         )
     return result
 
@@ -183,10 +192,12 @@ def compute(
     total = decl.total_steps(cfg) if decl.total_steps else None
     version = new_version()
     with tracking.child_run(env.parent_run_id, spec.name, stage_tags(spec, env, "computed")) as run_id:
-        tracking.log_params(run_id, {"config": spec.config})
+        tracking.log_params(run_id, params(spec))
+        logged: dict[str, int] = {}  # metric key -> last step the stage logged it at
 
         def log_metrics(metrics: dict[str, float], step: int) -> None:
             tracking.log_metrics(run_id, metrics, step)
+            logged.update(dict.fromkeys(metrics, step))
             _report(env, spec.name, step=step, total=total)
 
         ctx = StageContext(
@@ -217,8 +228,15 @@ def compute(
         store.write_bytes(posixpath.join(spec.out_root, CURRENT), version.encode())
         result.info.update({"name": spec.name, "seconds": seconds, "compute_span": [computing, time.time()]})
         result.run_id = run_id
-        tracking.log_metrics(run_id, {**result.metrics, "stage_seconds": seconds})
-        tracking.set_tags(run_id, {"output_uri": result.outputs[decl.output], "output_version": version})
+        # Summaries the stage did not log as a series, once, at its last real step (no step-0 duplicates).
+        summary = {k: v for k, v in {**result.metrics, "stage_seconds": seconds}.items() if k not in logged}
+        tracking.log_metrics(run_id, summary, max(logged.values(), default=0))
+        tags = {
+            "output_uri": result.outputs[decl.output],
+            "output_version": version,
+            **result.info.get("tags", {}),
+        }
+        tracking.set_tags(run_id, tags)
         _log_outputs(tracking, run_id, store, ctx.out_prefix)
     _report(env, spec.name, state="done", seconds=seconds)
     return result

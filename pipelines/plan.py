@@ -99,12 +99,13 @@ def stage_key(kind: StageKind, section: Any, input_keys: dict[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Gate:
-    """Run the stage only if stage `student`'s quality is at most `factor` x stage `teacher`'s
-    `teacher_metric` (lower is better): the quality gate that stops halving."""
+    """Run the stage only if evaluation `student`'s quality is at most `factor` x evaluation `teacher`'s
+    (lower is better), the teacher's with sampler `teacher_sampler` (a tag like euler32) if given, else
+    its headline: the quality gate that stops halving."""
 
     student: str
     teacher: str
-    teacher_metric: str
+    teacher_sampler: str | None
     factor: float
 
 
@@ -113,13 +114,15 @@ class StageSpec:
     """One node of the DAG: `name` is unique in the run (e.g. distill_2), `kind` names its declaration.
 
     `inputs` maps the declaration's input names to upstream stage names; `after` lists further stages it
-    waits for (a gate's evaluations)."""
+    waits for (a gate's evaluations); `section` is where `config` sits in the pipeline config (its MLflow
+    params carry that prefix, as the parent run's do)."""
 
     name: str
     kind: str
     key: str
     config: dict[str, Any]
     inputs: dict[str, str]
+    section: str = ""
     after: list[str] = field(default_factory=list)
     round: int | None = None
     steps: int | None = None
@@ -163,19 +166,19 @@ class _Plan:
         self.stages: list[StageSpec] = []
 
     def add(
-        self, name: str, kind: str, section: dict[str, Any], inputs: dict[str, StageSpec], **extra: Any
+        self, name: str, kind: str, config: dict[str, Any], inputs: dict[str, StageSpec], **extra: Any
     ) -> StageSpec:
         decl = STAGES[kind]
         missing = set(decl.required_inputs()) - set(inputs)
         if missing or set(inputs) - set(decl.inputs):
             raise ValueError(f"{name}: inputs {sorted(inputs)} do not match {kind}'s {dict(decl.inputs)}")
-        decl.config.model_validate(section)
+        decl.config.model_validate(config)
         group = getattr(self.cfg.resources, decl.resources)
         spec = StageSpec(
             name=name,
             kind=kind,
-            key=stage_key(decl, section, {n: s.key for n, s in inputs.items()}),
-            config=section,
+            key=stage_key(decl, config, {n: s.key for n, s in inputs.items()}),
+            config=config,
             inputs={n: s.name for n, s in inputs.items()},
             resources={"num_cpus": group.num_cpus, "num_gpus": group.num_gpus},
             **extra,
@@ -188,12 +191,13 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
     """Stages in topological order."""
     d = cfg.model_dump(mode="json")
     p = _Plan(cfg)
-    data = p.add("prepare_data", "prepare_data", d["data"], {})
+    data = p.add("prepare_data", "prepare_data", d["data"], {}, section="data")
     judge = {}
     if uses_classifier(cfg):
-        judge = {
-            "classifier": p.add("train_classifier", "train_classifier", d["classifier"], {"dataset": data})
-        }
+        clf = p.add(
+            "train_classifier", "train_classifier", d["classifier"], {"dataset": data}, section="classifier"
+        )
+        judge = {"classifier": clf}
     base = p.add("train_base", "train_base", {"model": d["model"], "train": d["train"]}, {"dataset": data})
     base_eval = {**d["evaluate"], "samplers": [s.model_dump() for s in base_samplers(cfg)]}
     ev = p.add(
@@ -201,33 +205,37 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         "evaluate",
         base_eval,
         {"model": base, "dataset": data, **judge},
+        section="evaluate",
         round=0,
-        steps=cfg.distill.start_steps,
+        steps=cfg.evaluate.samplers[0].steps,  # the headline sampler's: the one the table and plot show
     )
     # With a quality gate, round k+1 waits for the evaluations of round k's student and of its teacher.
     teacher, teacher_steps, evals = base, cfg.distill.start_steps, [ev]
     for k, steps in enumerate(cfg.distill.student_steps, start=1):
         gate = None
         if cfg.distill.quality_gate is not None and k >= 2:
-            metric = f"euler{cfg.distill.start_steps}/quality" if k == 2 else "quality"
-            gate = Gate(evals[-1].name, evals[-2].name, metric, cfg.distill.quality_gate)
+            ddim = f"euler{cfg.distill.start_steps}" if k == 2 else None  # the first teacher, as distilled
+            gate = Gate(evals[-1].name, evals[-2].name, ddim, cfg.distill.quality_gate)
         section = {**d["distill"]["round"], "teacher_steps": teacher_steps, "round_index": k}
         dist = p.add(
             f"distill_{k}",
             "distill_round",
             section,
             {"teacher": teacher, "dataset": data},
+            section="distill.round",
             after=[gate.student, gate.teacher] if gate else [],
             round=k,
             steps=steps,
             gate=gate,
         )
+        student_eval = {**d["evaluate"], "samplers": [{"method": "euler", "steps": steps}]}  # its own grid
         evals.append(
             p.add(
                 f"evaluate_{k}",
                 "evaluate",
-                d["evaluate"],
+                student_eval,
                 {"model": dist, "dataset": data, **judge},
+                section="evaluate",
                 round=k,
                 steps=steps,
             )
@@ -235,7 +243,7 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         teacher, teacher_steps = dist, steps
     if cfg.picard.enabled:
         model = base if cfg.picard.model == "base" else teacher
-        p.add("picard_sample", "picard_sample", d["picard"], {"model": model})
+        p.add("picard_sample", "picard_sample", d["picard"], {"model": model}, section="picard")
     return p.stages
 
 

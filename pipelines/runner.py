@@ -183,11 +183,9 @@ def _quality_points(run: PipelineRun) -> dict[str, list[tuple[int, float]]]:
     if base is None or base.result is None:
         return {}
     by_method: dict[str, list[tuple[int, float]]] = {}
-    for k, v in base.result.metrics.items():
-        if k.endswith("/quality"):
-            tag = k.split("/")[0]
-            method = tag.rstrip("0123456789")
-            by_method.setdefault(f"base {method}", []).append((int(tag[len(method) :]), v))
+    for tag, m in base.result.info.get("by_sampler", {}).items():
+        method = tag.rstrip("0123456789")
+        by_method.setdefault(f"base {method}", []).append((int(tag[len(method) :]), m["quality"]))
     students = [
         (o.spec.steps, o.result.metrics["quality"])
         for o in run.outcomes.values()

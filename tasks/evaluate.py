@@ -76,16 +76,15 @@ def evaluate(
     samplers = cfg.samplers
     if "sigmas" in spec:  # a distilled student samples on the grid it was distilled for
         samplers = [SamplerSpec(method=spec.get("sampler", "euler"), steps=int(spec["steps"]))]
-    metrics: dict[str, float] = {}
-    headline = None
-    for k, sp in enumerate(samplers):
+    by_sampler: dict[str, dict[str, float]] = {}
+    for sp in samplers:
         sigmas = torch.tensor(spec["sigmas"], dtype=torch.float64) if "sigmas" in spec else None
         if sigmas is None:
             sigmas = process_grid(denoiser.process, sp.steps)
         t0 = time.perf_counter()
         x, picard_stats = _sample(denoiser, sigmas, sp.method, cfg, meta.shape, ctx.device)
         sec = (time.perf_counter() - t0) / cfg.num_samples
-        m = {"nfe": float(nfe(sp.method, len(sigmas) - 1)), "sec_per_sample": sec, **picard_stats}
+        m = {"nfe": float(nfe(sp.method, len(sigmas) - 1)), "seconds_per_sample": sec, **picard_stats}
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"{sp.tag}: non-finite samples from {model}")
         if meta.normalization is not None:  # images live in [-1, 1]; vector data keeps its own scale
@@ -104,26 +103,25 @@ def evaluate(
             m["fid"] = frechet_distance(_inception_features(cfg.inception, x), ref_inception)
         quality = m.get("fid", m.get("fd", m["sw"]))
         m["quality"] = quality
-        metrics.update({f"{sp.tag}/{name}": v for name, v in m.items()})
-        ctx.log_metrics({f"{sp.tag}/{name}": v for name, v in m.items()}, sp.steps)
-        if k == 0:
-            headline = {"sampler": sp.tag, "steps": sp.steps, **m}
-        title = f"{sp.tag}: quality {quality:.3g}"
+        by_sampler[sp.tag] = m
+        ctx.log_metrics(m, sp.steps)  # the same keys for every sampler and run, at step = sampling steps
+        title = f"{sp.tag}: {_metric_name(m)} {quality:.3g} (lower is better)"
         ctx.output_path(f"samples_{sp.tag}.png").write_bytes(grid_png(x, held_out, cfg.grid_size, title))
         buf = io.BytesIO()
         np.savez_compressed(buf, samples=x.numpy())
         ctx.output_path(f"samples_{sp.tag}.npz").write_bytes(buf.getvalue())
-    assert headline is not None
-    metrics["quality"] = headline["quality"]
-    summary = {"headline": headline, "metrics": metrics, "metric_name": _metric_name(headline)}
-    ctx.output_path("metrics.json").write_bytes(json.dumps(summary, indent=2).encode())
-    return StageResult(
-        stage="evaluate",
-        key=ctx.key,
-        metrics=metrics,
-        info={"headline": headline, "metric_name": _metric_name(headline)},
-    )
+    first = samplers[0]
+    headline = {"sampler": first.method, "steps": first.steps, "tag": first.tag}
+    info = {
+        "headline": headline,
+        "metric_name": _metric_name(by_sampler[first.tag]),
+        "by_sampler": by_sampler,
+        "tags": {"sampler": first.method, "steps": first.steps, "nfe": int(by_sampler[first.tag]["nfe"])},
+    }
+    ctx.output_path("metrics.json").write_bytes(json.dumps(info, indent=2).encode())
+    return StageResult(stage="evaluate", key=ctx.key, metrics=dict(by_sampler[first.tag]), info=info)
 
 
-def _metric_name(headline: dict) -> str:
-    return "fid" if "fid" in headline else "fd" if "fd" in headline else "sw"
+def _metric_name(metrics: dict) -> str:
+    """The metric behind `quality`: FID if computed, else the classifier FD, else sliced Wasserstein."""
+    return "fid" if "fid" in metrics else "fd" if "fd" in metrics else "sw"

@@ -49,5 +49,5 @@ STAGE = StageKind(
     output="evaluation",
     resources="evaluate",
     headline="quality",
-    version="2",
+    version="3",
 )
