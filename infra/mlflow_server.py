@@ -98,7 +98,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--backend", default="sqlite:///mlflow.db", help="SQLAlchemy URI of the run store")
     p.add_argument("--artifacts", required=True, help="artifact destination, e.g. s3://bucket/mlflow")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,9 +6,11 @@ parent run id explicitly. Parameters are flattened; anything that looks like a s
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -31,6 +33,41 @@ def resolve_tracking_uri(uri: str) -> str:
     if "://" not in uri:
         return str(Path(uri).resolve())
     return uri
+
+
+def existing_store(uri: str) -> str:
+    """The resolved tracking URI of a store that must already exist (for reading past runs): a sqlite URI
+    naming a missing file is an error, never a new empty database."""
+    resolved = resolve_tracking_uri(uri)
+    if resolved.startswith("sqlite:///") and not Path(resolved[len("sqlite:///") :]).is_file():
+        raise LookupError(f"--tracking-uri {uri}: no MLflow database at {resolved[len('sqlite:///') :]}")
+    return resolved
+
+
+def provenance_tags(command: str, repo: Path | None = None) -> dict[str, str]:
+    """MLflow's standard source tags for a run started by `command`: user, source, and the git commit of
+    `repo` (with "+dirty" when the working tree has uncommitted changes) when it is a git checkout."""
+    tags = {
+        "mlflow.user": getpass.getuser(),
+        "mlflow.source.name": command,
+        "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL",
+    }
+    if repo is not None:
+        try:
+            commit = subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            commit = ""
+        if commit:
+            tags["mlflow.source.git.commit"] = commit + ("+dirty" if dirty else "")
+    return tags
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 import traceback
 
@@ -45,11 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     stages.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
 
     rerun = sub.add_parser("rerun", help="re-run one stage of a past run from its stored upstream outputs")
-    rerun.add_argument("run_id")
+    rerun.add_argument("run_id", help="the pipeline's (parent) MLflow run id, as `fdm run` prints it")
     rerun.add_argument("--stage", required=True, help="e.g. distill_3")
     rerun.add_argument("--downstream", action="store_true", help="also re-run everything that depends on it")
-    rerun.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    rerun.add_argument("--address", default=None)
+    rerun.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+    rerun.add_argument(
+        "--address", default=None, help="join this Ray cluster instead of starting one locally"
+    )
 
     bench = sub.add_parser(
         "bench",
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.runner import run_pipeline
 
             cfg = load_config(args.config, args.overrides)
-            return _exit_code(run_pipeline(cfg, args.address, console))
+            command = shlex.join(["fdm", *(argv if argv is not None else sys.argv[1:])])
+            return _exit_code(run_pipeline(cfg, args.address, console, command))
         if args.command == "stages":
             from pipelines.stages_cmd import past_stages
 
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         console.print(f"[red]config error:[/red]\n{err}", highlight=False)
         return EXIT_USAGE
-    except (KeyError, StageError) as err:
+    except (LookupError, StageError) as err:
         console.print(f"[red]error:[/red] {err.args[0]}", highlight=False)
         return EXIT_USAGE
     return EXIT_USAGE

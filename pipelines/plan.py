@@ -115,7 +115,7 @@ class StageSpec:
 
     `inputs` maps the declaration's input names to upstream stage names; `after` lists further stages it
     waits for (a gate's evaluations); `section` is where `config` sits in the pipeline config (its MLflow
-    params carry that prefix, as the parent run's do)."""
+    params carry that prefix, as the parent run's do); `title` names its MLflow run (with step counts)."""
 
     name: str
     kind: str
@@ -123,6 +123,7 @@ class StageSpec:
     config: dict[str, Any]
     inputs: dict[str, str]
     section: str = ""
+    title: str = ""
     after: list[str] = field(default_factory=list)
     round: int | None = None
     steps: int | None = None
@@ -206,6 +207,7 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         base_eval,
         {"model": base, "dataset": data, **judge},
         section="evaluate",
+        title=f"evaluate_base_{cfg.evaluate.samplers[0].tag}",
         round=0,
         steps=cfg.evaluate.samplers[0].steps,  # the headline sampler's: the one the table and plot show
     )
@@ -223,6 +225,7 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
             section,
             {"teacher": teacher, "dataset": data},
             section="distill.round",
+            title=f"distill_{teacher_steps}to{steps}",
             after=[gate.student, gate.teacher] if gate else [],
             round=k,
             steps=steps,
@@ -236,6 +239,7 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
                 student_eval,
                 {"model": dist, "dataset": data, **judge},
                 section="evaluate",
+                title=f"evaluate_{steps}",
                 round=k,
                 steps=steps,
             )
@@ -243,7 +247,14 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         teacher, teacher_steps = dist, steps
     if cfg.picard.enabled:
         model = base if cfg.picard.model == "base" else teacher
-        p.add("picard_sample", "picard_sample", d["picard"], {"model": model}, section="picard")
+        p.add(
+            "picard_sample",
+            "picard_sample",
+            d["picard"],
+            {"model": model},
+            section="picard",
+            title=f"picard_sample_{cfg.picard.sampler}{cfg.picard.steps}",
+        )
     return p.stages
 
 

@@ -24,7 +24,7 @@ from rich.live import Live
 from rich.table import Table
 
 from infra.store import ArtifactStore, NotFoundError
-from infra.tracking import Tracking
+from infra.tracking import Tracking, provenance_tags
 from pipelines.config import PipelineConfig, parse_config
 from pipelines.executor import (
     RunEnv,
@@ -39,6 +39,7 @@ from pipelines.plan import StageError, StageSpec, downstream_of, plan
 from tasks.stage import StageResult
 
 TRANSIENT = (ConnectionError, TimeoutError)
+REPO = Path(__file__).resolve().parent.parent
 PLOT_VERSION = 1  # bump when _summary_plot draws differently
 
 
@@ -231,7 +232,30 @@ def summary_png(run: PipelineRun, store: ArtifactStore) -> bytes | None:
         return png
 
 
-def _finish(run: PipelineRun, tracking: Tracking, store: ArtifactStore, console: Console) -> None:
+def describe(run: PipelineRun, cfg: PipelineConfig, command: str) -> str:
+    """The parent run's description: what ran, the final student, and how to reproduce it."""
+    status = [o.status for o in run.outcomes.values()]
+    text = (
+        f"Pipeline `{cfg.name}` on `{cfg.data.source.kind}` data: {len(status)} stages, "
+        f"{status.count('done')} computed, {status.count('cached')} cached, {status.count('failed')} failed."
+    )
+    students = [
+        o for o in run.outcomes.values() if o.spec.round and o.spec.decl.output == "model" and o.result
+    ]
+    students = [o for o in students if not o.result.info.get("skipped")]
+    if students:
+        text += f"\n\nFinal student: {students[-1].spec.name}, {students[-1].spec.steps} sampling steps."
+    return text + f"\n\nReproduce: `{command}` at the commit in the `mlflow.source.git.commit` tag."
+
+
+def _finish(
+    run: PipelineRun,
+    cfg: PipelineConfig,
+    command: str,
+    tracking: Tracking,
+    store: ArtifactStore,
+    console: Console,
+) -> None:
     summary = {
         name: {
             "status": o.status,
@@ -251,7 +275,14 @@ def _finish(run: PipelineRun, tracking: Tracking, store: ArtifactStore, console:
     if png:
         tracking.log_bytes(run.run_id, png, "quality_vs_steps.png")
     tracking.log_metrics(run.run_id, {"wall_seconds": run.wall_seconds})
-    tracking.set_tags(run.run_id, {"fdm.used_ray": str(run.used_ray).lower()})
+    for o in run.outcomes.values():  # quality against sampling steps, drawn by MLflow as a curve
+        if o.result is not None and o.spec.steps and "quality" in o.result.metrics:
+            name = o.result.info.get("metric_name", "quality")
+            tracking.log_metrics(run.run_id, {name: o.result.metrics["quality"]}, o.spec.steps)
+    tracking.set_tags(
+        run.run_id,
+        {"fdm.used_ray": str(run.used_ray).lower(), "mlflow.note.content": describe(run, cfg, command)},
+    )
     tracking.end(run.run_id, "FAILED" if run.failed else "FINISHED")
     console.print(stage_table(run))
     for o in run.failed:
@@ -267,6 +298,7 @@ def _execute(
     force: set[str] = frozenset(),
     cached_only: set[str] = frozenset(),
     rerun: bool = False,
+    command: str = "fdm run",
 ) -> PipelineRun:
     """Resolve the cached stages; if any remain, start Ray first, so its prestarted workers warm up while
     `open_run` sets up the MLflow parent run, then submit them and follow them to the end."""
@@ -305,7 +337,7 @@ def _execute(
             refs = _submit(cfg, pending, resolved, env, set(force))
             _wait(run, refs, env.board, console)
         run.wall_seconds = time.perf_counter() - t0
-        _finish(run, tracking, env.store(), console)
+        _finish(run, cfg, command, tracking, env.store(), console)
         return run
     finally:
         if started:
@@ -315,19 +347,26 @@ def _execute(
 
 
 def run_pipeline(
-    cfg: PipelineConfig, address: str | None = None, console: Console | None = None
+    cfg: PipelineConfig,
+    address: str | None = None,
+    console: Console | None = None,
+    command: str | None = None,
 ) -> PipelineRun:
-    """Run the full DAG as a new MLflow parent run; stages whose outputs are in the store are cached."""
+    """Run the full DAG as a new MLflow parent run; stages whose outputs are in the store are cached.
+    `command` is how the run was started (its MLflow source), e.g. the `fdm run ...` command line."""
     console = console or Console()
+
+    command = command or f"fdm run ({cfg.name})"
 
     def open_run() -> tuple[Tracking, str]:
         tracking = Tracking.setup(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
-        run_id = tracking.start_parent(cfg.name, cfg.model_dump(mode="json"), {"pipeline": cfg.name})
+        tags = {"pipeline": cfg.name, **provenance_tags(command, REPO)}
+        run_id = tracking.start_parent(cfg.name, cfg.model_dump(mode="json"), tags)
         tracking.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
         console.print(f"MLflow run id: [bold]{run_id}[/bold]  (tracking {tracking.tracking_uri})")
         return tracking, run_id
 
-    return _execute(cfg, plan(cfg), open_run, address, console)
+    return _execute(cfg, plan(cfg), open_run, address, console, command=command)
 
 
 def load_run_config(tracking_uri: str, run_id: str) -> tuple[PipelineConfig, Tracking]:
@@ -374,4 +413,5 @@ def rerun_stage(
         force=set(targets),
         cached_only=needed - set(targets),
         rerun=True,
+        command=f"fdm rerun {run_id} --stage {stage}" + (" --downstream" if downstream else ""),
     )

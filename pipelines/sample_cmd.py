@@ -29,12 +29,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=METHODS, help="default: the artifact's own, else heun")
     p.add_argument("--steps", type=int, help="default: the artifact's own grid, else 18")
     p.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the initial and the sampler's noise (default 0)"
+    )
     p.add_argument("--picard", action="store_true", help="ParaDiGMS: Picard iteration over sliding windows")
     p.add_argument("--window", type=int, default=64, help="Picard window p (default 64)")
     p.add_argument("--tol", type=float, default=0.1, help="Picard tolerance tau (default 0.1)")
     p.add_argument("--actors", type=int, default=0, help="Ray actors evaluating windows (default 0: local)")
-    p.add_argument("--strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+    p.add_argument(
+        "--strategy",
+        default="PACK",
+        choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+        help="placement of the actors (default PACK; STRICT_SPREAD: one per node)",
+    )
     p.add_argument("--compare", action="store_true", help="also run the sequential sampler; report deviation")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start one on 127.0.0.1)")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: FDM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL)")

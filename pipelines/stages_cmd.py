@@ -6,15 +6,37 @@ skipped) record everything the table shows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.table import Table
 
-from infra.tracking import Tracking
+from infra.tracking import Tracking, existing_store
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+
+def pipeline_run(client: MlflowClient, run_id: str, uri: str) -> Run:
+    """The pipeline (parent) run `run_id`; LookupError, in one line, for an unknown id or a stage's run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise LookupError(f"run {run_id}: no such run in {uri}") from None
+    parent = run.data.tags.get("mlflow.parentRunId")
+    if parent:
+        stage = run.data.tags.get("stage", run.info.run_name)
+        raise LookupError(f"run {run_id} is stage {stage} of pipeline run {parent}: give that id")
+    return run
 
 
 def past_stages(tracking_uri: str, run_id: str) -> Table:
     """The stage table of a past run, from its MLflow child runs."""
-    client = Tracking(tracking_uri, "").client
-    parent = client.get_run(run_id)
+    uri = existing_store(tracking_uri)
+    client = Tracking(uri, "").client
+    parent = pipeline_run(client, run_id, uri)
     children = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{run_id}'",

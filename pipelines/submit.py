@@ -56,7 +56,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without following")
     s = subparsers.add_parser("status", help="status and MLflow run id of a submitted pipeline job")
-    s.add_argument("job_id")
+    s.add_argument("job_id", help="the id `fdm submit` printed")
     s.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
 
 

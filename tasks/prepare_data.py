@@ -2,9 +2,10 @@
 
 Output layout (complete only once _MANIFEST.json exists, written last by `run_stage`)::
 
-    train-00000.parquet ...   val-00000.parquet ...   _dataset.json   _MANIFEST.json
+    train/part-00000.parquet ...   val/part-00000.parquet ...   _dataset.json   _MANIFEST.json
 
-The sidecars start with "_", so Parquet readers take the directory as a dataset of shards only.
+Each split is a directory of Parquet files only, and the sidecars start with "_", so pyarrow, pandas,
+Ray Data, DuckDB or Spark read a split directory (or the whole output, with its `split` column) as is.
 
 Parquet schema of every shard:
 
@@ -327,7 +328,7 @@ def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
         files[split] = []
         for i, start in enumerate(range(0, len(idx), cfg.shard_rows)):
             take = idx[start : start + cfg.shard_rows]
-            name = f"{split}-{i:05d}.parquet"
+            name = f"{split}/part-{i:05d}.parquet"
             x = _normalise(samples.x[take], samples.value_range)
             data = _shard_bytes(x, samples.labels[take], split, schema, cfg.row_group_rows)
             ctx.output_path(name).write_bytes(data)

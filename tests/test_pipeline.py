@@ -73,10 +73,18 @@ def test_mlflow_holds_parent_and_one_child_per_stage(first_run) -> None:
     parent = client.get_run(run.run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["train.process"] == "edm"
+    tags = parent.data.tags
+    assert tags["mlflow.user"] and tags["mlflow.source.name"].startswith("fdm run")
+    assert len(tags["mlflow.source.git.commit"].removesuffix("+dirty")) == 40
+    assert "Final student: distill_2, 2 sampling steps." in tags["mlflow.note.content"]
+    curve = client.get_metric_history(run.run_id, "sw")  # the parent's quality against sampling steps
+    assert sorted(m.step for m in curve) == [2, 4, 8]
     parent_files = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"config.yaml", "summary.json", "quality_vs_steps.png"} <= parent_files
     children = {c.data.tags["stage"]: c for c in _children(client, run.run_id)}
     assert set(children) == set(run.outcomes)
+    names = {c.info.run_name for c in children.values()}
+    assert {"distill_8to4", "distill_4to2", "evaluate_4", "evaluate_base_heun8"} <= names
     base = children["train_base"]
     assert base.data.params["train.steps"] == parent.data.params["train.steps"] == "300"  # one name
     assert (

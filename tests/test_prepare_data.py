@@ -186,6 +186,24 @@ def test_same_inputs_give_same_digests(local):
     assert a.files != c.files  # the seed changes the split and row order
 
 
+def test_split_directories_read_as_plain_parquet_datasets(local, ray_local):
+    """pyarrow, pandas and Ray Data read a split's directory without options: Parquet files only there."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+    import ray.data
+
+    result = prepare_data(DataConfig(source={"kind": "digits"}, shard_rows=500), local.ctx())
+    meta = dataset_meta(result.outputs["dataset"])
+    for split in ("train", "val"):
+        path = f"{result.outputs['dataset']}/{split}"
+        rows = meta.rows(split)
+        assert ds.dataset(path).count_rows() == rows
+        assert len(pd.read_parquet(path)) == rows
+        assert ray.data.read_parquet(path).count() == rows
+    whole = ds.dataset(result.outputs["dataset"]).to_table(columns=["split"]).column("split").to_pylist()
+    assert whole.count("train") == meta.rows("train") and whole.count("val") == meta.rows("val")
+
+
 def test_split_is_seeded():
     first, again, other = (prep.split_indices(100, 0.1, s) for s in (0, 0, 1))
     assert all(np.array_equal(first[k], again[k]) for k in ("train", "val"))
@@ -222,10 +240,10 @@ def test_loader_batches_epochs_and_seed(local):
 def test_flipped_byte_in_shard_is_refused(place):
     result = prepare_data(DataConfig(source={"kind": "digits"}, shard_rows=600), place.ctx())
     store = open_store(result.outputs["dataset"], place.endpoint)
-    data = bytearray(store.read_bytes("train-00001.parquet"))
+    data = bytearray(store.read_bytes("train/part-00001.parquet"))
     data[len(data) // 2] ^= 0x01
-    store.write_bytes("train-00001.parquet", bytes(data))
-    shard_uri = re.escape(store.uri("train-00001.parquet"))
+    store.write_bytes("train/part-00001.parquet", bytes(data))
+    shard_uri = re.escape(store.uri("train/part-00001.parquet"))
     with pytest.raises(CorruptOutputError, match=shard_uri):
         list(ParquetBatches(result.outputs["dataset"], endpoint_url=place.endpoint))
     with pytest.raises(CorruptOutputError, match=shard_uri):
@@ -236,9 +254,9 @@ def test_flipped_byte_in_shard_is_refused(place):
 def test_corrupt_parquet_with_matching_manifest_names_file(local):
     result = prepare_data(DataConfig(source={"kind": "digits"}), local.ctx())
     store = open_store(result.outputs["dataset"])
-    store.write_bytes("val-00000.parquet", b"PAR1 this is not parquet PAR1")
+    store.write_bytes("val/part-00000.parquet", b"PAR1 this is not parquet PAR1")
     write_manifest(store, "", {"stage": "prepare_data"})  # digests now match the garbage
-    with pytest.raises(DataError, match=re.escape(store.uri("val-00000.parquet"))):
+    with pytest.raises(DataError, match=re.escape(store.uri("val/part-00000.parquet"))):
         load_split(result.outputs["dataset"], "val")
 
 

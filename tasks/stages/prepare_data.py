@@ -91,5 +91,5 @@ STAGE = StageKind(
     output="dataset",
     resources="prepare_data",
     headline="n_train",
-    version="2",
+    version="3",
 )
