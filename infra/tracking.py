@@ -147,6 +147,20 @@ class Tracking:
             parent = str(Path(name).parent)
             self.log_artifact(run_id, path, None if parent == "." else parent)
 
+    def log_dataset(self, run_id: str, uri: str, name: str, digest: str, context: str = "training") -> None:
+        """Record the dataset at `uri` (a Parquet directory) as an input of the run, the MLflow way."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():  # MLflow warns that a path could be several kinds of source
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(uri)
+        dataset = MetaDataset(source, name=name, digest=digest[:36])._to_mlflow_entity()
+        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
     def close_stale(self, parent_run_id: str, stage: str) -> int:
         """Mark child runs of `stage` still RUNNING (their worker died before a retry) as KILLED."""
         stale = self.client.search_runs(

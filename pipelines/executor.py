@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import posixpath
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from infra.manifest import CorruptOutputError, IncompleteOutputError, Manifest, check_present
@@ -27,6 +29,8 @@ from tasks.stage import StageContext, StageResult, run_stage
 from tasks.stages.distill_round import passes_quality_gate
 
 CURRENT = "CURRENT"
+# The project's packages, shipped with every logged MLflow model so it loads and serves on its own.
+CODE_PATHS = [str(Path(__file__).resolve().parent.parent / p) for p in ("fdm_core", "infra", "tasks")]
 
 
 def warm_worker() -> None:
@@ -129,12 +133,21 @@ def stage_tags(spec: StageSpec, env: RunEnv, state: str) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 
+def log_inputs(env: RunEnv, run_id: str, spec: StageSpec, ups: dict[str, StageResult]) -> None:
+    """The dataset a stage reads, as an MLflow dataset input of its run (its digest: the output's)."""
+    if "dataset" in spec.inputs:
+        data = ups[spec.inputs["dataset"]]
+        env.tracking.log_dataset(run_id, data.output_uri, spec.inputs["dataset"], data.digest)
+
+
 def params(spec: StageSpec) -> dict[str, Any]:
     """A stage's config as MLflow params, under its path in the pipeline config (as the parent logs it)."""
     return {spec.section: spec.config} if spec.section else spec.config
 
 
-def record_resolved(env: RunEnv, spec: StageSpec, result: StageResult) -> StageResult:
+def record_resolved(
+    env: RunEnv, spec: StageSpec, result: StageResult, ups: dict[str, StageResult]
+) -> StageResult:
     """Log a stage that did not compute (served from the cache, or skipped) as a finished child run."""
     state = "skipped" if result.info.get("skipped") else "cached"
     tags = stage_tags(spec, env, state)
@@ -164,10 +177,10 @@ def execute_stage(spec: StageSpec, env: RunEnv, force: bool, *upstream: StageRes
     reason = skip_reason(spec, ups)
     store = env.store()
     if reason:
-        result = record_resolved(env, spec, skipped(spec, reason))
+        result = record_resolved(env, spec, skipped(spec, reason), ups)
         _report(env, spec.name, state="skipped", note=reason)
     elif not force and (hit := serve(store, spec, ups)) is not None:
-        result = record_resolved(env, spec, hit)
+        result = record_resolved(env, spec, hit, ups)
         _report(env, spec.name, state="cached", seconds=0.0)
     else:
         result = compute(spec, env, store, ups, fresh=force)
@@ -195,6 +208,7 @@ def compute(
         env.parent_run_id, spec.title or spec.name, stage_tags(spec, env, "computed")
     ) as run_id:
         tracking.log_params(run_id, params(spec))
+        log_inputs(env, run_id, spec, ups)
         logged: dict[str, int] = {}  # metric key -> last step the stage logged it at
 
         def log_metrics(metrics: dict[str, float], step: int) -> None:
@@ -238,10 +252,24 @@ def compute(
             "output_version": version,
             **result.info.get("tags", {}),
         }
+        if decl.output == "model":
+            result.info["model_uri"] = _log_model(env, run_id, store, ctx.out_prefix, spec)
+            tags["fdm.model_uri"] = result.info["model_uri"]
         tracking.set_tags(run_id, tags)
         _log_outputs(tracking, run_id, store, ctx.out_prefix)
     _report(env, spec.name, state="done", seconds=seconds)
     return result
+
+
+def _log_model(env: RunEnv, run_id: str, store: ArtifactStore, prefix: str, spec: StageSpec) -> str:
+    """The stage's model artifact as an MLflow pyfunc model on its run (weights, model.json, a sampler)."""
+    from infra.mlflow_models import log_sampler_model
+    from tasks.sample import sample_rows
+
+    with tempfile.TemporaryDirectory(prefix="fdm-mlflow-model-") as tmp:
+        store.download_dir(prefix, tmp)
+        tags = {"fdm.stage": spec.name, "fdm.key": spec.key, "fdm.steps": str(spec.steps or "")}
+        return log_sampler_model(env.tracking, run_id, tmp, sample_rows, CODE_PATHS, tags)
 
 
 def _log_outputs(tracking: Tracking, run_id: str, store: ArtifactStore, prefix: str) -> None:

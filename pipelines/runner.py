@@ -232,6 +232,42 @@ def summary_png(run: PipelineRun, store: ArtifactStore) -> bytes | None:
         return png
 
 
+def final_student(run: PipelineRun) -> StageOutcome | None:
+    """The last distilled model the run has (computed or cached; a gate-skipped round has none)."""
+    students = [
+        o
+        for o in run.outcomes.values()
+        if o.spec.round and o.spec.decl.output == "model" and o.result and not o.result.info.get("skipped")
+    ]
+    return students[-1] if students else None
+
+
+def register_final_student(run: PipelineRun, cfg: PipelineConfig, tracking: Tracking) -> str | None:
+    """Register the final student as a version of `<experiment>-student` with alias `candidate`: the model
+    logged when it was computed; a cached student's earlier version (same key) gets the alias again."""
+    from infra.mlflow_models import register
+
+    final = final_student(run)
+    if final is None:
+        return None
+    name, key = f"{cfg.tracking.experiment}-student", final.spec.key
+    tags = {"fdm.key": key, "fdm.steps": str(final.spec.steps), "fdm.pipeline_run": run.run_id}
+    if "model_uri" in final.result.info:
+        version = register(tracking, final.result.info["model_uri"], name, "candidate", tags)
+    else:
+        versions = [
+            v
+            for v in tracking.client.search_model_versions(f"name = '{name}'")
+            if v.tags.get("fdm.key") == key
+        ]
+        if not versions:
+            return None
+        version = max(versions, key=lambda v: int(v.version)).version
+        tracking.client.set_registered_model_alias(name, "candidate", version)
+    tracking.set_tags(run.run_id, {"fdm.registered_model": f"models:/{name}/{version}"})
+    return f"models:/{name}@candidate"
+
+
 def describe(run: PipelineRun, cfg: PipelineConfig, command: str) -> str:
     """The parent run's description: what ran, the final student, and how to reproduce it."""
     status = [o.status for o in run.outcomes.values()]
@@ -239,12 +275,9 @@ def describe(run: PipelineRun, cfg: PipelineConfig, command: str) -> str:
         f"Pipeline `{cfg.name}` on `{cfg.data.source.kind}` data: {len(status)} stages, "
         f"{status.count('done')} computed, {status.count('cached')} cached, {status.count('failed')} failed."
     )
-    students = [
-        o for o in run.outcomes.values() if o.spec.round and o.spec.decl.output == "model" and o.result
-    ]
-    students = [o for o in students if not o.result.info.get("skipped")]
-    if students:
-        text += f"\n\nFinal student: {students[-1].spec.name}, {students[-1].spec.steps} sampling steps."
+    final = final_student(run)
+    if final is not None:
+        text += f"\n\nFinal student: {final.spec.name}, {final.spec.steps} sampling steps."
     return text + f"\n\nReproduce: `{command}` at the commit in the `mlflow.source.git.commit` tag."
 
 
@@ -275,6 +308,9 @@ def _finish(
     if png:
         tracking.log_bytes(run.run_id, png, "quality_vs_steps.png")
     tracking.log_metrics(run.run_id, {"wall_seconds": run.wall_seconds})
+    data = run.outcomes.get("prepare_data")
+    if data is not None and data.result is not None:
+        tracking.log_dataset(run.run_id, data.result.output_uri, "prepare_data", data.result.digest)
     for o in run.outcomes.values():  # quality against sampling steps, drawn by MLflow as a curve
         if o.result is not None and o.spec.steps and "quality" in o.result.metrics:
             name = o.result.info.get("metric_name", "quality")
@@ -283,7 +319,10 @@ def _finish(
         run.run_id,
         {"fdm.used_ray": str(run.used_ray).lower(), "mlflow.note.content": describe(run, cfg, command)},
     )
+    registered = None if run.failed else register_final_student(run, cfg, tracking)
     tracking.end(run.run_id, "FAILED" if run.failed else "FINISHED")
+    if registered:
+        console.print(f"final student registered: {registered}")
     console.print(stage_table(run))
     for o in run.failed:
         console.print(f"[red]stage {o.spec.name} failed:[/red] {o.error}")
@@ -332,7 +371,8 @@ def _execute(
         run = PipelineRun(run_id, {s.name: StageOutcome(s) for s in stages}, used_ray=bool(pending))
         for spec in stages:
             if spec.name in resolved:
-                _outcome(run.outcomes[spec.name], record_resolved(env, spec, resolved[spec.name]))
+                ups = {u: resolved[u] for u in spec.upstream}
+                _outcome(run.outcomes[spec.name], record_resolved(env, spec, resolved[spec.name], ups))
         if pending:
             refs = _submit(cfg, pending, resolved, env, set(force))
             _wait(run, refs, env.board, console)

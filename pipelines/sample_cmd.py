@@ -3,7 +3,8 @@
     fdm sample --checkpoint REF --sampler ddpm --steps 1000 --num 16 --seed 0 \\
         [--picard --window 64 --tol 0.1 --actors 2] --out samples.npz
 
-REF is a model artifact (local directory or s3://bucket/prefix). The same seed gives the sequential and
+REF is a model artifact (local directory or s3://bucket/prefix), or an MLflow model (`models:/NAME@alias`,
+`models:/NAME/VERSION`, `runs:/RUN_ID`) from `--tracking-uri`. The same seed gives the sequential and
 the Picard sampler the same noise, so `--compare` reports how far Picard lands from the sequential result.
 """
 
@@ -25,7 +26,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="sample a model artifact (sequential or ParaDiGMS Picard)",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--checkpoint", required=True, help="model artifact: local dir or s3://bucket/prefix")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="model artifact (local dir, s3://bucket/prefix) or MLflow model (models:/NAME@alias, runs:/ID)",
+    )
+    p.add_argument(
+        "--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI for models:/ and runs:/"
+    )
     p.add_argument("--sampler", choices=METHODS, help="default: the artifact's own, else heun")
     p.add_argument("--steps", type=int, help="default: the artifact's own grid, else 18")
     p.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
@@ -61,6 +69,17 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        checkpoint = args.checkpoint
+        if checkpoint.startswith(("models:/", "runs:/")):
+            from mlflow.exceptions import MlflowException
+
+            from infra.mlflow_models import local_model_dir
+            from infra.tracking import existing_store
+
+            try:
+                checkpoint = local_model_dir(checkpoint, existing_store(args.tracking_uri))
+            except (MlflowException, OSError) as err:
+                raise StoreError(f"{args.checkpoint}: {str(err).splitlines()[0]}") from None
         cfg = SampleConfig(
             sampler=args.sampler,
             steps=args.steps,
@@ -77,12 +96,12 @@ def run(args: argparse.Namespace) -> int:
             cfg.picard and cfg.actors > 0 and init_ray(args.ray_address, max(os.cpu_count() or 1, cfg.actors))
         )
         try:
-            samples, stats = generate(cfg, args.checkpoint, args.endpoint_url, device)
+            samples, stats = generate(cfg, checkpoint, args.endpoint_url, device)
         finally:
             if started:
                 ray.shutdown()
         Path(args.out).write_bytes(samples_npz(samples, stats))
-    except (StoreError, ValueError) as err:  # a bad reference, artifact or option
+    except (StoreError, ValueError, LookupError) as err:  # a bad reference, artifact or option
         print(f"fdm sample: error: {err}", file=sys.stderr)
         return 2
     except (RuntimeError, ray.exceptions.RayError) as err:  # the sampling itself failed

@@ -154,3 +154,21 @@ def samples_npz(samples: Tensor, stats: dict[str, Any]) -> bytes:
         buf, samples=clipped, shape=np.array(clipped.shape), **{k: np.asarray(v) for k, v in stats.items()}
     )
     return buf.getvalue()
+
+
+def sample_rows(model_dir: str, row: dict[str, Any]) -> np.ndarray:
+    """One request to a served model: `num` samples (with optional seed, steps, sampler), each flattened
+    and clipped to the data range, as float32 rows; what the MLflow pyfunc model calls."""
+
+    def given(name: str) -> Any:
+        value = row.get(name)
+        return None if value is None or value != value else value  # absent columns arrive as NaN
+
+    cfg = SampleConfig(
+        num=int(row["num"]),
+        seed=int(given("seed") or 0),
+        steps=int(given("steps")) if given("steps") else None,
+        sampler=given("sampler"),
+    )
+    samples, _ = generate(cfg, model_dir)
+    return samples.clamp(-1, 1).reshape(len(samples), -1).float().numpy()

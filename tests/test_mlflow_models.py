@@ -1,0 +1,122 @@
+"""Models and datasets the MLflow way, on a real sqlite store and a real `mlflow models serve` on 127.0.0.1:
+every model stage logs a pyfunc model, the final student is registered with alias `candidate`, loads with
+`mlflow.pyfunc.load_model`, samples through `fdm sample`, and serves; datasets are logged as run inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from pipelines.cli import main
+from pipelines.config import load_config
+from pipelines.runner import run_pipeline
+
+CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "toy2d.yaml"
+TINY = [
+    "train.steps=20",
+    "distill.start_steps=4",
+    "distill.end_steps=2",
+    "distill.round.updates=5",
+    "distill.round.final_updates=5",
+    "evaluate.num_samples=64",
+    "evaluate.batch_size=64",
+    "evaluate.samplers=[{method: heun, steps: 4}]",
+]
+NAME = "fdm-toy2d-student"
+
+
+@pytest.fixture(scope="module")
+def pipeline(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, object]:
+    work = tmp_path_factory.mktemp("models")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    cfg = load_config(CONFIG, [*TINY, f"store.root={work / 'store'}", f"tracking.uri={uri}"])
+    run = run_pipeline(cfg, console=Console(quiet=True))
+    assert not run.failed, [o.error for o in run.failed]
+    return uri, run
+
+
+def test_model_stages_log_pyfunc_models_and_the_final_student_is_registered(pipeline) -> None:
+    uri, run = pipeline
+    client = MlflowClient(uri)
+    for name in ("train_base", "distill_1"):
+        child = client.get_run(run.outcomes[name].result.run_id)
+        assert child.data.tags["fdm.model_uri"].startswith("models:/")
+    version = client.get_model_version_by_alias(NAME, "candidate")
+    assert version.tags["fdm.key"] == run.outcomes["distill_1"].spec.key and version.tags["fdm.steps"] == "2"
+    assert client.get_run(run.run_id).data.tags["fdm.registered_model"] == f"models:/{NAME}/{version.version}"
+
+
+def test_registered_student_loads_and_samples(pipeline, tmp_path: Path) -> None:
+    uri, _ = pipeline
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@candidate")
+    out = model.predict(pd.DataFrame([{"num": 5, "seed": 0}]))
+    assert out.shape == (5, 2) and np.isfinite(out).all()
+    again = model.predict(pd.DataFrame([{"num": 5, "seed": 0}]))
+    np.testing.assert_array_equal(out, again)  # the seed fixes the samples
+    npz = tmp_path / "s.npz"
+    args = ["sample", "--checkpoint", f"models:/{NAME}@candidate", "--tracking-uri", uri, "--num", "5"]
+    assert main([*args, "--out", str(npz)]) == 0
+    np.testing.assert_allclose(np.load(npz)["samples"], out, atol=1e-6)
+
+
+def test_datasets_are_logged_as_run_inputs(pipeline) -> None:
+    uri, run = pipeline
+    client = MlflowClient(uri)
+    digest = run.outcomes["prepare_data"].result.digest[:36]
+    for run_id in (
+        run.run_id,
+        run.outcomes["train_base"].result.run_id,
+        run.outcomes["evaluate_1"].result.run_id,
+    ):
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        assert [d.dataset.digest for d in inputs] == [digest], run_id
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_registered_student_serves_on_loopback(pipeline) -> None:
+    uri, _ = pipeline
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@candidate"]
+    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    # MLflow starts `uvicorn` by name: the environment's bin directory must be on PATH, as when activated.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.time() < deadline, "mlflow models serve did not come up in 120 s"
+                time.sleep(1)
+        body = json.dumps({"dataframe_records": [{"num": 3, "seed": 1}]}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
+        predictions = np.array(json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"])
+        assert predictions.shape == (3, 2) and np.isfinite(predictions).all()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
