@@ -40,7 +40,7 @@ from tasks.stage import StageResult
 
 TRANSIENT = (ConnectionError, TimeoutError)
 REPO = Path(__file__).resolve().parent.parent
-PLOT_VERSION = 1  # bump when _summary_plot draws differently
+PLOT_VERSION = 2  # bump when _summary_plot draws differently
 
 
 @dataclass
@@ -178,56 +178,73 @@ def _wait(run: PipelineRun, refs: dict[str, Any], board: Any, console: Console) 
             o.status = "not run"
 
 
-def _quality_points(run: PipelineRun) -> dict[str, list[tuple[int, float]]]:
-    """Quality by sampling steps: the base model's samplers, and each distilled student on its own grid."""
+Point = tuple[int, float, int]  # (sampling steps, quality, NFE)
+
+
+def _quality_points(run: PipelineRun, teacher_steps: int) -> dict[str, list[Point]]:
+    """Quality by sampling steps: the base model's samplers, and the distilled students on their own grids,
+    joined to the teacher they started from (its DDIM at `teacher_steps`)."""
     base = run.outcomes.get("evaluate_base")
     if base is None or base.result is None:
         return {}
-    by_method: dict[str, list[tuple[int, float]]] = {}
-    for tag, m in base.result.info.get("by_sampler", {}).items():
+    series: dict[str, list[Point]] = {}
+    by_sampler = base.result.info.get("by_sampler", {})
+    for tag, m in by_sampler.items():
         method = tag.rstrip("0123456789")
-        by_method.setdefault(f"base {method}", []).append((int(tag[len(method) :]), m["quality"]))
+        series.setdefault(f"base model, {method}", []).append(
+            (int(tag[len(method) :]), m["quality"], int(m["nfe"]))
+        )
     students = [
-        (o.spec.steps, o.result.metrics["quality"])
+        (o.spec.steps, o.result.metrics["quality"], int(o.result.metrics.get("nfe", o.spec.steps)))
         for o in run.outcomes.values()
         if o.spec.round and o.result and "quality" in o.result.metrics
     ]
     if students:
-        by_method["distilled students"] = students
-    return {label: sorted(pts) for label, pts in by_method.items()}
+        teacher = by_sampler.get(f"euler{teacher_steps}")
+        start = [(teacher_steps, teacher["quality"], int(teacher["nfe"]))] if teacher else []
+        series["distilled students (from the base model's DDIM)"] = start + students
+    return {label: sorted(pts) for label, pts in series.items()}
 
 
-def _summary_plot(points: dict[str, list[tuple[int, float]]], metric: str) -> bytes:
-    """The quality-vs-steps plot (matplotlib is imported here, only when a plot must be drawn)."""
+def _summary_plot(points: dict[str, list[Point]], metric: str, title: str) -> bytes:
+    """The quality-vs-steps plot, about 800 px wide (matplotlib is imported only when one is drawn)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
-    fig = Figure(figsize=(5, 3.5), dpi=100)
+    fig = Figure(figsize=(8, 5), dpi=100)
     ax = fig.subplots()
     for label, pts in points.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for steps, quality, nfe in pts:
+            ax.annotate(f"NFE {nfe}", (steps, quality), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    steps = sorted({p[0] for pts in points.values() for p in pts})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(steps, [str(n) for n in steps])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("sampling steps")
     ax.set_ylabel(f"{metric} (lower is better)")
-    ax.legend(fontsize=7)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     return buf.getvalue()
 
 
-def summary_png(run: PipelineRun, store: ArtifactStore) -> bytes | None:
+def summary_png(run: PipelineRun, cfg: PipelineConfig, store: ArtifactStore) -> bytes | None:
     """The run's quality-vs-steps plot, kept in the store by a hash of what it shows: a re-run with the
     same results (every fully cached run) reuses it instead of drawing it again."""
-    points = _quality_points(run)
+    points = _quality_points(run, cfg.distill.start_steps)
     if not points:
         return None
-    base = run.outcomes["evaluate_base"].result
-    metric = base.info.get("metric_name", "quality")
-    digest = hashlib.sha256(json.dumps([points, metric, PLOT_VERSION]).encode()).hexdigest()[:16]
+    metric = run.outcomes["evaluate_base"].result.info.get("metric_name", "quality").upper()
+    title = f"{cfg.name}: sample quality against sampling steps"
+    digest = hashlib.sha256(json.dumps([points, metric, title, PLOT_VERSION]).encode()).hexdigest()[:16]
     path = f"plots/quality_vs_steps-{digest}.png"
     try:
         return store.read_bytes(path)
     except NotFoundError:
-        png = _summary_plot(points, metric)
+        png = _summary_plot(points, metric, title)
         store.write_bytes(path, png)
         return png
 
@@ -304,7 +321,7 @@ def _finish(
         for name, o in run.outcomes.items()
     }
     tracking.log_text(run.run_id, json.dumps(summary, indent=2, default=str), "summary.json")
-    png = summary_png(run, store)
+    png = summary_png(run, cfg, store)
     if png:
         tracking.log_bytes(run.run_id, png, "quality_vs_steps.png")
     tracking.log_metrics(run.run_id, {"wall_seconds": run.wall_seconds})
