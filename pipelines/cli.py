@@ -14,6 +14,7 @@ import traceback
 from rich.console import Console
 
 from infra import mlflow_server
+from infra.ray_join import ClusterError
 from pipelines import sample_cmd, submit
 from pipelines.config import ConfigError, load_config
 from pipelines.plan import StageError
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (KeyError, StageError) as err:
         console.print(f"[red]error:[/red] {err.args[0]}", highlight=False)
+        return EXIT_USAGE
+    except ClusterError as err:  # a Ray cluster that cannot be joined: one line, no traceback
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     return EXIT_USAGE
 

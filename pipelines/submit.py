@@ -3,8 +3,9 @@
     fdm submit pipelines/configs/cifar10.yaml --address http://127.0.0.1:8265 [--set a.b=c]... [--no-wait]
     fdm status JOB_ID --address http://127.0.0.1:8265
 
-The job's entrypoint is `fdm run CONFIG --set ... --address auto` on the head node, with this working copy
-uploaded as its working_dir (so the cluster runs exactly this code and these configs). The config must be
+The job's entrypoint is `fdm run CONFIG --set ...` on the head node, with this working copy uploaded as its
+working_dir (so the cluster runs exactly this code and these configs); it joins the job's cluster through
+the RAY_ADDRESS that Ray Jobs set for a driver. The config must be
 a file inside the working copy. With token authentication (RAY_AUTH_MODE=token), the token comes from
 RAY_AUTH_TOKEN if set, else from Ray's own sources (RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).
 """
@@ -70,13 +71,14 @@ def job_client(address: str) -> JobSubmissionClient:
 
 
 def entrypoint(config: str | Path, overrides: list[str]) -> str:
-    """The job's shell command: `fdm run` on the uploaded copy of `config`, joining the job's cluster."""
+    """The job's shell command: `fdm run` on the uploaded copy of `config`; it joins the job's cluster
+    through RAY_ADDRESS, which Ray Jobs set for the driver."""
     path = Path(config).resolve()
     try:
         rel = path.relative_to(REPO_ROOT)
     except ValueError:
         raise ConfigError(f"{config}: must be inside {REPO_ROOT} (the job's uploaded working_dir)") from None
-    args = ["fdm", "run", rel.as_posix(), *[a for o in overrides for a in ("--set", o)], "--address", "auto"]
+    args = ["fdm", "run", rel.as_posix(), *[a for o in overrides for a in ("--set", o)]]
     return shlex.join(args)
 
 

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -55,9 +56,16 @@ def _sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
+@dataclass(frozen=True)
+class Head:
+    job_api: str  # http://127.0.0.1:PORT, for `fdm submit`
+    gcs: str  # 127.0.0.1:PORT, for `fdm run --address` and RAY_ADDRESS
+    token: str
+
+
 @pytest.fixture(scope="module")
-def ray_head() -> Iterator[str]:
-    """A Ray head (`ray start --head --block`, 2 CPUs, token auth) on 127.0.0.1; yields its job API URL.
+def ray_cluster() -> Iterator[Head]:
+    """A Ray head (`ray start --head --block`, 2 CPUs, token auth) on 127.0.0.1.
 
     Started from this venv's `ray`, so job drivers run this venv's python and `fdm`. Stopped by signalling
     the process group it was started in (not `ray stop`, which would stop every Ray on the machine)."""
@@ -111,7 +119,7 @@ def ray_head() -> Iterator[str]:
                             "Ray head did not start:\n" + Path(temp_dir, "head.log").read_text()[-3000:]
                         ) from None
                     time.sleep(1)
-            yield address
+            yield Head(address, f"127.0.0.1:{gcs}", token)
     finally:
         for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):  # SIGKILL: stragglers only
             with contextlib.suppress(ProcessLookupError):
@@ -121,11 +129,17 @@ def ray_head() -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def ray_head(ray_cluster: Head) -> str:
+    """The head's job API URL."""
+    return ray_cluster.job_api
+
+
 def test_job_entrypoint_and_upload() -> None:
-    """The entrypoint re-parses to `fdm run` with the same overrides; local clutter is never uploaded."""
+    """The entrypoint re-parses to `fdm run` with the same overrides and no address (the job's driver joins
+    through the RAY_ADDRESS Ray Jobs set); local clutter is never uploaded."""
     cmd = shlex.split(entrypoint(REPO_ROOT / CONFIG, TINY))
-    assert cmd[:3] == ["fdm", "run", CONFIG] and cmd[-2:] == ["--address", "auto"]
-    assert cmd[3:-2] == _sets(TINY)
+    assert cmd[:3] == ["fdm", "run", CONFIG] and cmd[3:] == _sets(TINY)
     job = pipeline_job(CONFIG, TINY)
     assert job["runtime_env"]["working_dir"] == str(REPO_ROOT)
     assert {".venv", "artifacts", "mlflow.db", ".git", "benchmarks/results"} <= set(
@@ -178,3 +192,24 @@ def test_submit_runs_the_pipeline_as_a_ray_job(
     assert main(["status", job_id, "--address", ray_head]) == 0
     out = capsys.readouterr().out
     assert "SUCCEEDED" in out and run_id in out
+
+
+def test_joining_with_a_wrong_token_fails_fast_naming_the_setting(
+    ray_cluster: Head, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A token-auth cluster joined without the token (RAY_ADDRESS set, as `ray job submit -- fdm run` does):
+    one line that says to set RAY_AUTH_MODE=token and where the token comes from, exit 2, in seconds."""
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.gcs)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    overrides = [*TINY, f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    t0 = time.monotonic()
+    assert main(["run", CONFIG, *_sets(overrides)]) == 2
+    assert time.monotonic() - t0 < 20
+    out = capsys.readouterr().out
+    assert ray_cluster.gcs in out and "RAY_AUTH_MODE=token" in out and "RAY_AUTH_TOKEN" in out
+    assert "~/.ray/auth_token" in out and "Traceback" not in out
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 32)  # a wrong one
+    assert main(["run", CONFIG, *_sets(overrides)]) == 2
+    assert "refused this client" in capsys.readouterr().out
