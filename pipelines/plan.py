@@ -211,7 +211,8 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         if cfg.distill.quality_gate is not None and k >= 2:
             metric = f"euler{cfg.distill.start_steps}/quality" if k == 2 else "quality"
             gate = Gate(evals[-1].name, evals[-2].name, metric, cfg.distill.quality_gate)
-        section = {**d["distill"]["round"], "teacher_steps": teacher_steps, "round_index": k}
+        settings = cfg.distill.round_config(k).model_dump(mode="json")  # distill.round + distill.rounds[k]
+        section = {**settings, "teacher_steps": teacher_steps, "round_index": k}
         dist = p.add(
             f"distill_{k}",
             "distill_round",
