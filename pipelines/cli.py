@@ -45,10 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     stages.add_argument("run_id", help="the pipeline's (parent) MLflow run id, as `fdm run` prints it")
     stages.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
 
-    rerun = sub.add_parser("rerun", help="re-run one stage of a past run from its stored upstream outputs")
+    rerun = sub.add_parser(
+        "rerun",
+        help="re-run one stage of a past run from its stored upstream outputs, as a new run (fdm.rerun_of)",
+    )
     rerun.add_argument("run_id")
     rerun.add_argument("--stage", required=True, help="e.g. distill_3")
     rerun.add_argument("--downstream", action="store_true", help="also re-run everything that depends on it")
+    rerun.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a setting of the past run's config for this re-run, e.g. --set distill.rounds.3.lr=1e-3 "
+        "(repeatable); stages whose key it changes are recomputed",
+    )
     rerun.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     rerun.add_argument("--address", default=None)
 
@@ -117,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return _exit_code(
                 rerun_stage(
-                    args.tracking_uri, args.run_id, args.stage, args.downstream, args.address, console
+                    args.tracking_uri,
+                    args.run_id,
+                    args.stage,
+                    args.downstream,
+                    args.address,
+                    console,
+                    args.overrides,
                 )
             )
     except ConfigError as err:

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from infra.manifest import CorruptOutputError, IncompleteOutputError, Manifest, check_present
+from infra.manifest import (
+    CorruptOutputError,
+    IncompleteOutputError,
+    Manifest,
+    check_present,
+    read_manifest,
+)
 from infra.store import ArtifactStore, NotFoundError, open_store
 from infra.tracking import Tracking
 from pipelines.plan import StageSpec
@@ -81,10 +87,12 @@ def serve(store: ArtifactStore, spec: StageSpec, ups: dict[str, StageResult]) ->
     found = current_output(store, spec)
     if found is None:
         return None
-    _, manifest = found
+    prefix, manifest = found
     if manifest.result is None or manifest.inputs != input_digests(spec, ups):
         return None
-    return StageResult.from_record(manifest.result, store, manifest.digest)
+    result = StageResult.from_record(manifest.result, store, manifest.digest)
+    result.info["output_version"] = posixpath.basename(prefix)
+    return result
 
 
 def skip_reason(spec: StageSpec, ups: dict[str, StageResult]) -> str | None:
@@ -132,8 +140,9 @@ def record_resolved(env: RunEnv, spec: StageSpec, result: StageResult) -> StageR
     if state == "skipped":
         tags["skip_reason"] = result.info["skipped"]
         result.run_id = env.tracking.record_child(env.parent_run_id, spec.name, tags)
-    else:
+    else:  # the output it reuses, linked: which key's which version
         tags["output_uri"] = result.output_uri
+        tags["output_version"] = result.info.get("output_version", "")
         result.run_id = env.tracking.record_child(
             env.parent_run_id, spec.name, tags, {"config": spec.config}, result.metrics
         )
@@ -169,13 +178,16 @@ def execute_stage(spec: StageSpec, env: RunEnv, force: bool, *upstream: StageRes
 def compute(
     spec: StageSpec, env: RunEnv, store: ArtifactStore, ups: dict[str, StageResult], fresh: bool
 ) -> StageResult:
-    """Compute the stage into a new version of its key, then make that version current.
+    """Compute the stage into a new version of its key, then make that version current; the previous
+    version stays as it was. If the previous version was made from the same inputs and its files differ from
+    the new ones (a non-deterministic stage), the result and the child run say so (`fdm.output_differs`).
 
     `fresh` (a forced re-run) first drops the key's training checkpoints, so nothing is resumed."""
     decl, tracking = spec.decl, env.tracking
     checkpoints = posixpath.join("checkpoints", spec.kind, spec.key)
     if fresh:
         store.delete_prefix(checkpoints)
+    previous = current_output(store, spec)
     retried = tracking.close_stale(env.parent_run_id, spec.name)
     _report(env, spec.name, state="running", pid=os.getpid(), attempt=retried + 1)
     num_cpus = max(1, int(spec.resources.get("num_cpus", 1)))
@@ -217,11 +229,30 @@ def compute(
         store.write_bytes(posixpath.join(spec.out_root, CURRENT), version.encode())
         result.info.update({"name": spec.name, "seconds": seconds, "compute_span": [computing, time.time()]})
         result.run_id = run_id
+        result.info["output_version"] = version
+        tags = {"output_uri": result.outputs[decl.output], "output_version": version}
+        differs = _differs_from(store, previous, ctx.out_prefix, input_digests(spec, ups))
+        if differs:
+            result.info["output_differs"] = differs
+            tags.update({"fdm.output_differs": "true", "fdm.previous_version": differs})
         tracking.log_metrics(run_id, {**result.metrics, "stage_seconds": seconds})
-        tracking.set_tags(run_id, {"output_uri": result.outputs[decl.output], "output_version": version})
+        tracking.set_tags(run_id, tags)
         _log_outputs(tracking, run_id, store, ctx.out_prefix)
     _report(env, spec.name, state="done", seconds=seconds)
     return result
+
+
+def _differs_from(
+    store: ArtifactStore, previous: tuple[str, Manifest] | None, prefix: str, inputs: dict[str, str]
+) -> str | None:
+    """The previous version's name if it was made from the same inputs yet holds other files (names or
+    sha256) than the new output at `prefix`; None when there is none to compare or they are equal."""
+    if previous is None or previous[1].inputs != inputs:
+        return None
+    files = {name: e.sha256 for name, e in read_manifest(store, prefix).files.items()}
+    if files == {name: e.sha256 for name, e in previous[1].files.items()}:
+        return None
+    return posixpath.basename(previous[0])
 
 
 def _log_outputs(tracking: Tracking, run_id: str, store: ArtifactStore, prefix: str) -> None:

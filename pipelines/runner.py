@@ -4,7 +4,8 @@ status, and record the MLflow parent run.
 Everything the store already holds is resolved here from manifests alone; when that is every stage, Ray
 is never started. Otherwise the remaining stages are chained by passing ObjectRefs of small StageResults
 from one `.remote()` call to the next (no deprecated DAG API, no Ray Workflows). Re-running a stage forces
-it (and optionally its downstream) to recompute from scratch, while its upstream must come from the cache.
+it (and optionally its downstream) to recompute from scratch as a new pipeline run (a new MLflow parent
+tagged `fdm.rerun_of`), while its upstream comes from the cache.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from rich.live import Live
 from rich.table import Table
 
 from infra.store import ArtifactStore, NotFoundError
-from infra.tracking import Tracking
+from infra.tracking import Tracking, run_link
 from pipelines.config import PipelineConfig, parse_config
 from pipelines.executor import (
     RunEnv,
@@ -256,6 +257,16 @@ def _finish(run: PipelineRun, tracking: Tracking, store: ArtifactStore, console:
     tracking.set_tags(run.run_id, {"fdm.used_ray": str(run.used_ray).lower()})
     tracking.end(run.run_id, "FAILED" if run.failed else "FINISHED")
     console.print(stage_table(run))
+    for o in run.outcomes.values():
+        info = o.result.info if o.result else {}
+        if info.get("output_differs"):
+            console.print(
+                f"{o.spec.name}: the recomputed output differs from the previous version "
+                f"{info['output_differs']} (a non-deterministic stage); both are kept, this run used "
+                f"{info['output_version']}",
+                highlight=False,
+                soft_wrap=True,
+            )
     for o in run.failed:
         console.print(f"[red]stage {o.spec.name} failed:[/red] {o.error}")
 
@@ -316,6 +327,20 @@ def _execute(
             ray.shutdown()
 
 
+def open_parent(
+    cfg: PipelineConfig, tracking: Tracking, console: Console, tags: dict[str, str] | None = None
+) -> str:
+    """A new MLflow parent run for `cfg` (its params, tags and config.yaml); prints its id and UI link."""
+    run_id = tracking.start_parent(
+        cfg.name, cfg.model_dump(mode="json"), {"pipeline": cfg.name, **(tags or {})}
+    )
+    tracking.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    console.print(f"MLflow run id: [bold]{run_id}[/bold]  (tracking {tracking.tracking_uri})")
+    link = run_link(tracking.tracking_uri, tracking.experiment_id, run_id)
+    console.print(f"MLflow UI: {link}", highlight=False, soft_wrap=True)
+    return run_id
+
+
 def run_pipeline(
     cfg: PipelineConfig, address: str | None = None, console: Console | None = None
 ) -> PipelineRun:
@@ -324,10 +349,7 @@ def run_pipeline(
 
     def open_run() -> tuple[Tracking, str]:
         tracking = Tracking.setup(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
-        run_id = tracking.start_parent(cfg.name, cfg.model_dump(mode="json"), {"pipeline": cfg.name})
-        tracking.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
-        console.print(f"MLflow run id: [bold]{run_id}[/bold]  (tracking {tracking.tracking_uri})")
-        return tracking, run_id
+        return tracking, open_parent(cfg, tracking, console)
 
     return _execute(cfg, plan(cfg), open_run, address, console)
 
@@ -347,11 +369,20 @@ def rerun_stage(
     downstream: bool = False,
     address: str | None = None,
     console: Console | None = None,
+    overrides: list[str] | None = None,
 ) -> PipelineRun:
-    """Recompute `stage` (and its downstream if asked) of a past run from scratch, as new child runs of the
-    same parent; everything upstream must come from the store's cache and is never recomputed."""
+    """Re-run `stage` (and its downstream if asked) of a past run as a new pipeline run.
+
+    The new MLflow parent run (in the same experiment) is tagged `fdm.rerun_of` = `run_id`; the past run's
+    record is only read. The forced stages recompute from scratch into new versions of their outputs. The
+    stages they need upstream are logged as cached child runs linking the outputs they reuse; those must be
+    in the store, unless `overrides` (`--set`, applied to the past run's config) changed their key, which is
+    then an ordinary cache miss."""
     console = console or Console()
     cfg, tracking = load_run_config(tracking_uri, run_id)
+    original = {s.name: s.key for s in plan(cfg)}
+    if overrides:
+        cfg = parse_config(cfg.model_dump(mode="json"), overrides)
     stages = plan(cfg)
     names = [s.name for s in stages]
     if stage not in names:
@@ -362,10 +393,16 @@ def rerun_stage(
         if s.name in needed:
             needed.update(s.upstream)
     selected = [s for s in stages if s.name in needed]
+    unchanged = {s.name for s in selected if original.get(s.name) == s.key}
+    tags = {"fdm.rerun_of": run_id, "fdm.rerun_stage": stage, "fdm.rerun_downstream": str(downstream).lower()}
+    if overrides:
+        tags["fdm.rerun_set"] = " ".join(overrides)
 
     def open_run() -> tuple[Tracking, str]:
-        tracking.client.update_run(run_id, status="RUNNING")
-        return tracking, run_id
+        new_id = open_parent(cfg, tracking, console, tags)
+        what = f"{stage} and its downstream" if downstream else stage
+        console.print(f"a re-run of {run_id} ({what}); that run's record is left as it was", highlight=False)
+        return tracking, new_id
 
     return _execute(
         cfg,
@@ -374,6 +411,6 @@ def rerun_stage(
         address,
         console,
         force=set(targets),
-        cached_only=needed - set(targets),
+        cached_only=(needed - set(targets)) & unchanged,
         rerun=True,
     )
