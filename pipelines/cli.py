@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sample":
             return sample_cmd.run(args)
-        if args.command in ("submit", "status"):
+        if args.command in ("submit", "status", "logs"):
             return submit.run(args)
         if args.command == "tracking-server":
             return mlflow_server.run(args)

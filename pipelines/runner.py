@@ -10,6 +10,7 @@ tagged `fdm.rerun_of`), while its upstream comes from the cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -151,13 +152,60 @@ def _submit(
     return refs
 
 
-def _wait(run: PipelineRun, refs: dict[str, Any], board: Any, console: Console) -> None:
+class StageLines:
+    """Progress for a log (stdout not a terminal, e.g. a Ray Job's): one plain line per stage transition,
+    started and ended (done, cached, skipped, failed), printed as it happens."""
+
+    def __init__(self, run: PipelineRun, console: Console) -> None:
+        self.run, self.console, self.shown = run, console, {}
+
+    def update(self, board: dict[str, dict[str, Any]] | None = None) -> None:
+        for name, o in self.run.outcomes.items():
+            running = (board or {}).get(name, {}).get("state") == "running"
+            state = o.status if o.status != "pending" else "running" if running else "pending"
+            if state == self.shown.get(name, "pending"):
+                continue
+            if state in ("done", "failed") and name not in self.shown:
+                self._line(f"stage {name} started")  # it started and ended between two looks
+            self.shown[name] = state
+            if state == "running":
+                self._line(f"stage {name} started")
+            elif state == "done":
+                secs = f" in {o.seconds:.1f} s" if o.seconds is not None else ""
+                self._line(f"stage {name} done{secs}  {headline(o.spec, o.result)}".rstrip())
+            elif state == "failed":
+                self._line(f"stage {name} failed: {headline(o.spec, None, o.error)}")
+            else:
+                self._line(f"stage {name} {state}  {headline(o.spec, o.result)}".rstrip())
+
+    def _line(self, text: str) -> None:
+        self.console.print(f"{time.strftime('%H:%M:%S')} {text}", highlight=False, soft_wrap=True)
+
+
+class _TableView:
+    """Progress on a terminal: the stage table, redrawn live."""
+
+    def __init__(self, run: PipelineRun, console: Console) -> None:
+        self.run = run
+        self.live = Live(stage_table(run), console=console, refresh_per_second=2)
+
+    def __enter__(self) -> _TableView:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.__exit__(*exc)
+
+    def update(self, board: dict[str, dict[str, Any]]) -> None:
+        self.live.update(stage_table(self.run, board))
+
+
+def _wait(run: PipelineRun, refs: dict[str, Any], board: Any, console: Console, lines: StageLines) -> None:
     import ray
 
     pending = {ref: name for name, ref in refs.items()}
-    with Live(
-        stage_table(run), console=console, refresh_per_second=2, transient=not console.is_terminal
-    ) as live:
+    view = _TableView(run, console) if console.is_terminal else contextlib.nullcontext(lines)
+    with view as live:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
@@ -169,7 +217,7 @@ def _wait(run: PipelineRun, refs: dict[str, Any], board: Any, console: Console) 
                     o.status = "failed"
                     cause = getattr(err, "cause", None) or err
                     o.error = f"{type(cause).__name__}: {cause}"
-            live.update(stage_table(run, ray.get(board.snapshot.remote())))
+            live.update(ray.get(board.snapshot.remote()))
     # Results arrive in any order; in plan (topological) order, a failure below a failure is "not run".
     for o in run.outcomes.values():
         if o.status == "failed" and any(
@@ -314,9 +362,12 @@ def _execute(
         for spec in stages:
             if spec.name in resolved:
                 _outcome(run.outcomes[spec.name], record_resolved(env, spec, resolved[spec.name]))
+        lines = StageLines(run, console)
+        if not console.is_terminal:
+            lines.update()
         if pending:
             refs = _submit(cfg, pending, resolved, env, set(force))
-            _wait(run, refs, env.board, console)
+            _wait(run, refs, env.board, console, lines)
         run.wall_seconds = time.perf_counter() - t0
         _finish(run, tracking, env.store(), console)
         return run
@@ -335,7 +386,7 @@ def open_parent(
         cfg.name, cfg.model_dump(mode="json"), {"pipeline": cfg.name, **(tags or {})}
     )
     tracking.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
-    console.print(f"MLflow run id: [bold]{run_id}[/bold]  (tracking {tracking.tracking_uri})")
+    console.print(f"MLflow run id: [bold]{run_id}[/bold]  (tracking {tracking.tracking_uri})", soft_wrap=True)
     link = run_link(tracking.tracking_uri, tracking.experiment_id, run_id)
     console.print(f"MLflow UI: {link}", highlight=False, soft_wrap=True)
     return run_id

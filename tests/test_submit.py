@@ -140,7 +140,7 @@ def test_job_entrypoint_and_upload() -> None:
     through the RAY_ADDRESS Ray Jobs set); local clutter is never uploaded."""
     cmd = shlex.split(entrypoint(REPO_ROOT / CONFIG, TINY))
     assert cmd[:3] == ["fdm", "run", CONFIG] and cmd[3:] == _sets(TINY)
-    job = pipeline_job(CONFIG, TINY)
+    job = pipeline_job(CONFIG, TINY, allow_local=True)
     assert job["runtime_env"]["working_dir"] == str(REPO_ROOT)
     assert {".venv", "artifacts", "mlflow.db", ".git", "benchmarks/results"} <= set(
         job["runtime_env"]["excludes"]
@@ -158,6 +158,22 @@ def test_bad_config_or_config_outside_the_repo_exit_2_before_connecting(
     shutil.copy(REPO_ROOT / CONFIG, outside)
     assert main(["submit", str(outside), "--address", nowhere]) == 2
     assert "working_dir" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_submit_refuses_relative_tracking_and_store_unless_allowed(capsys: pytest.CaptureFixture) -> None:
+    """A relative sqlite tracking URI or store root would end in the job's temporary working directory:
+    refused (exit 2, before connecting) with what to use instead, unless --allow-local."""
+    nowhere = "http://127.0.0.1:9"
+    assert main(["submit", CONFIG, "--address", nowhere]) == 2  # toy2d.yaml: sqlite:///mlflow.db, artifacts
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "tracking.uri=sqlite:///mlflow.db and store.root=artifacts: relative" in out
+    assert "fdm tracking-server" in out and "s3://" in out and "--allow-local" in out
+    assert main(["submit", CONFIG, "--address", nowhere, "--set", "store.root=s3://b/fdm"]) == 2
+    assert "tracking.uri=sqlite:///mlflow.db: relative" in capsys.readouterr().out
+    shared = ["tracking.uri=sqlite:////shared/mlflow.db", "store.root=/shared/fdm"]
+    assert pipeline_job(CONFIG, shared)["entrypoint"].startswith("fdm run")
+    assert pipeline_job(CONFIG, ["tracking.uri=http://10.0.0.5:5000", "store.root=s3://b/fdm"])
+    assert pipeline_job(CONFIG, [], allow_local=True)
 
 
 def test_submit_refuses_an_installed_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,9 +205,23 @@ def test_submit_runs_the_pipeline_as_a_ray_job(
     assert all(c.info.status == "FINISHED" for c in children)
     assert (tmp_path / "store" / "stages" / "train_base").is_dir()
 
+    # The job's log: one line per stage transition, as it happened (stdout is no terminal there).
+    for name in TINY_STAGES:
+        started = out.index(f"stage {name} started")
+        assert started < out.index(f"stage {name} done in ")
+    assert out.index("stage prepare_data done") < out.index("stage train_base started")
+
     assert main(["status", job_id, "--address", ray_head]) == 0
     out = capsys.readouterr().out
     assert "SUCCEEDED" in out and run_id in out
+    table = out[out.index(f"pipeline run {run_id}") :]  # the stage table, read from MLflow
+    assert all(name in table for name in TINY_STAGES) and "finished" in table
+
+    assert main(["logs", job_id, "--address", ray_head]) == 0
+    logs = capsys.readouterr().out
+    assert f"MLflow run id: {run_id}" in logs and "stage evaluate_base done" in logs
+    assert main(["logs", job_id, "--address", ray_head, "--follow"]) == 0  # an ended job: its log, then 0
+    assert capsys.readouterr().out == logs
 
 
 def test_joining_with_a_wrong_token_fails_fast_naming_the_setting(
