@@ -43,10 +43,11 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def probe_cluster(address: str, timeout: float = PROBE_SECONDS) -> None:
+def probe_cluster(address: str, timeout: float = PROBE_SECONDS, found: bool = False) -> None:
     """Raise ClusterError unless the Ray cluster at `address` (host:port of its GCS, "auto", or a
     ray://host:port client address) accepts a TCP connection within `timeout` seconds and, for a GCS,
-    this client's authentication."""
+    this client's authentication. `found`: the address was not given but found (RAY_ADDRESS, "auto"), where
+    ray.init turns token authentication on by itself if a token file exists; so does the probe."""
     import ray
     from ray._private.services import canonicalize_bootstrap_address
 
@@ -75,8 +76,13 @@ def probe_cluster(address: str, timeout: float = PROBE_SECONDS) -> None:
         ) from None
     if client:
         return
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
     from ray._raylet import GcsClient
 
+    if found or address == "auto":
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     try:
         with _quiet_stderr():
             GcsClient(address=target)

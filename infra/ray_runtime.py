@@ -29,13 +29,13 @@ def init_ray(
     stage code warms them before the first task."""
     if ray.is_initialized():
         return False
-    address = cluster_address(address)
-    if address:
-        probe_cluster(address)
-        try:
+    join = cluster_address(address)
+    if join:
+        probe_cluster(join, found=address in (None, "auto"))
+        try:  # address None: Ray reads RAY_ADDRESS itself, as it would without this project
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         except ray.exceptions.AuthenticationError:
-            raise ClusterError(f"the Ray cluster at {address} refused this client: {AUTH_HINT}") from None
+            raise ClusterError(f"the Ray cluster at {join} refused this client: {AUTH_HINT}") from None
     else:
         # Ray turns 127.0.0.1 into the machine's reachable IP and listens on all interfaces unless its
         # single-node switch is off (as on macOS/Windows): off, the embedded cluster stays on loopback.

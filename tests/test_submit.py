@@ -230,8 +230,10 @@ def test_joining_with_a_wrong_token_fails_fast_naming_the_setting(
     """A token-auth cluster joined without the token (RAY_ADDRESS set, as `ray job submit -- fdm run` does):
     one line that says to set RAY_AUTH_MODE=token and where the token comes from, exit 2, in seconds."""
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster.gcs)
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token for Ray to find by itself
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(name, "")  # recorded, so the test's end restores what was there
+        monkeypatch.delenv(name)
     overrides = [*TINY, f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
     t0 = time.monotonic()
     assert main(["run", CONFIG, *_sets(overrides)]) == 2
