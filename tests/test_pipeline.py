@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 from safetensors.torch import load as st_load
@@ -15,7 +16,7 @@ from fdm_core.training import TrainState
 from infra.manifest import MANIFEST_NAME, check_present, read_manifest, seal_dir
 from infra.store import open_store
 from pipelines.cli import main
-from pipelines.config import load_config
+from pipelines.config import load_config, parse_config
 from pipelines.plan import plan
 from pipelines.runner import rerun_stage, run_pipeline
 from tasks.checkpoints import latest_training_checkpoint, load_model, save_training_checkpoint
@@ -285,6 +286,21 @@ def test_stages_command_shows_past_run(first_run, capsys: pytest.CaptureFixture)
     assert main(["stages", run.run_id, "--tracking-uri", cfg.tracking.uri]) == 0
     out = capsys.readouterr().out
     assert "distill_2" in out and "evaluate_base" in out
+
+
+def test_per_round_settings_in_yaml_change_only_that_round_and_below() -> None:
+    """`distill.rounds: {2: {updates: 500}}` applies to round 2 alone, on top of `distill.round`: its key
+    and its evaluation's change, nothing else's."""
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw["distill"]["rounds"] = {2: {"updates": 500}}
+    before = {s.name: s for s in plan(load_config(CONFIG))}
+    after = {s.name: s for s in plan(parse_config(raw))}
+    assert {n for n in before if before[n].key != after[n].key} == {"distill_2", "evaluate_2"}
+    assert after["distill_2"].config["updates"] == 500
+    assert after["distill_1"].config == before["distill_1"].config
+    assert {k: v for k, v in after["distill_2"].config.items() if k != "updates"} == {
+        k: v for k, v in before["distill_2"].config.items() if k != "updates"
+    }
 
 
 @pytest.mark.parametrize(
