@@ -1,6 +1,8 @@
 """Ray start-up and the small shared actor that stages report their progress to.
 
-Locally Ray starts embedded and listens on loopback only; with an address it joins an existing cluster.
+Locally Ray starts embedded and listens on loopback only; with an address (`--address` or RAY_ADDRESS, as
+Ray Jobs set it for their driver) it joins an existing cluster, without resource arguments (those describe
+a cluster being started), after `infra.ray_join.probe_cluster` has checked it can.
 """
 
 from __future__ import annotations
@@ -13,18 +15,27 @@ from typing import Any
 import ray
 from ray._private import ray_constants
 
+from infra.ray_join import AUTH_HINT, ClusterError, cluster_address, probe_cluster
+
 
 def init_ray(
     address: str | None = None, num_cpus: int | None = None, setup_hook: Callable[[], None] | None = None
 ) -> bool:
     """Start (or join) Ray; returns True if this call started it, so the caller knows to shut it down.
 
-    `setup_hook` (an importable function) runs in each worker of an embedded cluster as it starts: Ray
-    prestarts a worker per CPU, so a hook importing the stage code warms them before the first task."""
+    Joining (an `address`, or RAY_ADDRESS set) probes the cluster first (ClusterError if it is unreachable
+    or refuses this client) and passes no resources. `setup_hook` (an importable function) runs in each
+    worker of an embedded cluster as it starts: Ray prestarts a worker per CPU, so a hook importing the
+    stage code warms them before the first task."""
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    join = cluster_address(address)
+    if join:
+        probe_cluster(join, found=address in (None, "auto"))
+        try:  # address None: Ray reads RAY_ADDRESS itself, as it would without this project
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        except ray.exceptions.AuthenticationError:
+            raise ClusterError(f"the Ray cluster at {join} refused this client: {AUTH_HINT}") from None
     else:
         # Ray turns 127.0.0.1 into the machine's reachable IP and listens on all interfaces unless its
         # single-node switch is off (as on macOS/Windows): off, the embedded cluster stays on loopback.

@@ -84,6 +84,15 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to open a run in the MLflow UI: its URL on a tracking server; for a local store (sqlite, a
+    directory), the `mlflow ui` command that serves it and the URL the run then has."""
+    path = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{path}"
+    return f"run `mlflow ui --backend-store-uri {tracking_uri}`, then open http://127.0.0.1:5000/{path}"
+
+
 @dataclass(frozen=True)
 class Tracking:
     """Where runs go: picklable, so it can be handed to Ray workers."""

@@ -15,6 +15,7 @@ import traceback
 from rich.console import Console
 
 from infra import mlflow_server
+from infra.ray_join import ClusterError
 from pipelines import sample_cmd, submit
 from pipelines.config import ConfigError, load_config
 from pipelines.plan import StageError
@@ -45,10 +46,22 @@ def _parser() -> argparse.ArgumentParser:
     stages.add_argument("run_id", help="the pipeline's (parent) MLflow run id, as `fdm run` prints it")
     stages.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
 
-    rerun = sub.add_parser("rerun", help="re-run one stage of a past run from its stored upstream outputs")
+    rerun = sub.add_parser(
+        "rerun",
+        help="re-run one stage of a past run from its stored upstream outputs, as a new run (fdm.rerun_of)",
+    )
     rerun.add_argument("run_id", help="the pipeline's (parent) MLflow run id, as `fdm run` prints it")
     rerun.add_argument("--stage", required=True, help="e.g. distill_3")
     rerun.add_argument("--downstream", action="store_true", help="also re-run everything that depends on it")
+    rerun.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a setting of the past run's config for this re-run, e.g. --set distill.rounds.3.lr=1e-3 "
+        "(repeatable); stages whose key it changes are recomputed",
+    )
     rerun.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
     rerun.add_argument(
         "--address", default=None, help="join this Ray cluster instead of starting one locally"
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sample":
             return sample_cmd.run(args)
-        if args.command in ("submit", "status"):
+        if args.command in ("submit", "status", "logs"):
             return submit.run(args)
         if args.command == "tracking-server":
             return mlflow_server.run(args)
@@ -120,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return _exit_code(
                 rerun_stage(
-                    args.tracking_uri, args.run_id, args.stage, args.downstream, args.address, console
+                    args.tracking_uri,
+                    args.run_id,
+                    args.stage,
+                    args.downstream,
+                    args.address,
+                    console,
+                    args.overrides,
                 )
             )
     except ConfigError as err:
@@ -128,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (LookupError, StageError) as err:
         console.print(f"[red]error:[/red] {err.args[0]}", highlight=False)
+        return EXIT_USAGE
+    except ClusterError as err:  # a Ray cluster that cannot be joined: one line, no traceback
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     return EXIT_USAGE
 

@@ -41,6 +41,43 @@ class DistillSchedule(BaseModel):
         None, gt=0, description="stop halving when a student's metric is worse than this x the teacher's"
     )
     round: DistillConfig = Field(default_factory=DistillConfig)
+    rounds: dict[int, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-round settings: round index (1 = the first halving) -> some fields of `round`, "
+        "applied on top of `round` for that round only, e.g. {3: {updates: 500}} or --set "
+        "distill.rounds.3.updates=500; only those rounds (and what depends on them) get new keys",
+    )
+
+    @model_validator(mode="after")
+    def _per_round(self) -> DistillSchedule:
+        known = set(DistillConfig.model_fields)
+        count = len(self.student_steps)
+        for k, changes in sorted(self.rounds.items()):
+            unknown = sorted(set(changes) - known)
+            if unknown:
+                raise ValueError(
+                    f"rounds.{k}.{unknown[0]}: unknown key; a round takes the fields of distill.round "
+                    f"({', '.join(sorted(known))})"
+                )
+            if self.enabled and not 1 <= k <= count:
+                raise ValueError(f"rounds.{k}: no such round; this schedule has rounds 1..{count}")
+            try:
+                settings = self.round_config(k)
+            except ValidationError as err:
+                e = err.errors()[0]
+                msg = e["msg"].removeprefix("Value error, ")
+                if not e["loc"]:  # a check across fields, whose message starts with the field it names
+                    raise ValueError(f"rounds.{k}.{msg}") from None
+                where = ".".join(str(p) for p in e["loc"])
+                raise ValueError(f"rounds.{k}.{where}: {msg} (got {e.get('input')!r})") from None
+            self.rounds[k] = {
+                name: getattr(settings, name) for name in changes
+            }  # as validated: "1e30" -> 1e30
+        return self
+
+    def round_config(self, k: int) -> DistillConfig:
+        """The settings of round `k` (1-based): `round`, with `rounds[k]` applied on top."""
+        return DistillConfig.model_validate({**self.round.model_dump(), **self.rounds.get(k, {})})
 
     @model_validator(mode="after")
     def _halvings(self) -> DistillSchedule:
@@ -167,7 +204,8 @@ def _explain(err: ValidationError) -> str:
         )
         msg = e["msg"].removeprefix("Value error, ")
         field, sep, rest = msg.partition(": ")
-        if sep and all(part.isidentifier() for part in field.split(".")):  # a validator naming its field
+        named = all(part.isidentifier() or part.isdigit() for part in field.split("."))
+        if sep and named:  # a validator naming its field
             path, msg = f"{path}.{field}" if path else field, rest
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

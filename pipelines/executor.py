@@ -20,7 +20,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from infra.manifest import CorruptOutputError, IncompleteOutputError, Manifest, check_present
+from infra.manifest import (
+    CorruptOutputError,
+    IncompleteOutputError,
+    Manifest,
+    check_present,
+    read_manifest,
+)
 from infra.store import ArtifactStore, NotFoundError, open_store
 from infra.tracking import Tracking
 from pipelines.plan import StageSpec
@@ -85,10 +91,12 @@ def serve(store: ArtifactStore, spec: StageSpec, ups: dict[str, StageResult]) ->
     found = current_output(store, spec)
     if found is None:
         return None
-    _, manifest = found
+    prefix, manifest = found
     if manifest.result is None or manifest.inputs != input_digests(spec, ups):
         return None
-    return StageResult.from_record(manifest.result, store, manifest.digest)
+    result = StageResult.from_record(manifest.result, store, manifest.digest)
+    result.info["output_version"] = posixpath.basename(prefix)
+    return result
 
 
 def skip_reason(spec: StageSpec, ups: dict[str, StageResult]) -> str | None:
@@ -154,8 +162,9 @@ def record_resolved(
     if state == "skipped":
         tags["skip_reason"] = result.info["skipped"]
         result.run_id = env.tracking.record_child(env.parent_run_id, spec.title or spec.name, tags)
-    else:
+    else:  # the output it reuses, linked: which key's which version
         tags.update(output_uri=result.output_uri, **result.info.get("tags", {}))
+        tags["output_version"] = result.info.get("output_version", "")
         result.run_id = env.tracking.record_child(
             env.parent_run_id, spec.name, tags, params(spec), result.metrics
         )
@@ -191,13 +200,16 @@ def execute_stage(spec: StageSpec, env: RunEnv, force: bool, *upstream: StageRes
 def compute(
     spec: StageSpec, env: RunEnv, store: ArtifactStore, ups: dict[str, StageResult], fresh: bool
 ) -> StageResult:
-    """Compute the stage into a new version of its key, then make that version current.
+    """Compute the stage into a new version of its key, then make that version current; the previous
+    version stays as it was. If the previous version was made from the same inputs and its files differ from
+    the new ones (a non-deterministic stage), the result and the child run say so (`fdm.output_differs`).
 
     `fresh` (a forced re-run) first drops the key's training checkpoints, so nothing is resumed."""
     decl, tracking = spec.decl, env.tracking
     checkpoints = posixpath.join("checkpoints", spec.kind, spec.key)
     if fresh:
         store.delete_prefix(checkpoints)
+    previous = current_output(store, spec)
     retried = tracking.close_stale(env.parent_run_id, spec.name)
     _report(env, spec.name, state="running", pid=os.getpid(), attempt=retried + 1)
     num_cpus = max(1, int(spec.resources.get("num_cpus", 1)))
@@ -244,6 +256,7 @@ def compute(
         store.write_bytes(posixpath.join(spec.out_root, CURRENT), version.encode())
         result.info.update({"name": spec.name, "seconds": seconds, "compute_span": [computing, time.time()]})
         result.run_id = run_id
+        result.info["output_version"] = version
         # Summaries the stage did not log as a series, once, at its last real step (no step-0 duplicates).
         summary = {k: v for k, v in {**result.metrics, "stage_seconds": seconds}.items() if k not in logged}
         tracking.log_metrics(run_id, summary, max(logged.values(), default=0))
@@ -252,6 +265,10 @@ def compute(
             "output_version": version,
             **result.info.get("tags", {}),
         }
+        differs = _differs_from(store, previous, ctx.out_prefix, input_digests(spec, ups))
+        if differs:
+            result.info["output_differs"] = differs
+            tags.update({"fdm.output_differs": "true", "fdm.previous_version": differs})
         if decl.output == "model":
             result.info["model_uri"] = _log_model(env, run_id, store, ctx.out_prefix, spec)
             tags["fdm.model_uri"] = result.info["model_uri"]
@@ -270,6 +287,19 @@ def _log_model(env: RunEnv, run_id: str, store: ArtifactStore, prefix: str, spec
         store.download_dir(prefix, tmp)
         tags = {"fdm.stage": spec.name, "fdm.key": spec.key, "fdm.steps": str(spec.steps or "")}
         return log_sampler_model(env.tracking, run_id, tmp, sample_rows, CODE_PATHS, tags)
+
+
+def _differs_from(
+    store: ArtifactStore, previous: tuple[str, Manifest] | None, prefix: str, inputs: dict[str, str]
+) -> str | None:
+    """The previous version's name if it was made from the same inputs yet holds other files (names or
+    sha256) than the new output at `prefix`; None when there is none to compare or they are equal."""
+    if previous is None or previous[1].inputs != inputs:
+        return None
+    files = {name: e.sha256 for name, e in read_manifest(store, prefix).files.items()}
+    if files == {name: e.sha256 for name, e in previous[1].files.items()}:
+        return None
+    return posixpath.basename(previous[0])
 
 
 def _log_outputs(tracking: Tracking, run_id: str, store: ArtifactStore, prefix: str) -> None:

@@ -218,7 +218,8 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         if cfg.distill.quality_gate is not None and k >= 2:
             ddim = f"euler{cfg.distill.start_steps}" if k == 2 else None  # the first teacher, as distilled
             gate = Gate(evals[-1].name, evals[-2].name, ddim, cfg.distill.quality_gate)
-        section = {**d["distill"]["round"], "teacher_steps": teacher_steps, "round_index": k}
+        settings = cfg.distill.round_config(k).model_dump(mode="json")  # distill.round + distill.rounds[k]
+        section = {**settings, "teacher_steps": teacher_steps, "round_index": k}
         dist = p.add(
             f"distill_{k}",
             "distill_round",

@@ -4,11 +4,13 @@ status, and record the MLflow parent run.
 Everything the store already holds is resolved here from manifests alone; when that is every stage, Ray
 is never started. Otherwise the remaining stages are chained by passing ObjectRefs of small StageResults
 from one `.remote()` call to the next (no deprecated DAG API, no Ray Workflows). Re-running a stage forces
-it (and optionally its downstream) to recompute from scratch, while its upstream must come from the cache.
+it (and optionally its downstream) to recompute from scratch as a new pipeline run (a new MLflow parent
+tagged `fdm.rerun_of`), while its upstream comes from the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -24,7 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from infra.store import ArtifactStore, NotFoundError
-from infra.tracking import Tracking, provenance_tags
+from infra.tracking import Tracking, provenance_tags, run_link
 from pipelines.config import PipelineConfig, parse_config
 from pipelines.executor import (
     RunEnv,
@@ -151,13 +153,60 @@ def _submit(
     return refs
 
 
-def _wait(run: PipelineRun, refs: dict[str, Any], board: Any, console: Console) -> None:
+class StageLines:
+    """Progress for a log (stdout not a terminal, e.g. a Ray Job's): one plain line per stage transition,
+    started and ended (done, cached, skipped, failed), printed as it happens."""
+
+    def __init__(self, run: PipelineRun, console: Console) -> None:
+        self.run, self.console, self.shown = run, console, {}
+
+    def update(self, board: dict[str, dict[str, Any]] | None = None) -> None:
+        for name, o in self.run.outcomes.items():
+            running = (board or {}).get(name, {}).get("state") == "running"
+            state = o.status if o.status != "pending" else "running" if running else "pending"
+            if state == self.shown.get(name, "pending"):
+                continue
+            if state in ("done", "failed") and name not in self.shown:
+                self._line(f"stage {name} started")  # it started and ended between two looks
+            self.shown[name] = state
+            if state == "running":
+                self._line(f"stage {name} started")
+            elif state == "done":
+                secs = f" in {o.seconds:.1f} s" if o.seconds is not None else ""
+                self._line(f"stage {name} done{secs}  {headline(o.spec, o.result)}".rstrip())
+            elif state == "failed":
+                self._line(f"stage {name} failed: {headline(o.spec, None, o.error)}")
+            else:
+                self._line(f"stage {name} {state}  {headline(o.spec, o.result)}".rstrip())
+
+    def _line(self, text: str) -> None:
+        self.console.print(f"{time.strftime('%H:%M:%S')} {text}", highlight=False, soft_wrap=True)
+
+
+class _TableView:
+    """Progress on a terminal: the stage table, redrawn live."""
+
+    def __init__(self, run: PipelineRun, console: Console) -> None:
+        self.run = run
+        self.live = Live(stage_table(run), console=console, refresh_per_second=2)
+
+    def __enter__(self) -> _TableView:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.__exit__(*exc)
+
+    def update(self, board: dict[str, dict[str, Any]]) -> None:
+        self.live.update(stage_table(self.run, board))
+
+
+def _wait(run: PipelineRun, refs: dict[str, Any], board: Any, console: Console, lines: StageLines) -> None:
     import ray
 
     pending = {ref: name for name, ref in refs.items()}
-    with Live(
-        stage_table(run), console=console, refresh_per_second=2, transient=not console.is_terminal
-    ) as live:
+    view = _TableView(run, console) if console.is_terminal else contextlib.nullcontext(lines)
+    with view as live:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
@@ -169,7 +218,7 @@ def _wait(run: PipelineRun, refs: dict[str, Any], board: Any, console: Console) 
                     o.status = "failed"
                     cause = getattr(err, "cause", None) or err
                     o.error = f"{type(cause).__name__}: {cause}"
-            live.update(stage_table(run, ray.get(board.snapshot.remote())))
+            live.update(ray.get(board.snapshot.remote()))
     # Results arrive in any order; in plan (topological) order, a failure below a failure is "not run".
     for o in run.outcomes.values():
         if o.status == "failed" and any(
@@ -341,6 +390,16 @@ def _finish(
     if registered:
         console.print(f"final student registered: {registered}")
     console.print(stage_table(run))
+    for o in run.outcomes.values():
+        info = o.result.info if o.result else {}
+        if info.get("output_differs"):
+            console.print(
+                f"{o.spec.name}: the recomputed output differs from the previous version "
+                f"{info['output_differs']} (a non-deterministic stage); both are kept, this run used "
+                f"{info['output_version']}",
+                highlight=False,
+                soft_wrap=True,
+            )
     for o in run.failed:
         console.print(f"[red]stage {o.spec.name} failed:[/red] {o.error}")
 
@@ -390,9 +449,12 @@ def _execute(
             if spec.name in resolved:
                 ups = {u: resolved[u] for u in spec.upstream}
                 _outcome(run.outcomes[spec.name], record_resolved(env, spec, resolved[spec.name], ups))
+        lines = StageLines(run, console)
+        if not console.is_terminal:
+            lines.update()
         if pending:
             refs = _submit(cfg, pending, resolved, env, set(force))
-            _wait(run, refs, env.board, console)
+            _wait(run, refs, env.board, console, lines)
         run.wall_seconds = time.perf_counter() - t0
         _finish(run, cfg, command, tracking, env.store(), console)
         return run
@@ -401,6 +463,20 @@ def _execute(
             import ray
 
             ray.shutdown()
+
+
+def open_parent(
+    cfg: PipelineConfig, tracking: Tracking, console: Console, tags: dict[str, str] | None = None
+) -> str:
+    """A new MLflow parent run for `cfg` (its params, tags and config.yaml); prints its id and UI link."""
+    run_id = tracking.start_parent(
+        cfg.name, cfg.model_dump(mode="json"), {"pipeline": cfg.name, **(tags or {})}
+    )
+    tracking.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    console.print(f"MLflow run id: [bold]{run_id}[/bold]  (tracking {tracking.tracking_uri})", soft_wrap=True)
+    link = run_link(tracking.tracking_uri, tracking.experiment_id, run_id)
+    console.print(f"MLflow UI: {link}", highlight=False, soft_wrap=True)
+    return run_id
 
 
 def run_pipeline(
@@ -412,16 +488,11 @@ def run_pipeline(
     """Run the full DAG as a new MLflow parent run; stages whose outputs are in the store are cached.
     `command` is how the run was started (its MLflow source), e.g. the `fdm run ...` command line."""
     console = console or Console()
-
     command = command or f"fdm run ({cfg.name})"
 
     def open_run() -> tuple[Tracking, str]:
         tracking = Tracking.setup(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
-        tags = {"pipeline": cfg.name, **provenance_tags(command, REPO)}
-        run_id = tracking.start_parent(cfg.name, cfg.model_dump(mode="json"), tags)
-        tracking.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
-        console.print(f"MLflow run id: [bold]{run_id}[/bold]  (tracking {tracking.tracking_uri})")
-        return tracking, run_id
+        return tracking, open_parent(cfg, tracking, console, provenance_tags(command, REPO))
 
     return _execute(cfg, plan(cfg), open_run, address, console, command=command)
 
@@ -441,11 +512,20 @@ def rerun_stage(
     downstream: bool = False,
     address: str | None = None,
     console: Console | None = None,
+    overrides: list[str] | None = None,
 ) -> PipelineRun:
-    """Recompute `stage` (and its downstream if asked) of a past run from scratch, as new child runs of the
-    same parent; everything upstream must come from the store's cache and is never recomputed."""
+    """Re-run `stage` (and its downstream if asked) of a past run as a new pipeline run.
+
+    The new MLflow parent run (in the same experiment) is tagged `fdm.rerun_of` = `run_id`; the past run's
+    record is only read. The forced stages recompute from scratch into new versions of their outputs. The
+    stages they need upstream are logged as cached child runs linking the outputs they reuse; those must be
+    in the store, unless `overrides` (`--set`, applied to the past run's config) changed their key, which is
+    then an ordinary cache miss."""
     console = console or Console()
     cfg, tracking = load_run_config(tracking_uri, run_id)
+    original = {s.name: s.key for s in plan(cfg)}
+    if overrides:
+        cfg = parse_config(cfg.model_dump(mode="json"), overrides)
     stages = plan(cfg)
     names = [s.name for s in stages]
     if stage not in names:
@@ -456,10 +536,19 @@ def rerun_stage(
         if s.name in needed:
             needed.update(s.upstream)
     selected = [s for s in stages if s.name in needed]
+    unchanged = {s.name for s in selected if original.get(s.name) == s.key}
+    command = f"fdm rerun {run_id} --stage {stage}" + (" --downstream" if downstream else "")
+    command += "".join(f" --set {o}" for o in overrides or [])
+    tags = {"fdm.rerun_of": run_id, "fdm.rerun_stage": stage, "fdm.rerun_downstream": str(downstream).lower()}
+    tags.update(provenance_tags(command, REPO))
+    if overrides:
+        tags["fdm.rerun_set"] = " ".join(overrides)
 
     def open_run() -> tuple[Tracking, str]:
-        tracking.client.update_run(run_id, status="RUNNING")
-        return tracking, run_id
+        new_id = open_parent(cfg, tracking, console, tags)
+        what = f"{stage} and its downstream" if downstream else stage
+        console.print(f"a re-run of {run_id} ({what}); that run's record is left as it was", highlight=False)
+        return tracking, new_id
 
     return _execute(
         cfg,
@@ -468,7 +557,7 @@ def rerun_stage(
         address,
         console,
         force=set(targets),
-        cached_only=needed - set(targets),
+        cached_only=(needed - set(targets)) & unchanged,
         rerun=True,
-        command=f"fdm rerun {run_id} --stage {stage}" + (" --downstream" if downstream else ""),
+        command=command,
     )

@@ -1,11 +1,16 @@
-"""`fdm submit` and `fdm status`: run a pipeline on a Ray cluster as a Ray Job, and look one up later.
+"""`fdm submit`, `fdm status` and `fdm logs`: run a pipeline on a Ray cluster as a Ray Job, and follow it.
 
     fdm submit pipelines/configs/cifar10.yaml --address http://127.0.0.1:8265 [--set a.b=c]... [--no-wait]
-    fdm status JOB_ID --address http://127.0.0.1:8265
+    fdm status JOB_ID --address http://127.0.0.1:8265     # the job, and its pipeline's stage table
+    fdm logs JOB_ID --address http://127.0.0.1:8265 [--follow]
 
-The job's entrypoint is `fdm run CONFIG --set ... --address auto` on the head node, with this working copy
-uploaded as its working_dir (so the cluster runs exactly this code and these configs). The config must be
-a file inside the working copy. With token authentication (RAY_AUTH_MODE=token), the token comes from
+The job's entrypoint is `fdm run CONFIG --set ...` on the head node, with this working copy uploaded as its
+working_dir (so the cluster runs exactly this code and these configs); it joins the job's cluster through
+the RAY_ADDRESS that Ray Jobs set for a driver. The config must be
+a file inside the working copy. The job's working directory is temporary, so a relative tracking URI or
+store root would lose the results: they are refused unless --allow-local. The job's log has one line per
+stage transition and the pipeline's MLflow run id and tracking URI, from which `fdm status` reads the stage
+table. With token authentication (RAY_AUTH_MODE=token), the token comes from
 RAY_AUTH_TOKEN if set, else from Ray's own sources (RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).
 """
 
@@ -21,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, PipelineConfig, load_config
 
 if TYPE_CHECKING:  # Ray loads when a job is submitted or queried, not with the `fdm` command line
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -40,7 +45,7 @@ UPLOAD_EXCLUDES = [
     ".pytest_cache",
     ".ruff_cache",
 ]
-RUN_ID_LINE = re.compile(r"MLflow run id:\s*([0-9a-f]{32})")
+RUN_ID_LINE = re.compile(r"MLflow run id:\s*([0-9a-f]{32})(?:\s+\(tracking (\S+)\))?")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -55,9 +60,24 @@ def add_parser(subparsers: Any) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="as `fdm run`"
     )
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without following")
-    s = subparsers.add_parser("status", help="status and MLflow run id of a submitted pipeline job")
+    p.add_argument(
+        "--allow-local",
+        action="store_true",
+        help="submit even with a relative tracking.uri or store.root (they end up in the job's temporary "
+        "working directory on the cluster)",
+    )
+    s = subparsers.add_parser(
+        "status", help="status, MLflow run id and stage table of a submitted pipeline job"
+    )
     s.add_argument("job_id", help="the id `fdm submit` printed")
     s.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
+    s.add_argument(
+        "--tracking-uri", default=None, help="where to read the stages (default: the URI the job's log names)"
+    )
+    g = subparsers.add_parser("logs", help="the log of a submitted pipeline job")
+    g.add_argument("job_id", help="the id `fdm submit` printed")
+    g.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
+    g.add_argument("--follow", action="store_true", help="keep printing as the log grows, until the job ends")
 
 
 def job_client(address: str) -> JobSubmissionClient:
@@ -70,24 +90,55 @@ def job_client(address: str) -> JobSubmissionClient:
 
 
 def entrypoint(config: str | Path, overrides: list[str]) -> str:
-    """The job's shell command: `fdm run` on the uploaded copy of `config`, joining the job's cluster."""
+    """The job's shell command: `fdm run` on the uploaded copy of `config`; it joins the job's cluster
+    through RAY_ADDRESS, which Ray Jobs set for the driver."""
     path = Path(config).resolve()
     try:
         rel = path.relative_to(REPO_ROOT)
     except ValueError:
         raise ConfigError(f"{config}: must be inside {REPO_ROOT} (the job's uploaded working_dir)") from None
-    args = ["fdm", "run", rel.as_posix(), *[a for o in overrides for a in ("--set", o)], "--address", "auto"]
+    args = ["fdm", "run", rel.as_posix(), *[a for o in overrides for a in ("--set", o)]]
     return shlex.join(args)
 
 
-def pipeline_job(config: str | Path, overrides: list[str]) -> dict[str, Any]:
-    """The Ray Job for a pipeline (submit_job's arguments); validated here, so a bad config fails before
-    anything is uploaded."""
-    load_config(config, overrides)
+def local_paths(cfg: PipelineConfig) -> list[str]:
+    """The settings of `cfg` that name relative local paths: on a cluster they would resolve inside the job's
+    temporary working directory, and the results would be lost with it."""
+    found = []
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///"):
+        relative = not uri.startswith("sqlite:////")
+    elif uri.startswith("file:"):
+        relative = not uri.removeprefix("file:").startswith("/")
+    else:
+        relative = "://" not in uri and not Path(uri).is_absolute()
+    if relative:
+        found.append(f"tracking.uri={uri}")
+    root = cfg.store.root
+    if "://" not in root and not Path(root).is_absolute():
+        found.append(f"store.root={root}")
+    return found
+
+
+def pipeline_job(config: str | Path, overrides: list[str], allow_local: bool = False) -> dict[str, Any]:
+    """The Ray Job for a pipeline (submit_job's arguments); validated here, so a bad config (or one whose
+    results would stay in the job's temporary directory, unless `allow_local`) fails before anything is
+    uploaded."""
+    cfg = load_config(config, overrides)
     if not (REPO_ROOT / "pyproject.toml").is_file():  # an installed copy: site-packages is no working_dir
         raise ConfigError(f"fdm submit runs from a source checkout (pip install -e); {REPO_ROOT} is not one")
+    command = entrypoint(config, overrides)
+    local = local_paths(cfg)
+    if local and not allow_local:
+        raise ConfigError(
+            f"{' and '.join(local)}: relative, so the job would keep its results in its temporary working "
+            "directory on the cluster, where they are lost. Track to a shared MLflow server (`fdm "
+            "tracking-server` on the head, then --set tracking.uri=http://HEAD:5000) and store in S3 "
+            "(--set store.root=s3://BUCKET/fdm), or give absolute paths on a filesystem the cluster shares; "
+            "--allow-local submits anyway"
+        )
     return {
-        "entrypoint": entrypoint(config, overrides),
+        "entrypoint": command,
         "runtime_env": {"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES},
         "metadata": {"fdm_config": Path(config).name},
     }
@@ -97,6 +148,12 @@ def mlflow_run_id(logs: str) -> str | None:
     """The pipeline's MLflow run id, from the line `fdm run` prints first."""
     m = RUN_ID_LINE.search(logs)
     return m.group(1) if m else None
+
+
+def mlflow_tracking_uri(logs: str) -> str | None:
+    """The tracking URI the pipeline logs to, from the same line."""
+    m = RUN_ID_LINE.search(logs)
+    return m.group(2) if m else None
 
 
 def follow(
@@ -125,16 +182,50 @@ def job_exit_code(client: JobSubmissionClient, job_id: str) -> int:
     return info.driver_exit_code if info.driver_exit_code in (EXIT_FAILED, EXIT_USAGE) else EXIT_FAILED
 
 
-def run(args: argparse.Namespace) -> int:
-    """`fdm submit` or `fdm status`; exit codes as `fdm run`'s (a running job's status exits 0)."""
+def _stages(tracking_uri: str, run_id: str) -> None:
+    """Print the pipeline run's stage table (from MLflow), or one line saying why it cannot be read here."""
+    from rich.console import Console
+
+    from pipelines.stages_cmd import past_stages
+
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
-        job = pipeline_job(args.config, args.overrides) if args.command == "submit" else {}
+        console.print(past_stages(tracking_uri, run_id))
+    except Exception as err:  # e.g. a sqlite file on the head, or a server not reachable from here
+        print(f"stages: cannot read run {run_id} at {tracking_uri} from here ({type(err).__name__}: {err})")
+
+
+def status(client: JobSubmissionClient, job_id: str, tracking_uri: str | None) -> int:
+    """`fdm status`: the job's status, its pipeline's MLflow run id and stage table."""
+    info = client.get_job_info(job_id)
+    print(f"job {job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    logs = client.get_job_logs(job_id)
+    run_id = mlflow_run_id(logs)
+    print(f"MLflow run id: {run_id or 'not yet known'}")
+    tracking_uri = tracking_uri or mlflow_tracking_uri(logs)
+    if run_id and tracking_uri:
+        _stages(tracking_uri, run_id)
+    return job_exit_code(client, job_id) if info.status.is_terminal() else EXIT_OK
+
+
+def _echo(text: str) -> None:
+    print(text, end="", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`fdm submit`, `fdm status` or `fdm logs`; exit codes as `fdm run`'s (a running job's status and
+    log exit 0)."""
+    try:
+        job = pipeline_job(args.config, args.overrides, args.allow_local) if args.command == "submit" else {}
         client = job_client(args.address)
         if args.command == "status":
-            info = client.get_job_info(args.job_id)
-            print(f"job {args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
-            print(f"MLflow run id: {mlflow_run_id(client.get_job_logs(args.job_id)) or 'not yet known'}")
-            return job_exit_code(client, args.job_id) if info.status.is_terminal() else EXIT_OK
+            return status(client, args.job_id, args.tracking_uri)
+        if args.command == "logs":
+            if not args.follow:
+                _echo(client.get_job_logs(args.job_id))
+                return EXIT_OK
+            follow(client, args.job_id, _echo)
+            return job_exit_code(client, args.job_id)
         job_id = client.submit_job(**job)
     except (ConnectionError, RuntimeError) as err:  # unreachable cluster, bad token, unknown job id
         print(f"fdm {args.command}: error: {err}", file=sys.stderr)
@@ -142,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"submitted job {job_id}  (fdm status {job_id} --address {args.address})", flush=True)
     if args.no_wait:
         return EXIT_OK
-    status = follow(client, job_id, lambda text: print(text, end="", flush=True))
+    final = follow(client, job_id, _echo)
     logs = client.get_job_logs(job_id)
-    print(f"\njob {job_id}: {status}; MLflow run id: {mlflow_run_id(logs) or 'none (the run never started)'}")
+    print(f"\njob {job_id}: {final}; MLflow run id: {mlflow_run_id(logs) or 'none (the run never started)'}")
     return job_exit_code(client, job_id)

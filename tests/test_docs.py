@@ -16,7 +16,8 @@ import pytest
 
 from benchmarks import readme
 from pipelines.cli import _parser
-from pipelines.config import PipelineConfig
+from pipelines.config import DistillSchedule, PipelineConfig
+from tasks.stages.distill_round import DistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -159,13 +160,21 @@ def test_every_fault_row_names_its_test() -> None:
     assert not unnamed, f"fault rows without a `tests/...::test_...` that demonstrates them: {unnamed}"
 
 
+# Mapping fields whose values are some fields of a model: (model, field) -> that model. Their paths go
+# through a key, e.g. distill.rounds.3.updates.
+PARTIAL_VALUES = {(DistillSchedule, "rounds"): DistillConfig}
+
+
 def _resolves(path: list[str], model: type = PipelineConfig) -> bool:
-    """Whether a dotted config path names a field (through nested models and the data.source variants)."""
+    """Whether a dotted config path names a field (through nested models, the data.source variants and
+    mappings of partial models)."""
     if not path:
         return True
     info = model.model_fields.get(path[0])
     if info is None:
         return False
+    if (model, path[0]) in PARTIAL_VALUES:
+        return len(path) <= 2 or _resolves(path[2:], PARTIAL_VALUES[model, path[0]])
     ann = readme._strip(info.annotation)
     models = [a for a in (readme._union_args(ann) or (ann,)) if readme._is_model(a)]
     if len(path) == 1:

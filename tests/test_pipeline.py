@@ -1,16 +1,25 @@
 """End to end on a local Ray cluster, a temporary sqlite MLflow and a temporary store: the toy2d pipeline,
 its MLflow record, the stage cache, re-running one round, and config errors."""
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from rich.console import Console
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
+from fdm_core.training import TrainState
+from infra.manifest import MANIFEST_NAME, check_present, read_manifest, seal_dir
+from infra.store import open_store
 from pipelines.cli import main
-from pipelines.config import load_config
+from pipelines.config import load_config, parse_config
 from pipelines.plan import plan
 from pipelines.runner import rerun_stage, run_pipeline
+from tasks.checkpoints import latest_training_checkpoint, load_model, save_training_checkpoint
 
 CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "toy2d.yaml"
 SMALL = [
@@ -122,24 +131,167 @@ def test_changing_distillation_reuses_data_and_base(first_run, overrides: list[s
     assert status["distill_1"] == status["distill_2"] == "done"
 
 
-def test_rerun_recomputes_only_that_round(first_run) -> None:
+def _record(client: MlflowClient, run_id: str, tmp: Path) -> dict:
+    """Everything a user sees of a run: status, times, metrics, params, tags, artifacts (with summary.json's
+    text) and its child runs."""
+    run = client.get_run(run_id)
+    dst = tmp / run_id
+    dst.mkdir(exist_ok=True)
+    return {
+        "info": (run.info.status, run.info.start_time, run.info.end_time),
+        "metrics": run.data.metrics,
+        "params": run.data.params,
+        "tags": run.data.tags,
+        "artifacts": sorted((a.path, a.file_size) for a in client.list_artifacts(run_id)),
+        "summary": Path(client.download_artifacts(run_id, "summary.json", str(dst))).read_text(),
+        "children": sorted(
+            (c.info.run_id, c.info.status, c.info.end_time, sorted(c.data.tags.items()), c.data.metrics)
+            for c in _children(client, run_id)
+        ),
+    }
+
+
+def _current(store, spec) -> str:
+    return store.read_bytes(f"{spec.out_root}/CURRENT").decode()
+
+
+def _new_run_id(out: str) -> str:
+    return re.search(r"MLflow run id: ([0-9a-f]{32})", out).group(1)
+
+
+def test_forced_rerun_recomputes_from_scratch_as_a_new_run(
+    first_run, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`fdm rerun --stage distill_2`: a new parent run tagged fdm.rerun_of, the round recomputed from scratch
+    although a stale checkpoint of its key is in the store (exactly the loss and weights of the first,
+    from-scratch run), the checkpoint gone afterwards, the previous versions kept, and a recomputation whose
+    files differ from the current version reported; the original run's record is untouched."""
     cfg, run = first_run
-    again = rerun_stage(cfg.tracking.uri, run.run_id, "distill_2", console=Console(quiet=True))
+    client = MlflowClient(cfg.tracking.uri)
+    before = _record(client, run.run_id, tmp_path)
+    store = open_store(cfg.store.root)
+    spec = run.outcomes["distill_2"].spec
+    first_version = _current(store, spec)
+    first = read_manifest(store, f"{spec.out_root}/{first_version}")
+
+    # A stale checkpoint of the key, halfway through the round with other weights: resuming would show.
+    model, _ = load_model(store, f"{spec.out_root}/{first_version}")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    checkpoints = f"checkpoints/distill_round/{spec.key}"
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    save_training_checkpoint(store, checkpoints, model, None, opt, TrainState(step=20))
+    assert latest_training_checkpoint(store, checkpoints).step == 20
+    # A current version from the same inputs whose weights differ (as a non-deterministic stage makes).
+    planted = "19990101T000000-planted"
+    local = tmp_path / "planted"
+    store.download_dir(f"{spec.out_root}/{first_version}", local)
+    (local / MANIFEST_NAME).unlink()
+    weights = st_load((local / "weights.safetensors").read_bytes())
+    (local / "weights.safetensors").write_bytes(st_save({k: v + 1 for k, v in weights.items()}))
+    seal_dir(store, local, f"{spec.out_root}/{planted}", first.producer, first.result, first.inputs)
+    store.write_bytes(f"{spec.out_root}/CURRENT", planted.encode())
+
+    argv = ["rerun", run.run_id, "--stage", "distill_2", "--tracking-uri", cfg.tracking.uri]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    new_id = _new_run_id(out)
+    assert new_id != run.run_id and f"a re-run of {run.run_id}" in out
+    exp = client.get_run(run.run_id).info.experiment_id
+    db = cfg.tracking.uri.removeprefix("sqlite:///")
+    assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out
+    assert f"#/experiments/{exp}/runs/{new_id}" in out
+    assert f"distill_2: the recomputed output differs from the previous version {planted}" in out
+
+    # From scratch: the first run's weights and loss exactly; then the checkpoints are gone.
+    version = _current(store, spec)
+    assert version not in (first_version, planted)
+    again = read_manifest(store, f"{spec.out_root}/{version}")
+    assert again.files["weights.safetensors"].sha256 == first.files["weights.safetensors"].sha256
+    assert again.result["metrics"]["distill/loss"] == first.result["metrics"]["distill/loss"]
+    assert again.result["metrics"]["resumed_from"] == 0.0
+    assert store.list(checkpoints) == []
+    # Never overwritten in place: every version is still complete.
+    for v in (first_version, planted, version):
+        check_present(store, f"{spec.out_root}/{v}")
+
+    # The new run: upstream logged as cached child runs linking the outputs they reuse.
+    parent = client.get_run(new_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["fdm.rerun_of"] == run.run_id
+    assert parent.data.tags["fdm.rerun_stage"] == "distill_2"
+    old = {c.data.tags["stage"]: c.data.tags for c in _children(client, run.run_id)}
+    children = {c.data.tags["stage"]: c.data.tags for c in _children(client, new_id)}
+    assert set(children) == {"prepare_data", "train_base", "distill_1", "distill_2"}
+    for name in ("prepare_data", "train_base", "distill_1"):
+        assert children[name]["cached"] == "true"
+        assert children[name]["output_uri"] == old[name]["output_uri"]
+        assert children[name]["output_version"] == old[name]["output_version"]
+    d2 = children["distill_2"]
+    assert d2["cached"] == "false" and d2["rerun"] == "True" and d2["output_version"] == version
+    assert d2["fdm.output_differs"] == "true" and d2["fdm.previous_version"] == planted
+    assert old["distill_2"]["output_version"] == first_version
+    assert _record(client, run.run_id, tmp_path) == before
+
+
+def test_failed_rerun_with_a_per_round_setting_leaves_the_original_alone(
+    first_run, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`fdm rerun --set distill.rounds.2.lr=...` changes round 2 only (its key; round 1 stays cached); the
+    re-run fails (a non-finite loss) as its own FAILED run, and the original run's record is as it was."""
+    cfg, run = first_run
+    client = MlflowClient(cfg.tracking.uri)
+    before = _record(client, run.run_id, tmp_path)
+    store = open_store(cfg.store.root)
+    current = _current(store, run.outcomes["distill_2"].spec)
+    argv = ["rerun", run.run_id, "--stage", "distill_2", "--tracking-uri", cfg.tracking.uri]
+    assert main([*argv, "--set", "distill.rounds.2.lr=1e30"]) == 1
+    out = capsys.readouterr().out
+    assert "stage distill_2 failed" in out and "non-finite loss" in out
+    new_id = _new_run_id(out)
+    parent = client.get_run(new_id)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["fdm.rerun_of"] == run.run_id
+    assert parent.data.tags["fdm.rerun_set"] == "distill.rounds.2.lr=1e30"
+    assert parent.data.params["distill.rounds.2.lr"] == "1e+30"
+    children = {c.data.tags["stage"]: c for c in _children(client, new_id)}
+    assert children["distill_1"].data.tags["cached"] == "true"
+    assert children["distill_2"].info.status == "FAILED"
+    assert children["distill_2"].data.tags["key"] != run.outcomes["distill_2"].spec.key
+    assert _record(client, run.run_id, tmp_path) == before
+    assert _current(store, run.outcomes["distill_2"].spec) == current
+
+
+def test_rerun_downstream_trains_every_round_against_the_new_teacher(first_run) -> None:
+    """With --downstream, every round and evaluation below the re-run round consumed the new outputs: the
+    input digests recorded in their manifests are those of the outputs this re-run made."""
+    cfg, run = first_run
+    store = open_store(cfg.store.root)
+    d1 = run.outcomes["distill_1"].spec
+    old_teacher = read_manifest(store, f"{d1.out_root}/{_current(store, d1)}")
+    again = rerun_stage(
+        cfg.tracking.uri, run.run_id, "distill_1", downstream=True, console=Console(quiet=True)
+    )
     status = {n: o.status for n, o in again.outcomes.items()}
     assert status == {
         "prepare_data": "cached",
         "train_base": "cached",
-        "distill_1": "cached",
+        "distill_1": "done",
+        "evaluate_1": "done",
         "distill_2": "done",
-    }
-    client = MlflowClient(cfg.tracking.uri)
-    reruns = [c for c in _children(client, run.run_id) if c.data.tags.get("rerun") == "True"]
-    assert [c.data.tags["stage"] for c in reruns if c.data.tags["cached"] == "false"] == ["distill_2"]
+        "evaluate_2": "done",
+    }, {n: o.error for n, o in again.outcomes.items()}
 
-    downstream = rerun_stage(
-        cfg.tracking.uri, run.run_id, "distill_2", downstream=True, console=Console(quiet=True)
-    )
-    assert downstream.outcomes["distill_2"].status == downstream.outcomes["evaluate_2"].status == "done"
+    def manifest(name: str):
+        spec = again.outcomes[name].spec
+        return read_manifest(store, f"{spec.out_root}/{_current(store, spec)}")
+
+    new_teacher = manifest("distill_1")
+    assert new_teacher.digest == again.outcomes["distill_1"].result.digest != old_teacher.digest
+    assert manifest("distill_2").inputs["teacher"] == new_teacher.digest
+    assert manifest("evaluate_1").inputs["model"] == new_teacher.digest
+    assert manifest("evaluate_2").inputs["model"] == manifest("distill_2").digest
+    assert manifest("distill_2").digest == again.outcomes["distill_2"].result.digest
 
 
 def test_stages_command_shows_past_run(first_run, capsys: pytest.CaptureFixture) -> None:
@@ -147,6 +299,21 @@ def test_stages_command_shows_past_run(first_run, capsys: pytest.CaptureFixture)
     assert main(["stages", run.run_id, "--tracking-uri", cfg.tracking.uri]) == 0
     out = capsys.readouterr().out
     assert "distill_2" in out and "evaluate_base" in out
+
+
+def test_per_round_settings_in_yaml_change_only_that_round_and_below() -> None:
+    """`distill.rounds: {2: {updates: 500}}` applies to round 2 alone, on top of `distill.round`: its key
+    and its evaluation's change, nothing else's."""
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw["distill"]["rounds"] = {2: {"updates": 500}}
+    before = {s.name: s for s in plan(load_config(CONFIG))}
+    after = {s.name: s for s in plan(parse_config(raw))}
+    assert {n for n in before if before[n].key != after[n].key} == {"distill_2", "evaluate_2"}
+    assert after["distill_2"].config["updates"] == 500
+    assert after["distill_1"].config == before["distill_1"].config
+    assert {k: v for k, v in after["distill_2"].config.items() if k != "updates"} == {
+        k: v for k, v in before["distill_2"].config.items() if k != "updates"
+    }
 
 
 @pytest.mark.parametrize(
@@ -158,6 +325,9 @@ def test_stages_command_shows_past_run(first_run, capsys: pytest.CaptureFixture)
         ("distill.round.weighting=bad", "distill.round.weighting"),
         ("data.source.toy=spiral", "data.source.toy2d.toy"),
         ("distill.end_steps=1", "distill.end_steps: a 1-step student"),
+        ("distill.rounds.2.updatez=5", "distill.rounds.2.updatez: unknown key"),
+        ("distill.rounds.9.lr=0.1", "distill.rounds.9: no such round"),
+        ("distill.rounds.1.lr=-1", "distill.rounds.1.lr: Input should be greater than 0"),
     ],
 )
 def test_config_errors_exit_2_naming_the_field(
