@@ -66,6 +66,11 @@ class NotFoundError(StoreError, FileNotFoundError):
     """A file the caller asked for is not in the store."""
 
 
+class StoreIOError(StoreError, OSError):
+    """A filesystem error (disk full, read-only, a file in the way) naming the path; still an OSError,
+    with the original errno."""
+
+
 @contextmanager
 def _os_errors(uri: str) -> Iterator[None]:
     """Local filesystem errors (disk full, read-only, a file where a directory should be) as StoreError
@@ -75,7 +80,9 @@ def _os_errors(uri: str) -> Iterator[None]:
     except StoreError:
         raise
     except OSError as err:
-        raise StoreError(f"{uri}: {err.strerror or err}") from err
+        wrapped = StoreIOError(f"{uri}: {err.strerror or err}")
+        wrapped.errno = err.errno
+        raise wrapped from err
 
 
 def _clean(path: str) -> str:
