@@ -32,7 +32,15 @@ class IncompleteOutputError(StoreError):
 
 
 class CorruptOutputError(StoreError):
-    """A file's size or sha256 differs from its manifest entry."""
+    """A file's size or sha256 differs from its manifest entry: `uri` names the file, `expected` and
+    `actual` its sha256 (or size) by the manifest and as read."""
+
+    def __init__(self, message: str, uri: str = "", expected: str = "", actual: str = "") -> None:
+        super().__init__(message, uri, expected, actual)  # all in args: it pickles across Ray
+        self.uri, self.expected, self.actual = uri, expected, actual
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 @dataclass(frozen=True)
@@ -88,11 +96,15 @@ class Manifest:
         entry = self.files.get(name)
         if entry is None:
             raise IncompleteOutputError(f"{uri}: not listed in the manifest")
-        if len(data) != entry.size:
-            raise CorruptOutputError(f"{uri}: size {len(data)} != {entry.size} in the manifest")
         digest = hashlib.sha256(data).hexdigest()
+        if len(data) != entry.size:
+            raise CorruptOutputError(
+                f"{uri}: size {len(data)} != {entry.size} in the manifest", uri, entry.sha256, digest
+            )
         if digest != entry.sha256:
-            raise CorruptOutputError(f"{uri}: sha256 {digest} != {entry.sha256} in the manifest")
+            raise CorruptOutputError(
+                f"{uri}: sha256 {digest} != {entry.sha256} in the manifest", uri, entry.sha256, digest
+            )
         return data
 
 
@@ -190,7 +202,12 @@ def check_present(store: ArtifactStore, prefix: str) -> Manifest:
         if path not in sizes:
             raise IncompleteOutputError(f"{store.uri(path)}: listed in the manifest but missing")
         if sizes[path] != entry.size:
-            raise CorruptOutputError(f"{store.uri(path)}: size {sizes[path]} != {entry.size} in the manifest")
+            raise CorruptOutputError(
+                f"{store.uri(path)}: size {sizes[path]} != {entry.size} in the manifest",
+                store.uri(path),
+                f"{entry.size} bytes",
+                f"{sizes[path]} bytes",
+            )
     return manifest
 
 
@@ -217,7 +234,9 @@ def verify(store: ArtifactStore, prefix: str) -> Manifest:
         except NotFoundError as err:
             raise IncompleteOutputError(f"{uri}: listed in the manifest but missing") from err
         if (size, sha) != (entry.size, entry.sha256):
-            raise CorruptOutputError(f"{uri}: size/sha256 {size}/{sha} != {entry.size}/{entry.sha256}")
+            raise CorruptOutputError(
+                f"{uri}: size/sha256 {size}/{sha} != {entry.size}/{entry.sha256}", uri, entry.sha256, sha
+            )
     return manifest
 
 

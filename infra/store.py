@@ -12,7 +12,10 @@ import posixpath
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from functools import cache, cached_property
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +23,39 @@ if TYPE_CHECKING:  # boto3 and pyarrow load on first S3 or Arrow use: a cache ch
     import pyarrow.fs as pafs
 
 ENDPOINT_ENV_VARS = ("FDM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
-# Transient S3 errors (throttling, 5xx, connection resets) are retried with exponential backoff.
-S3_MAX_ATTEMPTS = 5
 _TMP_PREFIX = ".tmp-"
+
+
+S3_ENV = {
+    "connect_timeout": "FDM_S3_CONNECT_TIMEOUT",
+    "read_timeout": "FDM_S3_READ_TIMEOUT",
+    "retries": "FDM_S3_RETRIES",
+}
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Bounded waits for S3: seconds to connect, seconds to wait for a response, and how many times a
+    transient error (throttling, 5xx, reset, timeout) is retried with backoff. A silent endpoint fails
+    after about (retries + 1) x read_timeout. Set from `store.*` by the driver through the environment
+    (`FDM_S3_CONNECT_TIMEOUT`, `FDM_S3_READ_TIMEOUT`, `FDM_S3_RETRIES`), which every Ray task applies."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    retries: int = 2
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        d = cls()
+        return cls(
+            float(os.environ.get(S3_ENV["connect_timeout"], d.connect_timeout)),
+            float(os.environ.get(S3_ENV["read_timeout"], d.read_timeout)),
+            int(os.environ.get(S3_ENV["retries"], d.retries)),
+        )
+
+    def env(self) -> dict[str, str]:
+        """The environment variables that carry these settings to `from_env` (in Ray workers too)."""
+        return {var: str(getattr(self, name)) for name, var in S3_ENV.items()}
 
 
 class StoreError(Exception):
@@ -31,6 +64,25 @@ class StoreError(Exception):
 
 class NotFoundError(StoreError, FileNotFoundError):
     """A file the caller asked for is not in the store."""
+
+
+class StoreIOError(StoreError, OSError):
+    """A filesystem error (disk full, read-only, a file in the way) naming the path; still an OSError,
+    with the original errno."""
+
+
+@contextmanager
+def _os_errors(uri: str) -> Iterator[None]:
+    """Local filesystem errors (disk full, read-only, a file where a directory should be) as StoreError
+    naming the path: "No space left on device" alone does not say where."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except OSError as err:
+        wrapped = StoreIOError(f"{uri}: {err.strerror or err}")
+        wrapped.errno = err.errno
+        raise wrapped from err
 
 
 def _clean(path: str) -> str:
@@ -65,6 +117,10 @@ class ArtifactStore(ABC):
     @abstractmethod
     def write_bytes(self, path: str, data: bytes) -> None:
         """Atomically create or replace a file."""
+
+    @abstractmethod
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create `path` with `data` only if no such file exists; False if one does (atomic claim)."""
 
     @abstractmethod
     def exists(self, path: str) -> bool:
@@ -126,19 +182,32 @@ class LocalStore(ArtifactStore):
     def write_bytes(self, path: str, data: bytes) -> None:
         self._write_atomic(self._path(path), lambda f: f.write(data))
 
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        target = self._path(path)
+        with _os_errors(str(target)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        return True
+
     @staticmethod
     def _write_atomic(target: Path, fill: Any) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fill(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _os_errors(str(target)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    fill(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     def exists(self, path: str) -> bool:
         return self._path(path).is_file()
@@ -194,27 +263,33 @@ class LocalStore(ArtifactStore):
 
 
 @cache
-def _s3_client(endpoint_url: str | None) -> Any:
-    """One boto3 client per endpoint: clients are thread-safe and slow (~0.1 s) to create."""
+def _s3_client(endpoint_url: str | None, settings: S3Settings) -> Any:
+    """One boto3 client per endpoint and settings: clients are thread-safe and slow (~0.1 s) to create."""
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+    config = Config(
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        retries={"max_attempts": settings.retries + 1, "mode": "standard"},
+    )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
 @cache
-def _arrow_s3(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
-    """One pyarrow S3 filesystem per endpoint and region, with the same bounded retries as boto3."""
+def _arrow_s3(endpoint_url: str | None, region: str, settings: S3Settings) -> pafs.S3FileSystem:
+    """One pyarrow S3 filesystem per endpoint, region and settings, bounded as the boto3 client is."""
     import pyarrow.fs as pafs
 
-    retry = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
+    bounds = {
+        "connect_timeout": settings.connect_timeout,
+        "request_timeout": settings.read_timeout,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=settings.retries + 1),
+    }
     if endpoint_url is None:
-        return pafs.S3FileSystem(region=region, retry_strategy=retry)
+        return pafs.S3FileSystem(region=region, **bounds)
     scheme, _, host = endpoint_url.partition("://")
-    return pafs.S3FileSystem(
-        endpoint_override=host.rstrip("/"), scheme=scheme, region=region, retry_strategy=retry
-    )
+    return pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme, region=region, **bounds)
 
 
 def _client_error() -> type[Exception]:
@@ -223,11 +298,33 @@ def _client_error() -> type[Exception]:
     return ClientError
 
 
+@contextmanager
+def _s3_errors(uri: str) -> Iterator[None]:
+    """botocore and pyarrow failures (timeouts, refused connections, denied requests) as one StoreError
+    line naming the object; a missing object as NotFoundError."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except StoreError:
+        raise
+    except ClientError as err:
+        if err.response["Error"]["Code"] in ("NoSuchKey", "404"):
+            raise NotFoundError(f"{uri}: file not found") from err
+        raise StoreError(f"{uri}: {err}") from err
+    except FileNotFoundError as err:
+        raise NotFoundError(f"{uri}: file not found") from err
+    except (BotoCoreError, OSError) as err:
+        raise StoreError(f"{uri}: {' '.join(str(err).split())}") from err
+
+
 class S3Store(ArtifactStore):
     """``s3://bucket/prefix`` through boto3 (writes, listing) and pyarrow's S3FileSystem (random reads).
 
     An object becomes visible only once its upload completes (single PUT or completed multipart
-    upload), which is what makes writes atomic. Credentials come from the standard AWS chain.
+    upload), which is what makes writes atomic. Credentials come from the standard AWS chain. Every call
+    is bounded by the S3Settings in force (connect and read timeouts, retries) and fails as a StoreError
+    naming the object.
     """
 
     def __init__(self, root_uri: str, endpoint_url: str | None = None):
@@ -238,18 +335,21 @@ class S3Store(ArtifactStore):
         self.key_prefix = _clean(key_prefix)
         self.root_uri = f"s3://{bucket}/{self.key_prefix}".rstrip("/")
         self.endpoint_url = endpoint_url
+        self.settings = S3Settings.from_env()
 
     @property
     def _client(self) -> Any:
-        return _s3_client(self.endpoint_url)
+        return _s3_client(self.endpoint_url, self.settings)
 
-    @cached_property
+    @property
     def _arrow_fs(self) -> pafs.S3FileSystem:
         import pyarrow.fs as pafs
 
         if self.endpoint_url is None:
-            return _arrow_s3(None, pafs.resolve_s3_region(self.bucket))
-        return _arrow_s3(self.endpoint_url, self._client.meta.region_name or "us-east-1")
+            with _s3_errors(self.uri()):
+                region = pafs.resolve_s3_region(self.bucket)
+            return _arrow_s3(None, region, self.settings)
+        return _arrow_s3(self.endpoint_url, self._client.meta.region_name or "us-east-1", self.settings)
 
     def _key(self, path: str) -> str:
         return "/".join(p for p in (self.key_prefix, _clean(path)) if p)
@@ -258,31 +358,40 @@ class S3Store(ArtifactStore):
         return key[len(self.key_prefix) + 1 :] if self.key_prefix else key
 
     def read_bytes(self, path: str) -> bytes:
-        try:
+        with _s3_errors(self.uri(path)):
             return self._client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"].read()
-        except _client_error() as err:
-            if err.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                raise NotFoundError(f"{self.uri(path)}: file not found") from err
-            raise StoreError(f"{self.uri(path)}: {err}") from err
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        self._client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data)
+        with _s3_errors(self.uri(path)):
+            self._client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """A conditional PUT (If-None-Match: *): S3 refuses it with 412 if the key exists."""
+        try:
+            with _s3_errors(self.uri(path)):
+                self._client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data, IfNoneMatch="*")
+        except StoreError as err:
+            code = getattr(err.__cause__, "response", {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise
+        return True
 
     def exists(self, path: str) -> bool:
         try:
-            self._client.head_object(Bucket=self.bucket, Key=self._key(path))
-        except _client_error() as err:
-            if err.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                return False
-            raise StoreError(f"{self.uri(path)}: {err}") from err
+            with _s3_errors(self.uri(path)):
+                self._client.head_object(Bucket=self.bucket, Key=self._key(path))
+        except NotFoundError:
+            return False
         return True
 
     def _objects(self, prefix: str) -> dict[str, int]:
         key = self._key(prefix)
-        pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=f"{key}/" if key else ""
-        )
-        objects = ((obj["Key"], obj["Size"]) for page in pages for obj in page.get("Contents", []))
+        with _s3_errors(self.uri(prefix)):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{key}/" if key else ""
+            )
+            objects = [(obj["Key"], obj["Size"]) for page in pages for obj in page.get("Contents", [])]
         return {k: size for k, size in objects if not k.endswith("/")}  # skip "directory" markers
 
     def _keys(self, prefix: str) -> list[str]:
@@ -298,28 +407,37 @@ class S3Store(ArtifactStore):
         src = Path(local_dir)
         for p in sorted(src.rglob("*")):
             if p.is_file():
-                key = self._key(posixpath.join(_clean(prefix), p.relative_to(src).as_posix()))
-                self._client.upload_file(str(p), self.bucket, key)
+                rel = posixpath.join(_clean(prefix), p.relative_to(src).as_posix())
+                with _s3_errors(self.uri(rel)):
+                    self._client.upload_file(str(p), self.bucket, self._key(rel))
 
     def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> None:
         base = _clean(prefix)
         for rel in self.list(prefix):
             dest = Path(local_dir) / posixpath.relpath(rel, base or ".")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            self._client.download_file(self.bucket, self._key(rel), str(dest))
+            with _s3_errors(self.uri(rel)):
+                self._client.download_file(self.bucket, self._key(rel), str(dest))
 
     def delete(self, path: str) -> None:
-        self._client.delete_object(Bucket=self.bucket, Key=self._key(path))
+        with _s3_errors(self.uri(path)):
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(path))
 
     def delete_prefix(self, prefix: str) -> None:
         keys = self._keys(prefix)
         for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys per call
             batch = [{"Key": k} for k in keys[i : i + 1000]]
-            self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            with _s3_errors(self.uri(prefix)):
+                self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
     def arrow_path(self, path: str = "") -> tuple[pafs.FileSystem, str]:
         key = self._key(path)
         return self._arrow_fs, f"{self.bucket}/{key}" if key else self.bucket
+
+    def open_input(self, path: str) -> pafs.NativeFile:
+        fs, fs_path = self.arrow_path(path)
+        with _s3_errors(self.uri(path)):
+            return fs.open_input_file(fs_path)
 
 
 def open_store(root_uri: str, endpoint_url: str | None = None) -> ArtifactStore:

@@ -1,7 +1,8 @@
 """MLflow adapter: one parent run per pipeline run, one child run per stage, with explicit run ids.
 
 The active run does not cross process boundaries, so workers receive the tracking URI, experiment id and
-parent run id explicitly. Parameters are flattened; anything that looks like a secret is never logged.
+parent run id explicitly. Parameters are flattened; secrets (values under secret-looking keys, credentials
+inside URIs) are redacted in params, tags and logged text (infra/secrets.py).
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +22,9 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-_SECRET = re.compile(r"(secret|password|token|access_key|session_key|credential)", re.IGNORECASE)
-REDACTED = "***"
+from infra.secrets import REDACTED, SECRET_KEY, scrub
+
+_SECRET = SECRET_KEY
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -80,7 +81,8 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         elif _SECRET.search(str(key)):
             flat[name] = REDACTED
         else:
-            flat[name] = (json.dumps(value) if isinstance(value, list | tuple) else str(value))[:6000]
+            text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+            flat[name] = scrub(text)[:6000]
     return flat
 
 
@@ -118,13 +120,15 @@ class Tracking:
         return MlflowClient(self.tracking_uri)
 
     def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
+        clean = {k: REDACTED if _SECRET.search(k) else scrub(str(v)) for k, v in tags.items()}
+        run = self.client.create_run(self.experiment_id, run_name=scrub(name), tags=clean)
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
     def start_child(self, parent_run_id: str, name: str, tags: Mapping[str, str]) -> str:
-        tags = {"mlflow.parentRunId": parent_run_id, **tags}
-        return self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags)).info.run_id
+        clean = {k: REDACTED if _SECRET.search(k) else scrub(str(v)) for k, v in tags.items()}
+        tags = {"mlflow.parentRunId": parent_run_id, **clean}
+        return self.client.create_run(self.experiment_id, run_name=scrub(name), tags=tags).info.run_id
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = list(flatten(params).items())
@@ -139,7 +143,7 @@ class Tracking:
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(run_id, k, REDACTED if _SECRET.search(k) else str(v))
+            self.client.set_tag(run_id, k, REDACTED if _SECRET.search(k) else scrub(str(v)))
 
     def log_artifact(
         self, run_id: str, local_path: str | os.PathLike[str], artifact_path: str | None = None
@@ -147,7 +151,7 @@ class Tracking:
         self.client.log_artifact(run_id, str(local_path), artifact_path)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
-        self.client.log_text(run_id, text, name)
+        self.client.log_text(run_id, scrub(text), name)
 
     def log_bytes(self, run_id: str, data: bytes, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -170,16 +174,40 @@ class Tracking:
         dataset = MetaDataset(source, name=name, digest=digest[:36])._to_mlflow_entity()
         self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
-    def close_stale(self, parent_run_id: str, stage: str) -> int:
-        """Mark child runs of `stage` still RUNNING (their worker died before a retry) as KILLED."""
+    def close_stale(self, parent_run_id: str, stage: str | None = None, status: str = "KILLED") -> int:
+        """Mark child runs (of `stage`, or all) still RUNNING as `status`: KILLED when their worker died
+        before a retry or the run was interrupted, FAILED when the stage's retries are used up."""
+        only = f" and tags.stage = '{stage}'" if stage else ""
         stale = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}' "
+            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'{only} "
             "and attributes.status = 'RUNNING'",
         )
         for run in stale:
-            self.end(run.info.run_id, "KILLED")
+            self.end(run.info.run_id, status)
         return len(stale)
+
+    def fail_orphans(self, host: str, alive: Callable[[int, float], bool]) -> list[str]:
+        """Mark RUNNING parent runs of this experiment whose driver (tags fdm.driver_host/pid/started) ran on
+        `host` and is gone, and their RUNNING children, FAILED; returns their run ids."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`fdm.driver_host` = '{host}' and attributes.status = 'RUNNING'",
+        )
+        gone = []
+        for run in runs:
+            tags = run.data.tags
+            try:
+                pid, started = int(tags["fdm.driver_pid"]), float(tags.get("fdm.driver_started", 0))
+            except (KeyError, ValueError):
+                continue
+            if alive(pid, started):
+                continue
+            self.close_stale(run.info.run_id, status="FAILED")
+            self.client.set_tag(run.info.run_id, "fdm.failed_reason", f"driver {host}:{pid} gone")
+            self.end(run.info.run_id, "FAILED")
+            gone.append(run.info.run_id)
+        return gone
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
@@ -193,8 +221,7 @@ class Tracking:
         metrics: Mapping[str, float] | None = None,
     ) -> str:
         """A finished child run for a stage that did not compute (cached, skipped), in three calls."""
-        clean_tags = {k: REDACTED if _SECRET.search(k) else str(v) for k, v in tags.items()}
-        run_id = self.start_child(parent_run_id, name, clean_tags)
+        run_id = self.start_child(parent_run_id, name, tags)
         params_list = [mlflow.entities.Param(k, v) for k, v in flatten(params or {}).items()]
         # One batch with the metrics and the first 100 params (MLflow's limit per batch), then the rest.
         self.client.log_batch(run_id, metrics=_metrics(metrics or {}, 0), params=params_list[:100])
@@ -209,6 +236,9 @@ class Tracking:
         run_id = self.start_child(parent_run_id, name, tags)
         try:
             yield run_id
+        except (KeyboardInterrupt, SystemExit):  # cancelled or interrupted, not a failure of the stage
+            self.end(run_id, "KILLED")
+            raise
         except BaseException:
             self.end(run_id, "FAILED")
             raise

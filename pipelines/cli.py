@@ -1,7 +1,9 @@
 """The `fdm` command line: run a pipeline, inspect a past run's stages, re-run one round, sample a model;
 submit a pipeline to a Ray cluster as a job, serve shared MLflow tracking, and run the benchmarks.
 
-Exit codes: 0 ok, 2 bad usage, config or input data, 1 a stage failed (the stage and its error are printed).
+Exit codes: 0 ok, 2 bad usage, config or input data, or a failed preflight check (the field is named), 1 a
+stage failed (the stage and its error are printed), 130 / 143 interrupted by SIGINT / SIGTERM (what finished
+and how to resume is printed). Everything printed has credentials in URIs redacted.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from rich.console import Console
 
 from infra import mlflow_server
 from infra.ray_join import ClusterError
+from infra.secrets import ScrubbedStream
+from infra.store import StoreError
 from pipelines import sample_cmd, submit
 from pipelines.config import ConfigError, load_config
+from pipelines.interrupt import Interrupted, as_interrupted, interruptible
 from pipelines.plan import StageError
+from pipelines.preflight import PreflightError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BAD_INPUT = ("DataError", "ConfigError", "ValidationError")
@@ -104,15 +110,38 @@ def _exit_code(run) -> int:
     return EXIT_FAILED
 
 
+def _interrupted_line(stop: Interrupted, args: argparse.Namespace) -> str:
+    """One line: the signal, what finished, and the command that resumes."""
+    if args.command in ("submit", "status"):
+        return (
+            f"interrupted by {stop.signal_name}: stopped following; a submitted job goes on running on the "
+            "cluster (`fdm status JOB_ID --address ...` shows it)"
+        )
+    done = ", ".join(stop.finished) if stop.finished else "none"
+    if args.command == "run":
+        again = "run the same `fdm run` command again"
+    elif args.command == "rerun":
+        again = f"run `fdm rerun {args.run_id} --stage {args.stage}` again"
+    else:
+        again = "run it again"
+    return (
+        f"interrupted by {stop.signal_name}: {len(stop.finished)} of {stop.total} stages finished ({done}); "
+        f"running stages were cancelled and their MLflow runs marked KILLED. To resume, {again}: finished "
+        "stages are served from the store and training resumes from its last checkpoint."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Logs and pipes get the full table instead of rich's 80-column default.
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    out = ScrubbedStream(sys.stdout)
+    console = Console(file=out) if sys.stdout.isatty() else Console(file=out, width=160)
     try:
         if args.command == "sample":
             return sample_cmd.run(args)
         if args.command in ("submit", "status", "logs"):
-            return submit.run(args)
+            with interruptible():
+                return submit.run(args)
         if args.command == "tracking-server":
             return mlflow_server.run(args)
         if args.command == "bench":
@@ -122,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             command = shlex.join(["fdm", *(argv if argv is not None else sys.argv[1:])])
-            return _exit_code(run_pipeline(cfg, args.address, console, command))
+            with interruptible():
+                return _exit_code(run_pipeline(cfg, args.address, console, command))
         if args.command == "stages":
             from pipelines.stages_cmd import past_stages
 
@@ -131,20 +161,32 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rerun":
             from pipelines.runner import rerun_stage
 
-            return _exit_code(
-                rerun_stage(
-                    args.tracking_uri,
-                    args.run_id,
-                    args.stage,
-                    args.downstream,
-                    args.address,
-                    console,
-                    args.overrides,
+            with interruptible():
+                return _exit_code(
+                    rerun_stage(
+                        args.tracking_uri,
+                        args.run_id,
+                        args.stage,
+                        args.downstream,
+                        args.address,
+                        console,
+                        args.overrides,
+                    )
                 )
-            )
     except ConfigError as err:
-        console.print(f"[red]config error:[/red]\n{err}", highlight=False)
+        sep = "\n" if "\n" in str(err) else " "
+        console.print(f"[red]config error:[/red]{sep}{err}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
+    except PreflightError as err:
+        console.print(f"[red]cannot start:[/red] {err}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except StoreError as err:
+        console.print(f"[red]store error:[/red] {err}", highlight=False, soft_wrap=True)
+        return EXIT_FAILED
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM (Interrupted), or a Ctrl-C outside a run
+        stop = as_interrupted(err)
+        console.print(_interrupted_line(stop, args), highlight=False, soft_wrap=True)
+        return stop.exit_code
     except (LookupError, StageError) as err:
         console.print(f"[red]error:[/red] {err.args[0]}", highlight=False)
         return EXIT_USAGE

@@ -8,12 +8,15 @@ name the field path and what was expected.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from infra.store import S3Settings
+from tasks.stage import STRICT
 from tasks.stages.distill_round import DistillConfig
 from tasks.stages.evaluate import EvalConfig
 from tasks.stages.picard_sample import PicardSampleConfig
@@ -26,10 +29,26 @@ class ConfigError(ValueError):
     """A bad configuration; the message names the field path."""
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads `1e-3` and `1e12` as floats (YAML 1.2; PyYAML's 1.1 rules make them
+    strings, which the strict config models refuse)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 class DistillSchedule(BaseModel):
     """Progressive distillation: halve from `start_steps` down to `end_steps`, optionally gated on quality."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     enabled: bool = Field(True, description="run the distillation rounds; false stops after the base model")
     start_steps: int = Field(
         64, ge=2, description="steps of the base model's DDIM sampler, the first teacher"
@@ -47,6 +66,15 @@ class DistillSchedule(BaseModel):
         "applied on top of `round` for that round only, e.g. {3: {updates: 500}} or --set "
         "distill.rounds.3.updates=500; only those rounds (and what depends on them) get new keys",
     )
+
+    @field_validator("rounds", mode="before")
+    @classmethod
+    def _round_numbers(cls, rounds: Any) -> Any:
+        """Round numbers as ints: a `--set distill.rounds.3...` path gives them as text, which strict
+        validation would refuse."""
+        if not isinstance(rounds, dict):
+            return rounds
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in rounds.items()}
 
     @model_validator(mode="after")
     def _per_round(self) -> DistillSchedule:
@@ -106,7 +134,7 @@ class DistillSchedule(BaseModel):
 class StageResources(BaseModel):
     """The Ray resources one stage of a kind asks for."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     num_cpus: float = Field(1, gt=0, description="per stage; also the stage's torch threads")
     num_gpus: float = Field(0, ge=0, description="per stage; used only when the cluster has GPUs")
 
@@ -114,7 +142,7 @@ class StageResources(BaseModel):
 class Resources(BaseModel):
     """Ray resources per stage kind and retry policy."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     prepare_data: StageResources = Field(default_factory=StageResources)
     train: StageResources = Field(default_factory=lambda: StageResources(num_cpus=2, num_gpus=1))
     evaluate: StageResources = Field(default_factory=lambda: StageResources(num_cpus=2, num_gpus=1))
@@ -126,17 +154,34 @@ class Resources(BaseModel):
 
 
 class StoreConfig(BaseModel):
-    """Where stage outputs live: `<root>/stages/<stage>/<key>/`, each with its MANIFEST.json."""
+    """Where stage outputs live: `<root>/stages/<kind>/<key>/<version>/`, each with its _MANIFEST.json; how
+    long S3 calls may wait; what a run checks before it starts."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     root: str = Field("artifacts", description="local directory or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (credentials: AWS chain)")
+    connect_timeout: float = Field(10, gt=0, description="S3: seconds to connect before a retry")
+    read_timeout: float = Field(30, gt=0, description="S3: seconds to wait for a response before a retry")
+    retries: int = Field(
+        2,
+        ge=0,
+        description="S3: retries of a failed call; a silent endpoint fails in ~(retries+1) x read_timeout",
+    )
+    min_free_mb: float = Field(
+        100, ge=0, description="a local root must have this much free space before a run starts"
+    )
+    lease_timeout: float = Field(
+        120, gt=0, description="seconds without a heartbeat before another run takes over a stage's lease"
+    )
+
+    def s3_settings(self) -> S3Settings:
+        return S3Settings(self.connect_timeout, self.read_timeout, self.retries)
 
 
 class TrackingConfig(BaseModel):
     """MLflow: one parent run per pipeline run, one child run per stage."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI, e.g. http://HOST:5000")
     experiment: str = Field("fdm-pipeline", description="MLflow experiment name, created if missing")
     artifact_location: str | None = Field(None, description="for a new experiment; default next to the db")
@@ -145,7 +190,7 @@ class TrackingConfig(BaseModel):
 class PipelineConfig(BaseModel):
     """A full pipeline: data -> base model -> distillation rounds, each evaluated."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     name: str = Field("pipeline", description="the MLflow parent run's name")
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -192,7 +237,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. train.steps=500")
         key, _, text = item.partition("=")
-        _set(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+        try:
+            value = _yaml(text) if text.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item}: not a YAML value ({' '.join(str(err).split())})") from None
+        _set(raw, key.strip(), value)
     return raw
 
 
@@ -230,9 +279,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not a text file (byte {err.start} is not UTF-8); expected YAML") from None
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read ({err.strerror})") from None
+    try:
+        raw = _yaml(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML ({err})") from None
+        raise ConfigError(f"{p}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
     return parse_config(raw, overrides)

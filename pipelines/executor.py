@@ -5,21 +5,29 @@ manifest (every listed file present at its recorded size) whose recorded input d
 digests of the outputs it consumes; the bytes are verified when a consumer reads them. A computation
 writes a new immutable version directory (`stages/<kind>/<key>/<version>/`) through `run_stage`, then
 switches the key's CURRENT pointer to it, so a failure never disturbs the previous complete output.
+Before computing, a stage claims its key with a lease (infra/lease.py): a second run of the same config
+waits for the first's output instead of computing it again. A consumer that finds an input's bytes differ
+from its manifest quarantines that input's version (`_CORRUPT.json` written beside it, the key's CURRENT
+and checkpoints removed) and fails with CorruptInputError: the producer is then recomputed from scratch,
+and everything downstream misses, since the inputs it recorded no longer match.
 This module is torch-free; the stage functions are imported only where a stage computes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import socket
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from infra.lease import LEASE_NAME, Lease, acquire_or_wait
 from infra.manifest import (
     CorruptOutputError,
     IncompleteOutputError,
@@ -27,7 +35,7 @@ from infra.manifest import (
     check_present,
     read_manifest,
 )
-from infra.store import ArtifactStore, NotFoundError, open_store
+from infra.store import ArtifactStore, NotFoundError, StoreError, open_store
 from infra.tracking import Tracking
 from pipelines.plan import StageSpec
 from tasks.registry import STAGES
@@ -37,6 +45,18 @@ from tasks.stages.distill_round import passes_quality_gate
 CURRENT = "CURRENT"
 # The project's packages, shipped with every logged MLflow model so it loads and serves on its own.
 CODE_PATHS = [str(Path(__file__).resolve().parent.parent / p) for p in ("fdm_core", "infra", "tasks")]
+CORRUPT_NOTE = "_CORRUPT.json"
+
+
+class CorruptInputError(StoreError):
+    """An input's bytes differ from its manifest: `producer` (a stage name) is recomputed from scratch."""
+
+    def __init__(self, message: str, producer: str) -> None:
+        super().__init__(message, producer)  # all in args: it pickles across Ray
+        self.producer = producer
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def warm_worker() -> None:
@@ -57,8 +77,11 @@ class RunEnv:
     use_gpu: bool = False
     board: Any = None
     rerun: bool = False
+    lease_timeout: float = 120.0
+    store_env: dict[str, str] = field(default_factory=dict)  # S3 timeouts and retries (S3Settings.env)
 
     def store(self) -> ArtifactStore:
+        os.environ.update(self.store_env)  # before a store is opened: a Ray worker gets them here
         return open_store(self.store_root, self.endpoint_url)
 
 
@@ -200,11 +223,35 @@ def execute_stage(spec: StageSpec, env: RunEnv, force: bool, *upstream: StageRes
 def compute(
     spec: StageSpec, env: RunEnv, store: ArtifactStore, ups: dict[str, StageResult], fresh: bool
 ) -> StageResult:
-    """Compute the stage into a new version of its key, then make that version current; the previous
-    version stays as it was. If the previous version was made from the same inputs and its files differ from
-    the new ones (a non-deterministic stage), the result and the child run say so (`fdm.output_differs`).
+    """Claim the stage's key, then compute it into a new version and make that version current (the
+    previous version stays as it was); if another run holds the key, wait for its output and serve it
+    instead (recorded as cached). If the previous version was made from the same inputs and its files
+    differ from the new ones (a non-deterministic stage), the result and the child run say so
+    (`fdm.output_differs`).
 
     `fresh` (a forced re-run) first drops the key's training checkpoints, so nothing is resumed."""
+    owner = {"run": env.parent_run_id, "stage": spec.name}
+    lease = Lease(store, posixpath.join(spec.out_root, LEASE_NAME), env.lease_timeout, owner)
+
+    def waiting(holder: dict[str, Any]) -> None:
+        who = f"run {holder.get('run', '?')}, pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+        note = f"waiting for {who}"
+        _report(env, spec.name, state="waiting", note=note)
+
+    hit = acquire_or_wait(lease, lambda: None if fresh else serve(store, spec, ups), waiting)
+    if hit is not None:
+        result = record_resolved(env, spec, hit, ups)
+        _report(env, spec.name, state="cached", seconds=0.0)
+        return result
+    try:
+        return _compute(spec, env, store, ups, fresh)
+    finally:
+        lease.release()
+
+
+def _compute(
+    spec: StageSpec, env: RunEnv, store: ArtifactStore, ups: dict[str, StageResult], fresh: bool
+) -> StageResult:
     decl, tracking = spec.decl, env.tracking
     checkpoints = posixpath.join("checkpoints", spec.kind, spec.key)
     if fresh:
@@ -250,7 +297,13 @@ def compute(
                 **inputs,
             )
         except BaseException as err:
+            corrupt = _corrupt_cause(err)
+            if corrupt is not None:
+                err = quarantine(store, spec, ups, corrupt) or err
+                tracking.set_tags(run_id, {"corrupt_input": corrupt.uri})
             _report(env, spec.name, state="failed", error=f"{type(err).__name__}: {err}")
+            if isinstance(err, CorruptInputError):
+                raise err from corrupt
             raise
         seconds = time.perf_counter() - t0
         store.write_bytes(posixpath.join(spec.out_root, CURRENT), version.encode())
@@ -300,6 +353,53 @@ def _differs_from(
     if files == {name: e.sha256 for name, e in previous[1].files.items()}:
         return None
     return posixpath.basename(previous[0])
+
+
+def _corrupt_cause(err: BaseException) -> CorruptOutputError | None:
+    """The CorruptOutputError behind `err` (itself, or in its chain of causes), if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, CorruptOutputError) and err.uri:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def quarantine(
+    store: ArtifactStore, spec: StageSpec, ups: dict[str, StageResult], err: CorruptOutputError
+) -> CorruptInputError | None:
+    """Take the input version holding the corrupt file out of service: a `_CORRUPT.json` note beside its
+    manifest, its key's CURRENT removed (if it still names it) and its key's checkpoints deleted, so its
+    next computation starts from scratch. None if the file belongs to no input of `spec`."""
+    for stage in spec.inputs.values():
+        up = ups[stage]
+        if not err.uri.startswith(up.output_uri.rstrip("/") + "/"):
+            continue
+        version_dir = up.output_uri[len(store.root_uri) :].strip("/")  # outputs are store.uri(prefix)
+        out_root, version = posixpath.split(version_dir)
+        note = {
+            "file": err.uri,
+            "expected_sha256": err.expected,
+            "actual_sha256": err.actual,
+            "detected_by": spec.name,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": socket.gethostname(),
+        }
+        store.write_bytes(posixpath.join(version_dir, CORRUPT_NOTE), json.dumps(note, indent=2).encode())
+        try:
+            current = store.read_bytes(posixpath.join(out_root, CURRENT)).decode().strip()
+        except NotFoundError:
+            current = None
+        if current == version:
+            store.delete(posixpath.join(out_root, CURRENT))
+        store.delete_prefix(posixpath.join("checkpoints", up.stage, up.key))
+        return CorruptInputError(
+            f"corruption: {err.uri}: sha256 {err.actual}, expected {err.expected} by its manifest; "
+            f"{stage} quarantined: it is recomputed from scratch, and every stage downstream of it",
+            stage,
+        )
+    return None
 
 
 def _log_outputs(tracking: Tracking, run_id: str, store: ArtifactStore, prefix: str) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +26,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from infra.secrets import scrub_tree
 from infra.store import ArtifactStore, NotFoundError
 from infra.tracking import Tracking, provenance_tags, run_link
+from pipelines import interrupt, preflight
 from pipelines.config import PipelineConfig, parse_config
 from pipelines.executor import (
+    CorruptInputError,
     RunEnv,
     execute_stage,
     record_resolved,
@@ -52,6 +56,7 @@ class StageOutcome:
     result: StageResult | None = None
     error: str | None = None
     seconds: float | None = None
+    cause: BaseException | None = None
 
 
 @dataclass
@@ -201,10 +206,15 @@ class _TableView:
         self.live.update(stage_table(self.run, board))
 
 
-def _wait(run: PipelineRun, refs: dict[str, Any], board: Any, console: Console, lines: StageLines) -> None:
+def _wait(
+    run: PipelineRun, refs: dict[str, Any], env: RunEnv, console: Console, lines: StageLines | None = None
+) -> None:
     import ray
 
+    board = env.board
+
     pending = {ref: name for name, ref in refs.items()}
+    lines = lines or StageLines(run, console)
     view = _TableView(run, console) if console.is_terminal else contextlib.nullcontext(lines)
     with view as live:
         while pending:
@@ -216,8 +226,10 @@ def _wait(run: PipelineRun, refs: dict[str, Any], board: Any, console: Console, 
                     _outcome(o, ray.get(ref))
                 except Exception as err:  # a stage failure: recorded; who failed first is settled below
                     o.status = "failed"
-                    cause = getattr(err, "cause", None) or err
-                    o.error = f"{type(cause).__name__}: {cause}"
+                    o.cause = getattr(err, "cause", None) or err
+                    o.error = f"{type(o.cause).__name__}: {o.cause}"
+                    # a worker that died on its last retry left its child run RUNNING
+                    env.tracking.close_stale(run.run_id, name, status="FAILED")
             live.update(ray.get(board.snapshot.remote()))
     # Results arrive in any order; in plan (topological) order, a failure below a failure is "not run".
     for o in run.outcomes.values():
@@ -415,10 +427,16 @@ def _execute(
     rerun: bool = False,
     command: str = "fdm run",
 ) -> PipelineRun:
-    """Resolve the cached stages; if any remain, start Ray first, so its prestarted workers warm up while
-    `open_run` sets up the MLflow parent run, then submit them and follow them to the end."""
+    """Check the tracking URI and the store, resolve the cached stages, check what the rest ask for; if
+    any remain, start Ray first, so its prestarted workers warm up while `open_run` sets up the MLflow
+    parent run, then submit them and follow them to the end. SIGINT or SIGTERM cancels the Ray tasks,
+    marks the run and its running children KILLED and raises Interrupted."""
     t0 = time.perf_counter()
     root = cfg.store.root if "://" in cfg.store.root else str(Path(cfg.store.root).resolve())
+    store_env = cfg.store.s3_settings().env()
+    os.environ.update(store_env)  # S3 calls of this driver, and of the workers it starts, are bounded
+    preflight.check_tracking(cfg.tracking.uri)
+    preflight.check_store(cfg)
     probe = RunEnv(root, cfg.store.endpoint_url, Tracking("", ""), "")
     resolved = resolve_cached(stages, probe, set(force))
     missing = sorted(set(cached_only) - set(resolved))
@@ -428,41 +446,103 @@ def _execute(
             f"{spec.name}: no complete output at {probe.store().uri(spec.out_root)} to re-run from"
         )
     pending = [s for s in stages if s.name not in resolved]
-    started = False
-    if pending:
-        from infra.ray_runtime import ProgressBoard, cluster_gpus, init_ray
+    if pending and not address:
+        preflight.check_local_resources(pending)
+    started, run, env, refs = False, None, None, {}
+    with interrupt.interruptible():
+        try:
+            if pending:
+                from infra.ray_runtime import ProgressBoard, cluster_gpus, init_ray
 
-        started = init_ray(address, setup_hook=warm_worker)
-    try:
-        tracking, run_id = open_run()
-        env = RunEnv(
-            store_root=root,
-            endpoint_url=cfg.store.endpoint_url,
-            tracking=tracking,
-            parent_run_id=run_id,
-            use_gpu=bool(pending) and cluster_gpus() > 0,
-            board=ProgressBoard.remote() if pending else None,
-            rerun=rerun,
-        )
-        run = PipelineRun(run_id, {s.name: StageOutcome(s) for s in stages}, used_ray=bool(pending))
-        for spec in stages:
-            if spec.name in resolved:
-                ups = {u: resolved[u] for u in spec.upstream}
-                _outcome(run.outcomes[spec.name], record_resolved(env, spec, resolved[spec.name], ups))
-        lines = StageLines(run, console)
-        if not console.is_terminal:
-            lines.update()
-        if pending:
-            refs = _submit(cfg, pending, resolved, env, set(force))
-            _wait(run, refs, env.board, console, lines)
-        run.wall_seconds = time.perf_counter() - t0
-        _finish(run, cfg, command, tracking, env.store(), console)
-        return run
-    finally:
-        if started:
-            import ray
+                started = init_ray(address, setup_hook=warm_worker)
+                interrupt.arm()  # after ray.init, which sets its own SIGTERM handler
+            tracking, run_id = open_run()
+            env = RunEnv(
+                store_root=root,
+                endpoint_url=cfg.store.endpoint_url,
+                tracking=tracking,
+                parent_run_id=run_id,
+                use_gpu=bool(pending) and cluster_gpus() > 0,
+                board=ProgressBoard.remote() if pending else None,
+                rerun=rerun,
+                lease_timeout=cfg.store.lease_timeout,
+                store_env=store_env,
+            )
+            run = PipelineRun(run_id, {s.name: StageOutcome(s) for s in stages}, used_ray=bool(pending))
+            for spec in stages:
+                if spec.name in resolved:
+                    ups = {u: resolved[u] for u in spec.upstream}
+                    _outcome(run.outcomes[spec.name], record_resolved(env, spec, resolved[spec.name], ups))
+            lines = StageLines(run, console)
+            if not console.is_terminal:
+                lines.update()
+            if pending:
+                refs.update(_submit(cfg, pending, resolved, env, set(force)))
+                _wait(run, refs, env, console, lines)
+                _recompute_corrupt(cfg, run, stages, env, set(force), refs, console)
+            run.wall_seconds = time.perf_counter() - t0
+            _finish(run, cfg, command, tracking, env.store(), console)
+            return run
+        except KeyboardInterrupt as err:
+            stop = interrupt.as_interrupted(err)
+            _interrupted(run, env, refs, stop, len(stages))
+            raise stop from None
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+
+
+def _recompute_corrupt(
+    cfg: PipelineConfig,
+    run: PipelineRun,
+    stages: list[StageSpec],
+    env: RunEnv,
+    force: set[str],
+    refs: dict[str, Any],
+    console: Console,
+) -> None:
+    """Once per run: if a stage found an input corrupt (its producer's version is quarantined by then),
+    recompute that producer from scratch and every stage that now misses (all below it), in this run."""
+    corrupt = [o for o in run.failed if isinstance(o.cause, CorruptInputError)]
+    if not corrupt:
+        return
+    for line in dict.fromkeys(str(o.cause) for o in corrupt):
+        console.print(f"[red]{line}[/red]", highlight=False, soft_wrap=True)
+    force = force | {o.cause.producer for o in corrupt}
+    resolved = resolve_cached(stages, env, force)
+    for spec in stages:
+        o = run.outcomes[spec.name]
+        if spec.name not in resolved:
+            run.outcomes[spec.name] = StageOutcome(spec)  # computed again below
+        elif o.status not in ("done", "cached", "skipped"):
+            ups = {u: resolved[u] for u in spec.upstream}
+            _outcome(o, record_resolved(env, spec, resolved[spec.name], ups))
+    pending = [s for s in stages if s.name not in resolved]
+    refs.clear()
+    refs.update(_submit(cfg, pending, resolved, env, force))
+    _wait(run, refs, env, console)
+
+
+def _interrupted(
+    run: PipelineRun | None, env: RunEnv | None, refs: dict[str, Any], stop: interrupt.Interrupted, total: int
+) -> None:
+    """Cancel the run's Ray tasks and mark the parent run and its running children KILLED."""
+    if refs:
+        import ray
+
+        for ref in refs.values():
+            with contextlib.suppress(Exception):  # finished, or Ray already going down
+                ray.cancel(ref, force=True)
+    stop.total = total
+    if run is None or env is None:
+        return
+    stop.finished = [n for n, o in run.outcomes.items() if o.status in ("done", "cached", "skipped")]
+    tracking = env.tracking
+    tracking.close_stale(run.run_id, status="KILLED")
+    tracking.set_tags(run.run_id, {"fdm.interrupted": stop.signal_name})
+    tracking.end(run.run_id, "KILLED")
 
 
 def open_parent(
@@ -472,7 +552,8 @@ def open_parent(
     run_id = tracking.start_parent(
         cfg.name, cfg.model_dump(mode="json"), {"pipeline": cfg.name, **(tags or {})}
     )
-    tracking.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    config = scrub_tree(cfg.model_dump(mode="json"))  # no credential reaches the record
+    tracking.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
     console.print(f"MLflow run id: [bold]{run_id}[/bold]  (tracking {tracking.tracking_uri})", soft_wrap=True)
     link = run_link(tracking.tracking_uri, tracking.experiment_id, run_id)
     console.print(f"MLflow UI: {link}", highlight=False, soft_wrap=True)
@@ -492,7 +573,10 @@ def run_pipeline(
 
     def open_run() -> tuple[Tracking, str]:
         tracking = Tracking.setup(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
-        return tracking, open_parent(cfg, tracking, console, provenance_tags(command, REPO))
+        for gone in tracking.fail_orphans(interrupt.driver_tags()["fdm.driver_host"], interrupt.driver_alive):
+            console.print(f"marked run {gone} FAILED: it was RUNNING, its driver is gone")
+        tags = {**interrupt.driver_tags(), **provenance_tags(command, REPO)}
+        return tracking, open_parent(cfg, tracking, console, tags)
 
     return _execute(cfg, plan(cfg), open_run, address, console, command=command)
 

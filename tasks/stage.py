@@ -18,7 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+
+# Every config model: unknown keys refused; numbers and booleans strict (YAML gives real ints, floats and
+# bools, so `steps: true` or `steps: "3"` is an error, not 1 or 3; an int is still a valid float); floats
+# finite (`lr: .inf` and `.nan` refused).
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 MetricLogger = Callable[[dict[str, float], int], None]
 

@@ -111,7 +111,7 @@ def test_local_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk gone")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk gone"):
+    with pytest.raises(OSError, match=f"{tmp_path}/f.bin: disk gone"):
         store.write_bytes("f.bin", b"new")
     assert store.read_bytes("f.bin") == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]  # no temp file left behind

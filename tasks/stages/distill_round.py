@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import math
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from fdm_core.options import Parameterisation, Weighting, check_stable
-from tasks.stage import StageKind
+from tasks.stage import STRICT, StageKind
 
 
 class DistillConfig(BaseModel):
     """One halving round: optimisation, loss weighting and the student's parameterisation."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     updates: int = Field(2000, ge=1, description="optimizer updates of a round (paper: 50k)")
     final_updates: int | None = Field(
         None, ge=1, description="updates of the rounds to 2 and 1 steps; default 2 x updates (paper: 100k)"

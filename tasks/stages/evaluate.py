@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from fdm_core.options import Method
-from tasks.stage import StageKind
+from tasks.stage import STRICT, StageKind
 
 
 class SamplerSpec(BaseModel):
     """One way to sample: a method and a step count (on the model's own grid when it has one)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     method: Method = "heun"
     steps: int = Field(18, ge=1)
 
@@ -23,7 +23,7 @@ class SamplerSpec(BaseModel):
 class PicardOptions(BaseModel):
     """Sample the evaluations with ParaDiGMS (euler, heun, ddpm) instead of the sequential sampler."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     window: int = Field(16, ge=1)
     tol: float = Field(0.1, gt=0)
 
@@ -31,7 +31,7 @@ class PicardOptions(BaseModel):
 class EvalConfig(BaseModel):
     """How every model in the pipeline is judged."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     num_samples: int = Field(500, ge=16)
     batch_size: int = Field(250, ge=1)
     samplers: list[SamplerSpec] = Field(default_factory=lambda: [SamplerSpec(method="heun", steps=18)])

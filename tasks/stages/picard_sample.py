@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from fdm_core.options import Method
-from tasks.stage import StageKind
+from tasks.stage import STRICT, StageKind
 
 
 class PicardSampleConfig(BaseModel):
     """Which model to sample, with which sampler and Picard settings, on how many actors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     enabled: bool = Field(True, description="add the stage to the pipeline")
     model: Literal["base", "final"] = Field(
         "base", description="the base model, or the last distilled student (on its own grid)"

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from tasks.stage import StageKind
+from tasks.stage import STRICT, StageKind
 
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
 class _Source(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
 
 class Toy2DSource(_Source):
@@ -58,6 +58,12 @@ class NpySource(_Source):
     # Mapped to [-1, 1]; None keeps floats as given and maps uint8 from [0, 255].
     value_range: tuple[float, float] | None = None
 
+    @field_validator("value_range", mode="before")
+    @classmethod
+    def _pair(cls, v: object) -> object:
+        """YAML and JSON give a list; strict mode takes only a tuple."""
+        return tuple(v) if isinstance(v, list) else v
+
     @field_validator("value_range")
     @classmethod
     def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -74,7 +80,7 @@ Source = Annotated[
 class DataConfig(BaseModel):
     """Configuration of the prepare_data stage."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     source: Source
     seed: int = 0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from fdm_core.options import ProcessName
-from tasks.stage import StageKind
+from tasks.stage import STRICT, StageKind
 
 if TYPE_CHECKING:
     import torch
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 class ModelConfig(BaseModel):
     """The network: `mlp` for vector data, `unet` for images (resolution and channels come from the data)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     kind: Literal["mlp", "unet"] = "unet"
     hidden: int = Field(128, ge=8)
     depth: int = Field(3, ge=1)
@@ -54,7 +54,7 @@ class ModelConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Base training: process, FDM on/off with its multiplier and warm-up, optimisation and EMA."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     process: ProcessName = "edm"
     fdm: bool = True
     multiplier: float | None = Field(None, gt=0, description="FDM m; default 2 (VE: 1)")
@@ -88,7 +88,7 @@ class TrainConfig(BaseModel):
 class TrainBaseConfig(BaseModel):
     """The train_base stage's config: the pipeline's `model` and `train` sections."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: ModelConfig
     train: TrainConfig
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from tasks.stage import StageKind
+from tasks.stage import STRICT, StageKind
 
 
 class ClassifierConfig(BaseModel):
     """Training of the evaluation classifier."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     steps: int = Field(400, ge=1, description="optimizer steps (cosine-annealed learning rate)")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
