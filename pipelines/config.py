@@ -8,6 +8,7 @@ name the field path and what was expected.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,22 @@ from tasks.stages.train_classifier import ClassifierConfig
 
 class ConfigError(ValueError):
     """A bad configuration; the message names the field path."""
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads `1e-3` and `1e12` as floats (YAML 1.2; PyYAML's 1.1 rules make them
+    strings, which the strict config models refuse)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 class DistillSchedule(BaseModel):
@@ -175,7 +192,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. train.steps=500")
         key, _, text = item.partition("=")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = _yaml(text) if text.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item}: not a YAML value ({' '.join(str(err).split())})") from None
         _set(raw, key.strip(), value)
@@ -221,7 +238,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     except OSError as err:
         raise ConfigError(f"{p}: cannot read ({err.strerror})") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = _yaml(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(raw, dict):
