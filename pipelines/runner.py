@@ -435,8 +435,8 @@ def _execute(
     root = cfg.store.root if "://" in cfg.store.root else str(Path(cfg.store.root).resolve())
     store_env = cfg.store.s3_settings().env()
     os.environ.update(store_env)  # S3 calls of this driver, and of the workers it starts, are bounded
+    preflight.check_store(cfg)  # creates a local root, which may hold the sqlite file checked next
     preflight.check_tracking(cfg.tracking.uri)
-    preflight.check_store(cfg)
     probe = RunEnv(root, cfg.store.endpoint_url, Tracking("", ""), "")
     resolved = resolve_cached(stages, probe, set(force))
     missing = sorted(set(cached_only) - set(resolved))
