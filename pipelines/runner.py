@@ -624,7 +624,7 @@ def rerun_stage(
     command = f"fdm rerun {run_id} --stage {stage}" + (" --downstream" if downstream else "")
     command += "".join(f" --set {o}" for o in overrides or [])
     tags = {"fdm.rerun_of": run_id, "fdm.rerun_stage": stage, "fdm.rerun_downstream": str(downstream).lower()}
-    tags.update(provenance_tags(command, REPO))
+    tags.update({**interrupt.driver_tags(), **provenance_tags(command, REPO)})
     if overrides:
         tags["fdm.rerun_set"] = " ".join(overrides)
 
