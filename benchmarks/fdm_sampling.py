@@ -33,7 +33,7 @@ from benchmarks.fdm_common import (
     seed_list,
     trained,
 )
-from benchmarks.fdm_training import FULL_RUN, FULL_SEEDS
+from benchmarks.fdm_training import MODES as TRAINING_MODES
 from fdm_core.processes import ProcessName
 from fdm_core.samplers import Method, nfe
 
@@ -59,7 +59,7 @@ class Mode:
 
 
 MODES = {
-    "full": Mode("full", FULL_SEEDS, FULL_RUN, SWEEP),
+    "full": Mode("full", TRAINING_MODES["full"].seeds, TRAINING_MODES["full"].run, SWEEP),
     "quick": Mode("quick", {"edm": (0,)}, RunConfig(steps=400, eval_every=400, num_samples=200), QUICK_SWEEP),
     "tiny": Mode(
         "tiny",
