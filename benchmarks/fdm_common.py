@@ -404,11 +404,11 @@ def run_cells(
 ) -> None:
     """Run every cell that `results` lacks, `workers` at a time in cell order, recording each one (and
     calling `on_done`) as soon as it finishes, so an interrupted study keeps all finished cells."""
-    todo: list[Cell] = []
-    for cell in cells:
-        if results.find(cell) is None and all(results.identity(c) != results.identity(cell) for c in todo):
-            todo.append(cell)
-    print(f"{len(cells) - len(todo)} cells recorded, {len(todo)} to run")
+    unique = list({json.dumps(results.identity(c), sort_keys=True): c for c in reversed(cells)}.values())[
+        ::-1
+    ]
+    todo = [cell for cell in unique if results.find(cell) is None]
+    print(f"{len(unique) - len(todo)} of {len(unique)} cells recorded, {len(todo)} to run", flush=True)
 
     def finish(cell: Cell, curve: Curve) -> None:
         results.add(cell, curve, data.floor)

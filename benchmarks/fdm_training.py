@@ -367,9 +367,9 @@ def run(mode: Mode, train_missing: bool = True, jobs: int | None = None) -> tupl
             if mode.record is not None:
                 report, files = render(mode, results, data, time.perf_counter() - t0)
                 results.save()
-                (RESULTS / "fdm_training.md").write_text(report)
+                mode.record.with_suffix(".md").write_text(report)
                 for name, png in files.items():
-                    (RESULTS / name).write_bytes(png)
+                    (mode.record.parent / name).write_bytes(png)
 
         run_cells(mode.cells(), results, data, jobs or mode.workers, mode.cache, checkpoint)
     report, files = render(mode, results, data, time.perf_counter() - t0)
