@@ -121,6 +121,12 @@ def pair_nfe(base: dict[str, Any], fdm: dict[str, Any], factor: float) -> dict[s
     return {"target": target, "base": b, "fdm": f, "ratio": None if f is None else b / f}
 
 
+def converged_nfe(record: dict[str, Any], factor: float = 1.1) -> float:
+    """The NFE at which a model's sweep first comes within `factor` of its own FD at its largest NFE."""
+    nfes, fds = [r[1] for r in record["heun_sweep"]], [r[2] for r in record["heun_sweep"]]
+    return first_reach(nfes, fds, factor * fds[-1]) or float(nfes[-1])
+
+
 def section(process: ProcessName, recs: list[dict[str, Any]]) -> tuple[str, str]:
     """The Markdown of one process (sweep table, NFE to targets) and its one-line reading."""
     name = process.upper()
@@ -149,6 +155,13 @@ def section(process: ProcessName, recs: list[dict[str, Any]]) -> tuple[str, str]
             f"{fdm_nfe} | {ratio}{never_text} |"
         )
         readings.append(f"within {factor - 1:.0%} of the baseline's best: NFE ratio baseline ÷ FDM {ratio}")
+    own = {fdm_: [converged_nfe(r) for r in (fdm if fdm_ else base)] for fdm_ in (False, True)}
+    own_ratio = [b / f for b, f in zip(own[False], own[True])]
+    readings.append(
+        f"NFE to come within 10% of the model's own FD at {nfe('heun', steps[-1])} NFE: baseline "
+        f"{mean(own[False]):.1f}, FDM {mean(own[True]):.1f} (ratio {mean(own_ratio):.2f}, "
+        f"{min(own_ratio):.2f}–{max(own_ratio):.2f})"
+    )
     text = f"""## {name} vs {name}-FDM (Heun, seeds {", ".join(map(str, seeds))})
 
 Paper anchor: 25 NFE FDM ≈ 79 NFE baseline (~3x fewer).
@@ -160,6 +173,9 @@ Paper anchor: 25 NFE FDM ≈ 79 NFE baseline (~3x fewer).
 | target FD | value (mean) | baseline NFE | FDM NFE | NFE ratio baseline ÷ FDM (min–max) |
 |---|---:|---:|---:|---|
 {chr(10).join(targets)}
+
+Sampling speed of each model on its own (a comparison within one model, so the same start noise makes it
+nearly free of sampling noise): {readings[-1]}.
 """
     return text, f"{name}: " + "; ".join(readings)
 
