@@ -420,6 +420,14 @@ class Results:
             _atomic_write(self.path, (json.dumps(self.doc, indent=1) + "\n").encode())
 
 
+def unique_cells(cells: Sequence[Cell], results: Results) -> dict[str, Cell]:
+    """The distinct cells in order of first occurrence (an ablation's baseline is often main's)."""
+    unique: dict[str, Cell] = {}
+    for cell in cells:
+        unique.setdefault(json.dumps(results.identity(cell), sort_keys=True), cell)
+    return unique
+
+
 def run_cell(cell: Cell, data: Digits, cache: Path | None) -> Curve:
     """One cell's curve, from the model cache when it finished there before (a pool job)."""
     return trained_curve(cell.process, cell.fdm, cell.run, cell.seed, data, cache)

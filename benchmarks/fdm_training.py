@@ -51,6 +51,7 @@ from benchmarks.fdm_common import (
     plot,
     run_cells,
     trained_curve,
+    unique_cells,
 )
 from fdm_core.processes import ProcessName
 
@@ -323,7 +324,7 @@ def render(mode: Mode, results: Results, data: Digits, wall: float) -> tuple[str
     """The report and its plot, from whatever cells `results` holds (missing cells listed)."""
     data_std = float(data.x_train.std())
     cells = mode.cells()
-    unique = list({str(results.identity(c)): c for c in reversed(cells)}.values())[::-1]
+    unique = list(unique_cells(cells, results).values())
     missing = [c.label for c in unique if results.find(c) is None]
     sections, summary, panels = [], {}, {}
     for p in mode.seeds:
