@@ -443,9 +443,7 @@ def run_cells(
 ) -> None:
     """Run every cell that `results` lacks, `workers` at a time in cell order, recording each one (and
     calling `on_done`) as soon as it finishes, so an interrupted study keeps all finished cells."""
-    unique = list({json.dumps(results.identity(c), sort_keys=True): c for c in reversed(cells)}.values())[
-        ::-1
-    ]
+    unique = list(unique_cells(cells, results).values())
     todo = [cell for cell in unique if results.find(cell) is None]
     print(f"{len(unique) - len(todo)} of {len(unique)} cells recorded, {len(todo)} to run", flush=True)
 
