@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -178,6 +179,41 @@ def pair_stats(base: dict[str, Any], fdm: dict[str, Any], smooth: bool = True) -
     }
 
 
+FIT_FROM = 1000  # the log-log fit skips the first, fast phase of a curve
+
+
+def loglog_fit(curve: list[list[float]]) -> tuple[float, float]:
+    """Least-squares line log FD = a + b log step through the curve's points from `FIT_FROM` on (all
+    points if fewer than 3 are there): uses every evaluation of the late curve, so one evaluation's
+    sampling noise (~0.3-0.5 FD at FD ~2) moves it little."""
+    pts = [(s, q) for s, q in curve if s >= FIT_FROM]
+    pts = pts if len(pts) >= 3 else [(s, q) for s, q in curve]
+    xs, ys = [math.log(s) for s, _ in pts], [math.log(q) for _, q in pts]
+    mx, my = mean(xs), mean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
+    return my - b * mx, b
+
+
+def pair_fit(base: dict[str, Any], fdm: dict[str, Any]) -> dict[str, Any]:
+    """One seed's pair on the log-log fits: the target is the baseline's fitted FD at its last step, FDM's
+    steps the step where its fit reaches it (extrapolated past the run when FDM is slower)."""
+    last = base["curve"][-1][0]
+    (ab, bb), (af, bf) = loglog_fit(base["curve"]), loglog_fit(fdm["curve"])
+    target = math.exp(ab + bb * math.log(last))
+    f_steps = math.exp((math.log(target) - af) / bf) if bf < 0 else None
+    return {
+        "seed": base["seed"],
+        "target": target,
+        "fdm_final": math.exp(af + bf * math.log(last)),
+        "baseline_steps": float(last),
+        "fdm_steps": f_steps,
+        "ratio": None if f_steps is None else last / f_steps,
+        "bound": 1.0,
+        "slopes": (bb, bf),
+    }
+
+
 def summarise(pairs: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
     return {
@@ -237,8 +273,13 @@ def main_section(
         return f"## {name}: baseline vs {name}-FDM\n\nNo finished pair yet.\n", {}
     base = [found[(s, False)] for s in seeds]
     fdm = [found[(s, True)] for s in seeds]
+    fits = [pair_fit(b, f) for b, f in zip(base, fdm)]
     pairs = [pair_stats(b, f) for b, f in zip(base, fdm)]
     raw = [pair_stats(b, f, smooth=False) for b, f in zip(base, fdm)]
+    late = {
+        arm: [mean([q for st, q in r["curve"] if st > r["curve"][-1][0] - 1250]) for r in rs]
+        for arm, rs in (("base", base), ("fdm", fdm))
+    }
     steps, bm = mean_rows(base)
     _, fm = mean_rows(fdm)
     per_seed = "".join(f" | base s{s} | FDM s{s}" for s in seeds)
@@ -249,33 +290,47 @@ def main_section(
         + " |"
         for i, st in enumerate(steps)
     ]
+    estimators = (("log-log fit", fits), ("running mean", pairs), ("raw", raw))
     per_pair = "\n".join(
-        f"| {p['seed']} | {p['target']:.3f} | {fmt(p['baseline_steps'], 0)} | {fmt(p['fdm_steps'], 0)} | "
-        f"{fmt(p['ratio'])} | {r['target']:.3f} | {fmt(r['fdm_steps'], 0)} | {fmt(r['ratio'])} |"
-        for p, r in zip(pairs, raw)
+        f"| {p['seed']} | {label} | {p['target']:.3f} | {fmt(p['baseline_steps'], 0)} | "
+        f"{fmt(p['fdm_steps'], 0)} | {fmt(p['ratio'])} |"
+        for i in range(len(seeds))
+        for label, ps in estimators
+        for p in [ps[i]]
     )
     ahead = [st for st, b, f in zip(steps, bm, fm) if f < b]
     marks = [i for i, st in enumerate(steps) if st % 1000 == 0 or i == len(steps) - 1]
     gap = ", ".join(f"{steps[i]}: {fm[i] / bm[i]:.2f}" for i in dict.fromkeys(marks))
-    summary = summarise(pairs, steps[-1])
-    summary |= {f"raw_{k}": v for k, v in summarise(raw, steps[-1]).items() if k.startswith("step_ratio")}
+    summary = summarise(fits, steps[-1])
+    for prefix, ps in (("running_mean", pairs), ("raw", raw)):
+        summary |= {
+            f"{prefix}_{k}": v for k, v in summarise(ps, steps[-1]).items() if k.startswith("step_ratio")
+        }
     summary["estimator"] = (
-        "first step where the centred 3-evaluation running mean of a curve reaches the target = the "
-        "baseline's final model's mean FD over 5 sampling seeds (else its last 3 evaluations' mean)"
+        f"log-log least-squares fit of each curve from step {FIT_FROM}: target = the baseline's fitted FD at "
+        "its last step, FDM steps = where FDM's fit reaches it (running_mean_*: centred 3-evaluation running "
+        "means with the baseline final model's 5-seed mean FD as target; raw_*: the raw curves)"
     )
+    summary["late_fd_baseline"] = [round(v, 4) for v in late["base"]]
+    summary["late_fd_fdm"] = [round(v, 4) for v in late["fdm"]]
+    late_ratio = [f / b for b, f in zip(late["base"], late["fdm"])]
     text = f"""## {name}: baseline vs {name}-FDM (W = {cells[0].run.warmup(process)} steps)
 
 Paper anchor: FDM reaches the baseline's final quality with about half the training (ratio ≈ 2).
 
 {chr(10).join([head, *rows])}
 
-| seed | target FD (base final) | base steps | FDM steps | ratio | raw target | raw FDM steps | raw ratio |
-|---:|---:|---:|---:|---:|---:|---:|---:|
+| seed | estimator | target FD | baseline steps | FDM steps | ratio baseline ÷ FDM |
+|---:|---|---:|---:|---:|---:|
 {per_pair}
 
-Step ratio baseline ÷ FDM to reach the baseline's final FD (its final model's mean over 5 sampling seeds),
-on the curves' centred 3-evaluation running means: {ratio_text(pairs)}.
-On the raw curves (target = the baseline's single last evaluation): {ratio_text(raw)}.
+Step ratio baseline ÷ FDM to reach the baseline's final FD, on log-log fits of the curves from step
+{FIT_FROM} (headline; slopes baseline {mean([p["slopes"][0] for p in fits]):.2f}, FDM
+{mean([p["slopes"][1] for p in fits]):.2f}): {ratio_text(fits)}. On centred 3-evaluation running means with
+the baseline final model's 5-sampling-seed mean FD as target: {ratio_text(pairs)}. On the raw curves
+(target = the baseline's last evaluation): {ratio_text(raw)}.
+Mean FD over the last 5 evaluations, FDM ÷ baseline paired by seed: {mean(late_ratio):.2f}
+({min(late_ratio):.2f}–{max(late_ratio):.2f}); baseline {mean(late["base"]):.3f}, FDM {mean(late["fdm"]):.3f}.
 FDM's seed-mean curve is below the baseline's at steps: {", ".join(map(str, ahead)) or "none"}.
 FD ratio FDM ÷ baseline (seed means) by step: {gap} (below 1: FDM ahead).
 Settling: baseline {settling(base)}; FDM {settling(fdm)}.
@@ -294,7 +349,7 @@ def ablation_section(mode: Mode, results: Results) -> str:
             b = results.find(Cell("edm", False, seed, name, cfg))
             f = results.find(Cell("edm", True, seed, name, cfg))
             if b and f:
-                pairs.append(pair_stats(b, f))
+                pairs.append(pair_fit(b, f))
         if not pairs:
             rows.append(f"| {name} | {what} | 0 | | | not run yet |")
             continue
