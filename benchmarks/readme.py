@@ -292,137 +292,40 @@ def _reading(r: Report) -> str:
     return r.line("Reading:").removeprefix("Reading:").strip()
 
 
-def _seeds(r: Report) -> dict[str, list[str]]:
-    """{'EDM': ['0', '1'], ...} from a line like "Seeds: EDM 0, 1; VP 0, 1; VE 0 (a seed fixes ...".
-    A report of one process ("Seeds: 0 (...") maps every process to those seeds under the key ''."""
-    text = r.find(r"Seeds: ([^(]+)\(", "Seeds: line").group(1).strip()
-    out = {}
-    for part in text.split(";"):
-        m = re.match(r"\s*([A-Z]*)\s*([\d, ]+)$", part)
-        if m:
-            out[m.group(1)] = [s.strip() for s in m.group(2).split(",")]
-    return out
+def _section(r: Report, heading: str) -> str:
+    """The text of the report's `## heading` section (up to the next `## `)."""
+    m = r.find(
+        rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", f"## {heading} section", re.MULTILINE | re.DOTALL
+    )
+    return m.group(1)
 
 
-def _seed_note(seeds: dict[str, list[str]], process: str) -> str:
-    mine = seeds.get(process, seeds.get("", []))
-    return f"mean of {len(mine)} seeds" if len(mine) > 1 else f"seed {mine[0]}" if mine else ""
+def _bullets(r: Report, heading: str) -> str:
+    return "\n".join(line for line in _section(r, heading).splitlines() if line.startswith("- "))
 
 
 def fdm_training(results: Path) -> str:
+    """The study's progress, its summary, the EDM step ratios per seed and the ablation table."""
     r = report("fdm_training", results)
-    seeds = _seeds(r)
-    rows = []
-    sections = re.split(r"^## ", r.text, flags=re.MULTILINE)
-    mid = final = None
-    for sec in sections:
-        m = re.match(r"(\w+): baseline vs", sec)
-        if not m:
-            continue
-        process = m.group(1)
-        t = next(t for t in tables("## " + sec) if t.header[0] == "step")
-        recs = t.records()
-        final = recs[-1]
-        half = num(final["step"]) / 2
-        mid = min(recs, key=lambda row: abs(num(row["step"]) - half))
-        needs = re.search(r"Steps FDM needs.*?: \*\*(.+?)\*\* on the seed mean", sec, re.DOTALL)
-        std = re.search(
-            r"baseline median (\d+(?:\.\d+)?), 90th percentile (\d+(?:\.\d+)?); FDM .*?"
-            r"median (\d+(?:\.\d+)?), 90th percentile (\d+(?:\.\d+)?)",
-            sec,
-        )
-        if needs is None or std is None:
-            raise ReportError(f"{r.path}: section {process} lacks the steps-needed or input-std line")
-        rows.append(
-            [
-                f"{process} ({_seed_note(seeds, process)})",
-                fmt(num(mid["baseline (mean)"])),
-                fmt(num(mid["FDM (mean)"])),
-                fmt(num(final["baseline (mean)"])),
-                fmt(num(final["FDM (mean)"])),
-                needs.group(1),
-                f"{std.group(1)} / {std.group(2)}",
-                f"{std.group(3)} / {std.group(4)}",
-            ]
-        )
-    if not rows or mid is None or final is None:
-        raise ReportError(f"{r.path}: no '## PROCESS: baseline vs ...' section")
-    s_mid, s_final = mid["step"], final["step"]
-    header = [
-        "process",
-        f"baseline FD, step {s_mid}",
-        f"FDM FD, step {s_mid}",
-        f"baseline FD, step {s_final}",
-        f"FDM FD, step {s_final}",
-        "steps FDM needs for the baseline's final FD",
-        "network input std, baseline (median / 90th pct)",
-        "network input std, FDM (median / 90th pct)",
-    ]
-    evaluation = r.find(r"evaluation: (\d+) samples, (\w+) (\d+) steps", "evaluation: line")
-    first = tables(r.text)[0].records()
-    every = int(num(first[1]["step"]) - num(first[0]["step"]))
-    setup = (
-        f"Setup: {s_final} training steps per run; quality from {evaluation.group(1)} "
-        f"{evaluation.group(2).capitalize()}-{evaluation.group(3)} samples every {every} steps."
+    ratios, ablations = r.table("seed"), r.table("setting")
+    return "\n\n".join(
+        [
+            r.source(),
+            r.line("Progress:"),
+            _bullets(r, "Summary"),
+            md_table(ratios.header, ratios.rows),
+            md_table(ablations.header, ablations.rows),
+        ]
     )
-    return "\n\n".join([r.source(), setup, md_table(header, rows), r.line("Paper anchor")])
-
-
-def _nfe_table(t: Table, title: str) -> str:
-    recs = t.records()
-    base = [num(row["baseline FD"]) for row in recs]
-    fdm = [num(row["FDM FD"]) for row in recs]
-
-    def cells(values: list[float]) -> list[str]:
-        return [bold(fmt(v)) if v == min(values) else fmt(v) for v in values]
-
-    return md_table(
-        [title, *[row["NFE"] for row in recs]], [["baseline FD", *cells(base)], ["FDM FD", *cells(fdm)]]
-    )
-
-
-SAMPLER_TITLES = {"heun": "Heun NFE", "dpmpp_2m": "DPM-Solver++(2M) NFE", "euler": "Euler NFE"}
 
 
 def fdm_sampling(results: Path) -> str:
+    """The summary and the EDM table of Heun NFE to reach target FDs."""
     r = report("fdm_sampling", results)
-    seeds = _seeds(r)
-    edm, summary = [], []
-    for t in tables(r.text):
-        if t.header[:2] != ["steps", "NFE"] or len(t.headings) < 3:
-            continue
-        process = t.headings[1].split()[0]
-        sampler = t.headings[2]
-        recs = t.records()
-        if process == "EDM":
-            edm.append(_nfe_table(t, SAMPLER_TITLES.get(sampler, f"{sampler} NFE")))
-        base_best = min(recs, key=lambda row: num(row["baseline FD"]))
-        fdm_best = min(recs, key=lambda row: num(row["FDM FD"]))
-        ahead = [row["NFE"] for row in recs if num(row["FDM FD"]) < num(row["baseline FD"])]
-        summary.append(
-            [
-                f"{process} ({_seed_note(seeds, process)})",
-                sampler,
-                f"{fmt(num(base_best['baseline FD']))} at {base_best['NFE']}",
-                f"{fmt(num(fdm_best['FDM FD']))} at {fdm_best['NFE']}",
-                ", ".join(ahead) or "none",
-            ]
-        )
-    if not edm:
-        raise ReportError(f"{r.path}: no EDM steps/NFE table")
-    header = [
-        "process",
-        "sampler",
-        "baseline best FD, at NFE",
-        "FDM best FD, at NFE",
-        "NFE where FDM is ahead",
-    ]
-    samples = r.find(r"(\d+) samples per\s+point", "samples per point").group(1)
-    setup = (
-        f"Setup: {samples} samples per point, every sample set from the same noise seed; "
-        "EDM below, mean over its seeds (best FD of each row in bold); then every process and sampler."
+    targets = r.table("target FD")
+    return "\n\n".join(
+        [r.source(), md_table(targets.header, targets.rows), _bullets(r, "Summary"), r.line("Paper anchor")]
     )
-    return "\n\n".join([r.source(), setup, *edm, md_table(header, summary, "llrrr"), r.line("Paper anchor")])
 
 
 def pipeline(results: Path) -> str:

@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import distillation, fdm_sampling, fdm_training, loader_throughput, picard, pipeline
+from benchmarks import (
+    distillation,
+    fdm_common,
+    fdm_sampling,
+    fdm_training,
+    loader_throughput,
+    picard,
+    pipeline,
+)
 from benchmarks.common import machine, stated_command
 from benchmarks.fdm_common import first_reach, load_digits, train, trained, trained_curve
 from pipelines import cli
@@ -136,3 +145,51 @@ def test_pipeline_tiny_builds_report() -> None:
     assert "| every stage cached in every re-run | True |" in report
     assert "| no re-run started Ray | True |" in report
     assert "| distill_1 | done |" in report and "of which start-up" in report
+
+
+def test_fdm_interrupted_cell_resumes_bit_exactly(tmp_path: Path) -> None:
+    """A cell stopped after an evaluation resumes from its checkpoint and ends with the same EMA weights
+    and curve as an uninterrupted run."""
+    cfg = fdm_common.RunConfig(steps=4, eval_every=2, num_samples=20, sample_steps=2)
+    data = load_digits(tmp_path / "data", 5)
+
+    def stop_at_step_2(message: str) -> None:
+        if "step 2:" in message:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("edm", True, cfg, 0, data, stop_at_step_2, cache=tmp_path)
+    lines: list[str] = []
+    resumed, curve = train("edm", True, cfg, 0, data, lines.append, cache=tmp_path)
+    assert "resuming at step 2" in lines[0] and curve.steps == [2, 4]
+    fresh, fresh_curve = train("edm", True, cfg, 0, data, print, cache=None)
+    assert curve.quality == fresh_curve.quality
+    for a, b in zip(resumed.state_dict().values(), fresh.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fdm_recorded_cells_are_not_rerun(tmp_path: Path) -> None:
+    """A cell whose identity is in the committed record is skipped (no model cache needed); a changed
+    setting is a different cell; a baseline does not depend on the FDM warm-up."""
+    record = tmp_path / "fdm_training.json"
+    mode = dataclasses.replace(fdm_training.MODES["tiny"], cache=None, record=record)
+    fdm_training.run(mode)
+    doc = json.loads(record.read_text())
+    assert {(c["process"], c["fdm"], c["seed"], c["setting"]) for c in doc["cells"]} == {
+        ("edm", False, 0, "main"),
+        ("edm", True, 0, "main"),
+    }
+    assert set(doc["summary"]["edm"]) >= {
+        "step_ratio_mean",
+        "step_ratio_min",
+        "step_ratio_max",
+        "seeds",
+        "steps",
+    }
+    results = fdm_common.Results(record, mode.classifier_steps)
+    data = fdm_common.Digits(torch.zeros(1), None, 0.0, mode.classifier_steps)  # type: ignore[arg-type]
+    cells = mode.cells()
+    fdm_common.run_cells(cells, results, data, 1, None)  # would fail on the dummy data if it trained
+    other_w = dataclasses.replace(mode.run, warmup_iters=7)
+    assert results.find(fdm_common.Cell("edm", False, 0, "W7", other_w)) is not None
+    assert results.find(fdm_common.Cell("edm", True, 0, "W7", other_w)) is None
