@@ -95,6 +95,11 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"run `mlflow ui --backend-store-uri {tracking_uri}`, then open http://127.0.0.1:5000/{path}"
 
 
+# MLflow 3's UI opens an experiment without a kind on its GenAI (traces) view; this kind opens the runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 @dataclass(frozen=True)
 class Tracking:
     """Where runs go: picklable, so it can be handed to Ray workers."""
@@ -104,16 +109,20 @@ class Tracking:
 
     @classmethod
     def setup(cls, tracking_uri: str, experiment: str, artifact_root: str | None = None) -> Tracking:
-        """Resolve the URI and get or create the experiment (artifacts under `artifact_root` if new)."""
+        """Resolve the URI and get or create the experiment (artifacts under `artifact_root` if new), tagged
+        as model training so MLflow 3's UI opens it on its runs, not on its GenAI (traces) view."""
         uri = resolve_tracking_uri(tracking_uri)
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return cls(uri, exp.experiment_id)
         location = artifact_root
         if location is None and uri.startswith("sqlite:"):
             location = Path(uri[len("sqlite:///") :]).resolve().parent.joinpath("mlruns").as_uri()
-        return cls(uri, client.create_experiment(experiment, artifact_location=location))
+        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        return cls(uri, client.create_experiment(experiment, artifact_location=location, tags=tags))
 
     @property
     def client(self) -> MlflowClient:
