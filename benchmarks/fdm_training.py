@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from benchmarks.common import RESULTS, machine, write_report
 from benchmarks.fdm_common import (
@@ -54,7 +57,7 @@ from benchmarks.fdm_common import (
     trained_curve,
     unique_cells,
 )
-from fdm_core.processes import ProcessName
+from fdm_core.processes import ProcessName, make_process, vp_sigma
 
 HEUN_SWEEP = (4, 5, 6, 8, 10, 13, 18, 25)
 MAIN = RunConfig(steps=4000, eval_every=250, num_samples=1000, sweep=HEUN_SWEEP)
@@ -335,7 +338,7 @@ FDM's seed-mean curve is below the baseline's at steps: {", ".join(map(str, ahea
 FD ratio FDM ÷ baseline (seed means) by step: {gap} (below 1: FDM ahead).
 Settling: baseline {settling(base)}; FDM {settling(fdm)}.
 {input_note(process, data_std)}
-{NOTES.get(process, "")}"""
+{NOTES.get(process, "")}{vp_band_text(results) if process == "vp" else ""}"""
     return text, summary
 
 
@@ -453,6 +456,53 @@ Progress: {done} of {total} cells recorded.
     return report, files
 
 
+VP_BANDS = (1e-5, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def vp_band_errors(mode: Mode, results: Results, data: Digits, seed: int = 0) -> None:
+    """Where VP-FDM is worse: the ε-MSE |(D − x0)/σ|² of the final VP and VP-FDM models of `seed` (from the
+    model cache) on the training images, by band of t (σ = σ_vp(t)), recorded in the results' diagnostics."""
+    g, rows = torch.Generator().manual_seed(0), []
+    models = [cached_model("vp", fdm, mode.run, seed, data, mode.cache) for fdm in (False, True)]
+    if None in models:
+        print("vp bands: the final VP models of this seed are not in the model cache")
+        return
+    gamma = make_process("vp", fdm=True).c_in
+    for lo, hi in itertools.pairwise(VP_BANDS):
+        errs = [0.0, 0.0]
+        for _ in range(4):
+            t = lo + (hi - lo) * torch.rand(len(data.x_train), generator=g, dtype=torch.float64)
+            sigma, n = vp_sigma(t).float(), torch.randn(data.x_train.shape, generator=g)
+            x = data.x_train + sigma[:, None, None, None] * n
+            for i, model in enumerate(models):
+                with torch.no_grad():
+                    eps = (model(x, sigma) - data.x_train) / sigma[:, None, None, None]
+                errs[i] += float((eps**2).mean()) / 4
+        s_lo, s_hi = float(vp_sigma(lo)), float(vp_sigma(hi))
+        g_hi = float(gamma(torch.tensor([s_hi])))
+        rows.append([lo, hi, round(s_lo, 4), round(s_hi, 2), round(g_hi, 6), *(round(e, 6) for e in errs)])
+    results.doc.setdefault("diagnostics", {})["vp_eps_mse_by_t"] = {"seed": seed, "rows": rows}
+    results.save()
+
+
+def vp_band_text(results: Results) -> str:
+    diag = results.doc.get("diagnostics", {}).get("vp_eps_mse_by_t")
+    if not diag:
+        return ""
+    rows = "\n".join(
+        f"| {lo:.1f}–{hi:.1f} | {s_lo:.3g}–{s_hi:.3g} | {g:.3g} | {b:.4f} | {f:.4f} | {f / b:.2f} |"
+        for lo, hi, s_lo, s_hi, g, b, f in diag["rows"]
+    )
+    return f"""
+Where VP-FDM is worse (`python -m benchmarks.fdm_training --vp-bands`, seed {diag["seed"]}, final models):
+ε-MSE |(D − x0)/σ|² on the training images by band of t.
+
+| t | σ | γ(σ) at the band's top | VP | VP-FDM | VP-FDM ÷ VP |
+|---|---|---:|---:|---:|---:|
+{rows}
+"""
+
+
 def backfill_final(mode: Mode, results: Results, data: Digits) -> None:
     """Score the final models of recorded cells that lack `final_fds` (recorded before it existed), when
     the model cache still has them."""
@@ -497,9 +547,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--report-only", action="store_true", help="render the report from the record, train nothing"
     )
+    ap.add_argument(
+        "--vp-bands", action="store_true", help="record VP vs VP-FDM error by t (cached models), then report"
+    )
     args = ap.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
-    report, files = run(mode, not args.report_only, args.jobs)
+    if args.vp_bands:
+        vp_band_errors(mode, Results(mode.record, mode.classifier_steps), digits_data(mode.classifier_steps))
+    report, files = run(mode, not (args.report_only or args.vp_bands), args.jobs)
     print(report)
     path = write_report("fdm_training" + ("_quick" if args.quick else ""), report, files)
     print(f"report: {path}")
