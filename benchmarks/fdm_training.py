@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from benchmarks.common import RESULTS, machine, write_report
 from benchmarks.fdm_common import (
@@ -54,7 +57,7 @@ from benchmarks.fdm_common import (
     trained_curve,
     unique_cells,
 )
-from fdm_core.processes import ProcessName
+from fdm_core.processes import ProcessName, make_process, vp_sigma
 
 HEUN_SWEEP = (4, 5, 6, 8, 10, 13, 18, 25)
 MAIN = RunConfig(steps=4000, eval_every=250, num_samples=1000, sweep=HEUN_SWEEP)
@@ -131,11 +134,13 @@ NOTES = {
 Is VP-FDM's gap a defect of the port? `tests/test_fdm_reference.py` checks our VP-FDM denoiser (c_skip = 1,
 c_out = −σ, c_in = γ(σ) on σ_vp(1e-5)..σ_vp(1) with m = 2, c_noise = 999·t(σ)) and loss (1/σ², the warm-up
 cap, t ~ U(1e-5, 1)) coefficient by coefficient against the reference formulation (sail-sg/FDM
-`FDM_VPPrecond`, `VPLoss`): they agree. What the formulation does to VP: γ(σ) ≥ 0.99 for σ ≤ 10 and ≥ 0.94
-for σ ≤ 20 (t ≤ 0.77, 77% of the uniform-t training law), so the network's input is x0 + σn unscaled (std up
-to ~20, see above) where the baseline normalises it to std ≈ 1. The reference's own tables show the same
-early lag of VP-FDM (FID at 50 Mimg: FFHQ 12.49 vs 3.07, AFHQv2 25.70 vs 3.46) that closes by 100 Mimg and
-reverses later; whether ours closes is what the FD ratio by step above shows.
+`FDM_VPPrecond`, `VPLoss`): they agree, so no. Where the formulation costs VP (table below): for t > 0.9 (σ
+59–152) γ(σ) < 0.2, down to 4e-8 at σ_max, so the network's input is nearly zeroed, while VP's
+parameterisation D = x − σF needs F ≈ n from that input (EDM's c_skip → 0 there makes a blind network
+harmless); the network can only recover n by learning to amplify a vanishing input, which takes training. At
+4000 steps VP-FDM's error equals VP's for t < 0.9 (the unscaled inputs up to σ ≈ 20 cost nothing by then)
+and is ~34x VP's above. The gap is closing (FD ratio by step above), as in the reference's own tables:
+VP-FDM lags early (FID at 50 Mimg: FFHQ 12.49 vs 3.07, AFHQv2 25.70 vs 3.46) and is level by 100 Mimg.
 """,
 }
 
@@ -335,7 +340,7 @@ FDM's seed-mean curve is below the baseline's at steps: {", ".join(map(str, ahea
 FD ratio FDM ÷ baseline (seed means) by step: {gap} (below 1: FDM ahead).
 Settling: baseline {settling(base)}; FDM {settling(fdm)}.
 {input_note(process, data_std)}
-{NOTES.get(process, "")}"""
+{NOTES.get(process, "")}{vp_band_text(results) if process == "vp" else ""}"""
     return text, summary
 
 
@@ -453,6 +458,53 @@ Progress: {done} of {total} cells recorded.
     return report, files
 
 
+VP_BANDS = (1e-5, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def vp_band_errors(mode: Mode, results: Results, data: Digits, seed: int = 0) -> None:
+    """Where VP-FDM is worse: the ε-MSE |(D − x0)/σ|² of the final VP and VP-FDM models of `seed` (from the
+    model cache) on the training images, by band of t (σ = σ_vp(t)), recorded in the results' diagnostics."""
+    g, rows = torch.Generator().manual_seed(0), []
+    models = [cached_model("vp", fdm, mode.run, seed, data, mode.cache) for fdm in (False, True)]
+    if None in models:
+        print("vp bands: the final VP models of this seed are not in the model cache")
+        return
+    gamma = make_process("vp", fdm=True).c_in
+    for lo, hi in itertools.pairwise(VP_BANDS):
+        errs = [0.0, 0.0]
+        for _ in range(4):
+            t = lo + (hi - lo) * torch.rand(len(data.x_train), generator=g, dtype=torch.float64)
+            sigma, n = vp_sigma(t).float(), torch.randn(data.x_train.shape, generator=g)
+            x = data.x_train + sigma[:, None, None, None] * n
+            for i, model in enumerate(models):
+                with torch.no_grad():
+                    eps = (model(x, sigma) - data.x_train) / sigma[:, None, None, None]
+                errs[i] += float((eps**2).mean()) / 4
+        s_lo, s_hi = float(vp_sigma(lo)), float(vp_sigma(hi))
+        g_hi = float(gamma(torch.tensor([s_hi])))
+        rows.append([lo, hi, round(s_lo, 4), round(s_hi, 2), round(g_hi, 6), *(round(e, 6) for e in errs)])
+    results.doc.setdefault("diagnostics", {})["vp_eps_mse_by_t"] = {"seed": seed, "rows": rows}
+    results.save()
+
+
+def vp_band_text(results: Results) -> str:
+    diag = results.doc.get("diagnostics", {}).get("vp_eps_mse_by_t")
+    if not diag:
+        return ""
+    rows = "\n".join(
+        f"| {lo:.1f}–{hi:.1f} | {s_lo:.3g}–{s_hi:.3g} | {g:.3g} | {b:.4f} | {f:.4f} | {f / b:.2f} |"
+        for lo, hi, s_lo, s_hi, g, b, f in diag["rows"]
+    )
+    return f"""
+Where VP-FDM is worse (`python -m benchmarks.fdm_training --vp-bands`, seed {diag["seed"]}, final models):
+ε-MSE |(D − x0)/σ|² on the training images by band of t.
+
+| t | σ | γ(σ) at the band's top | VP | VP-FDM | VP-FDM ÷ VP |
+|---|---|---:|---:|---:|---:|
+{rows}
+"""
+
+
 def backfill_final(mode: Mode, results: Results, data: Digits) -> None:
     """Score the final models of recorded cells that lack `final_fds` (recorded before it existed), when
     the model cache still has them."""
@@ -497,9 +549,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--report-only", action="store_true", help="render the report from the record, train nothing"
     )
+    ap.add_argument(
+        "--vp-bands", action="store_true", help="record VP vs VP-FDM error by t (cached models), then report"
+    )
     args = ap.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
-    report, files = run(mode, not args.report_only, args.jobs)
+    if args.vp_bands:
+        vp_band_errors(mode, Results(mode.record, mode.classifier_steps), digits_data(mode.classifier_steps))
+    report, files = run(mode, not (args.report_only or args.vp_bands), args.jobs)
     print(report)
     path = write_report("fdm_training" + ("_quick" if args.quick else ""), report, files)
     print(f"report: {path}")
