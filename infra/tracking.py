@@ -169,6 +169,12 @@ class Tracking:
             parent = str(Path(name).parent)
             self.log_artifact(run_id, path, None if parent == "." else parent)
 
+    def log_model_inputs(self, run_id: str, model_ids: list[str]) -> None:
+        """Record logged models (by id) as inputs of the run, e.g. a distillation round's teacher."""
+        from mlflow.entities import LoggedModelInput
+
+        self.client.log_inputs(run_id, models=[LoggedModelInput(model_id) for model_id in model_ids])
+
     def log_dataset(self, run_id: str, uri: str, name: str, digest: str, context: str = "training") -> None:
         """Record the dataset at `uri` (a Parquet directory) as an input of the run, the MLflow way."""
         import warnings

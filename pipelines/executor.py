@@ -165,10 +165,22 @@ def stage_tags(spec: StageSpec, env: RunEnv, state: str) -> dict[str, str]:
 
 
 def log_inputs(env: RunEnv, run_id: str, spec: StageSpec, ups: dict[str, StageResult]) -> None:
-    """The dataset a stage reads, as an MLflow dataset input of its run (its digest: the output's)."""
+    """What a stage consumed, on its run: every input as tags (`fdm.input.<name>`: the output's digest and
+    URI); the dataset as an MLflow dataset input; a model input as an MLflow model input when that model
+    was logged by this pipeline run (a cached teacher's model is known by its tags only)."""
+    tags = {}
+    for name, stage in spec.inputs.items():
+        up = ups[stage]
+        tags |= {f"fdm.input.{name}": up.digest[:16], f"fdm.input.{name}.uri": up.output_uri}
+    env.tracking.set_tags(run_id, tags)
     if "dataset" in spec.inputs:
         data = ups[spec.inputs["dataset"]]
         env.tracking.log_dataset(run_id, data.output_uri, spec.inputs["dataset"], data.digest)
+    models = [
+        ups[stage].info["model_uri"] for stage in spec.inputs.values() if "model_uri" in ups[stage].info
+    ]
+    if models:
+        env.tracking.log_model_inputs(run_id, [uri.removeprefix("models:/") for uri in models])
 
 
 def params(spec: StageSpec) -> dict[str, Any]:

@@ -73,6 +73,15 @@ def test_registered_student_loads_and_samples(pipeline, tmp_path: Path) -> None:
     np.testing.assert_allclose(np.load(npz)["samples"], out, atol=1e-6)
 
 
+def test_a_round_records_its_teacher_as_a_model_input(pipeline) -> None:
+    uri, run = pipeline
+    client = MlflowClient(uri)
+    base, student = (client.get_run(run.outcomes[n].result.run_id) for n in ("train_base", "distill_1"))
+    teacher_model = base.data.tags["fdm.model_uri"].removeprefix("models:/")
+    assert [m.model_id for m in student.inputs.model_inputs] == [teacher_model]
+    assert student.data.tags["fdm.input.teacher"] == run.outcomes["train_base"].result.digest[:16]
+
+
 def test_datasets_are_logged_as_run_inputs(pipeline) -> None:
     uri, run = pipeline
     client = MlflowClient(uri)
