@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pytest
@@ -56,3 +57,16 @@ def ray_local() -> Iterator[None]:
     yield
     if started:
         ray.shutdown()
+
+
+def ray_worker_pid(task_name: str) -> int | None:
+    """The worker process Ray titled `ray::<task_name>` while it runs that task (for fault injection)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith(f"ray::{task_name}"):
+                return int(proc.name)
+    return None

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ray_worker_pid
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
@@ -35,19 +36,6 @@ def _overrides(tmp: Path, *extra: str) -> list[str]:
     return [*SMALL, f"store.root={tmp / 'store'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *extra]
 
 
-def _ray_worker_pid(task_name: str) -> int | None:
-    """The worker process Ray titled `ray::<task_name>` while it runs that task."""
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if cmd.startswith(f"ray::{task_name}"):
-                return int(proc.name)
-    return None
-
-
 def test_killed_training_worker_resumes_from_checkpoint(ray_local: None, tmp_path: Path) -> None:
     cfg = load_config(CONFIG, _overrides(tmp_path, "train.steps=1500", "train.checkpoint_every=100"))
     box: dict = {}
@@ -57,7 +45,7 @@ def test_killed_training_worker_resumes_from_checkpoint(ray_local: None, tmp_pat
     deadline, killed = time.time() + 240, None
     while time.time() < deadline and killed is None:
         ckpts = [p for p in store.list("checkpoints/train_base") if p.endswith(MANIFEST_NAME)]
-        pid = _ray_worker_pid("train_base")
+        pid = ray_worker_pid("train_base")
         if ckpts and pid:
             os.kill(pid, signal.SIGKILL)
             killed = pid

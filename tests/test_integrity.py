@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import ray_worker_pid
 from mlflow.tracking import MlflowClient
 
 from infra.lease import Lease, acquire_or_wait
@@ -140,7 +141,7 @@ def test_a_stage_whose_retries_are_used_up_is_failed(tmp_path: Path) -> None:
     args = _args(tmp_path, "train.steps=100000", "train.checkpoint_every=20", "resources.max_retries=0")
     proc = _fdm(args, tmp_path)
     _wait_for_checkpoint(tmp_path / "store", proc)
-    worker = _ray_worker_pid("train_base")
+    worker = ray_worker_pid("train_base")
     assert worker, "no ray::train_base worker"
     os.kill(worker, signal.SIGKILL)
     out, _ = proc.communicate(timeout=120)
@@ -148,18 +149,6 @@ def test_a_stage_whose_retries_are_used_up_is_failed(tmp_path: Path) -> None:
     assert "stage train_base failed" in out
     by_stage = {r.data.tags.get("stage", "parent"): r.info.status for r in _runs(tmp_path)}
     assert by_stage == {"parent": "FAILED", "prepare_data": "FINISHED", "train_base": "FAILED"}, by_stage
-
-
-def _ray_worker_pid(task_name: str) -> int | None:
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if cmd.startswith(f"ray::{task_name}"):
-                return int(proc.name)
-    return None
 
 
 # 2. Corruption -----------------------------------------------------------------------------------------
