@@ -108,6 +108,28 @@ def test_signal_ends_the_run_cleanly(tmp_path: Path, sig: signal.Signals) -> Non
     assert resumed.returncode == 0, out[-3000:]
 
 
+def _kill_session(sid: int, timeout: float = 30) -> None:
+    """SIGKILL every process of session `sid` and wait until none is left: a worker that outlived its
+    driver would otherwise finish the stage (and drop its checkpoints) under the next run."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        left = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                        continue  # a zombie: dead already, waiting to be reaped
+                    if os.getsid(int(entry.name)) == sid:
+                        left.append(int(entry.name))
+                        os.kill(int(entry.name), signal.SIGKILL)
+                except (OSError, IndexError):  # gone meanwhile
+                    continue
+        if not left:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"processes of session {sid} outlived SIGKILL: {left}")
+
+
 def test_killed_driver_is_marked_failed_by_the_next_run(tmp_path: Path) -> None:
     """A driver killed with SIGKILL leaves its runs RUNNING: the next run marks them FAILED (the parent's
     host and pid tags show its driver is gone), takes over the dead worker's lease on train_base at once,
@@ -117,6 +139,7 @@ def test_killed_driver_is_marked_failed_by_the_next_run(tmp_path: Path) -> None:
     _wait_for_checkpoint(tmp_path / "store", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, Ray included
     proc.communicate(timeout=60)
+    _kill_session(proc.pid)  # Ray processes that left the process group but not the session
     (dead,) = [r for r in _runs(tmp_path) if "stage" not in r.data.tags]
     assert dead.info.status == "RUNNING"
     assert dead.data.tags["fdm.driver_pid"] == str(proc.pid)
