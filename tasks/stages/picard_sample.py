@@ -7,7 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from fdm_core.options import Method
 from tasks.stage import STRICT, StageKind
 
 
@@ -32,10 +31,6 @@ class PicardSampleConfig(BaseModel):
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="placement of the actors; STRICT_SPREAD puts one per node on a cluster"
     )
-
-    @property
-    def method(self) -> Method:
-        return self.sampler
 
 
 STAGE = StageKind(
