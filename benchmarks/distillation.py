@@ -1,29 +1,47 @@
-"""Progressive distillation on the digits: quality vs sampling steps, students against the teacher's DDIM.
+"""Progressive distillation on digits: which levers bring students close to their teacher, at what cost.
 
-An EDM U-Net (model_channels 16; plain EDM as in the paper, or EDM-FDM with --fdm) is trained on
-scikit-learn's digits with tasks.train_base, then distilled round by round with tasks.distill_round
-(64 -> 32 -> ... -> 1 steps; FDM stops at 2, see fdm_core.distill.check_one_step). Every student, and
-the teacher run with DDIM (euler) at the same step counts, is scored by tasks.evaluate: the Fréchet
-distance in the features of the small classifier of tasks.train_classifier (trained on the digits train
-split), against the train split. The cost side compares the distillation updates and wall time with the
-base training's.
+The teacher is the shipped digits model (`pipelines/configs/digits.yaml`): an EDM-FDM U-Net (16 channels)
+trained by tasks.train_base, judged with Heun-18 (35 NFE). A recipe (first teacher's step count, round
+settings) distils it round by round with tasks.distill_round down to 1 step; tasks.evaluate scores the
+teacher and every student on its own grid by the Fréchet distance of 1000 samples in the features of the
+tasks.train_classifier CNN. The headline of a student is its FD ÷ the teacher's Heun-18 FD (same seed).
 
-    python -m benchmarks.distillation [--quick] [--fdm]
+The study is greedy, lever by lever (issue 16's candidates): each lever's variants change one thing of the
+best recipe so far; the variant with the lowest mean log FD ratio over the 4-, 2- and 1-step students,
+over 2 seeds (base model, distillation and evaluation noise all seeded), carries on to the next lever.
+Cost: optimizer updates and wall time of the rounds, to 4 steps and to 1 step, ÷ the base training's.
 
-writes benchmarks/results/distillation{,_fdm}{,_quick}.md and .png, and logs them to MLflow.
+    python -m benchmarks.distillation [--jobs 2]   # the lever study, resumable cell by cell
+    python -m benchmarks.distillation --report-only
+    python -m benchmarks.distillation --quick      # one lever, short runs (minutes)
+
+Every finished (recipe, seed) cell is recorded in benchmarks/results/distillation.json (commit it; a later
+run skips what is there); models are cached under benchmarks/.cache/distill, keyed by their inputs, so
+recipes that share rounds train them once.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
+import multiprocessing
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from pydantic import BaseModel
 
-from benchmarks.common import command, machine, png, write_report
+from benchmarks.common import RESULTS, command, machine, png, write_report
+from infra.manifest import is_complete, read_manifest
+from infra.store import open_store
 from tasks.registry import STAGES
 from tasks.stage import StageContext, StageResult, run_stage
 from tasks.stages.distill_round import DistillConfig, DistillRoundConfig
@@ -32,244 +50,473 @@ from tasks.stages.prepare_data import DataConfig
 from tasks.stages.train_base import ModelConfig, TrainBaseConfig, TrainConfig
 from tasks.stages.train_classifier import ClassifierConfig
 
-SEED = 0
+BENCH_VERSION = "distill-levers-1"
+CACHE = Path(__file__).resolve().parent / ".cache" / "distill"
+TEACHER_SAMPLER = SamplerSpec(method="heun", steps=18)
+SCORED = (4, 2, 1)  # the student step counts a recipe is judged on
+GOALS = {4: 1.25, 2: 1.5, 1: 2.0}  # issue 16's goals: student FD ÷ teacher (Heun-18) FD
+
+# Today's digits.yaml rounds: 32 -> ... steps, 250 updates each, DDIM teacher targets, no EMA.
+REFERENCE: dict[str, Any] = {
+    "start_steps": 32,
+    "updates": 250,
+    "final_updates": 250,
+    "lr": 5e-4,
+    "batch_size": 128,
+    "teacher_solver": "euler",
+    "ema_decay": None,
+    "parameterisation": "x",
+    "weighting": "truncated_snr",
+}
 
 
 @dataclass(frozen=True)
-class Setting:
+class Lever:
+    name: str
+    question: str
+    variants: dict[str, dict[str, Any]]  # label -> the change to the best recipe so far
+
+
+LEVERS = [
+    Lever(
+        "teacher targets",
+        "Do targets from two teacher Heun steps (4 NFE) instead of DDIM (2 NFE) help?",
+        {"DDIM targets": {"teacher_solver": "euler"}, "Heun targets": {"teacher_solver": "heun"}},
+    ),
+    Lever(
+        "start steps",
+        "How many steps should the first teacher take",
+        {"start 32": {"start_steps": 32}, "start 16": {"start_steps": 16}, "start 64": {"start_steps": 64}},
+    ),
+    Lever(
+        "updates",
+        "How many updates per round, and does doubling them for the rounds to 2 and 1 steps pay?",
+        {
+            "250 / 250": {"updates": 250, "final_updates": 250},
+            "250 / 500": {"updates": 250, "final_updates": 500},
+            "500 / 500": {"updates": 500, "final_updates": 500},
+        },
+    ),
+    Lever(
+        "learning rate, batch",
+        "Which learning rate (annealed linearly to 0 in each round) and batch size",
+        {
+            "lr 5e-4, batch 128": {"lr": 5e-4, "batch_size": 128},
+            "lr 1e-3, batch 128": {"lr": 1e-3, "batch_size": 128},
+            "lr 2e-4, batch 128": {"lr": 2e-4, "batch_size": 128},
+            "lr 5e-4, batch 256": {"lr": 5e-4, "batch_size": 256},
+        },
+    ),
+    Lever(
+        "student EMA",
+        "Does an EMA of the student's weights help? The round outputs it, so it is also the next round's "
+        "teacher and its student's initial weights",
+        {"no EMA": {"ema_decay": None}, "EMA 0.99": {"ema_decay": 0.99}, "EMA 0.995": {"ema_decay": 0.995}},
+    ),
+    Lever(
+        "parameterisation, weighting",
+        "Which output head for the student, and which loss weight",
+        {
+            "x, truncated SNR": {"parameterisation": "x", "weighting": "truncated_snr"},
+            "v, truncated SNR": {"parameterisation": "v", "weighting": "truncated_snr"},
+            "x, SNR + 1": {"parameterisation": "x", "weighting": "snr_plus_one"},
+        },
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Mode:
     """Sizes of one benchmark mode."""
 
     name: str
     base_steps: int
-    start_steps: int
-    updates: int
-    final_updates: int
     num_samples: int
+    seeds: tuple[int, ...]
+    levers: list[Lever]
+    reference: dict[str, Any] = field(default_factory=lambda: dict(REFERENCE))
     classifier_steps: int = 300
+    cache: Path | None = CACHE
+    record: Path | None = None
 
 
 MODES = {
-    "full": Setting(
-        "full", base_steps=3000, start_steps=64, updates=400, final_updates=800, num_samples=1000
+    "full": Mode("full", 1500, 1000, (0, 1), LEVERS, record=RESULTS / "distillation.json"),
+    "quick": Mode(
+        "quick",
+        600,
+        500,
+        (0, 1),
+        LEVERS[:1],
+        {**REFERENCE, "start_steps": 8, "updates": 100, "final_updates": 100},
+        record=None,
     ),
-    "quick": Setting("quick", base_steps=600, start_steps=8, updates=100, final_updates=200, num_samples=500),
     # The CI smoke test's: a few steps of everything, to check the machinery and the report, not the claim.
-    "tiny": Setting(
-        "tiny", base_steps=4, start_steps=4, updates=2, final_updates=2, num_samples=32, classifier_steps=5
+    "tiny": Mode(
+        "tiny",
+        4,
+        32,
+        (0,),
+        LEVERS[:1],
+        {**REFERENCE, "start_steps": 4, "updates": 2, "final_updates": 2},
+        classifier_steps=5,
+        cache=None,
     ),
 }
 
 
-@dataclass
-class Round:
-    steps: int
-    updates: int
-    seconds: float
-    loss: float
-    fd: float
+# --- one cell: a recipe distilled on one seed -----------------------------------------------------------
+class Stages:
+    """Runs stages in a store, each keyed by its config and its inputs' keys: a stage whose output is
+    complete there is served from it, so recipes sharing a prefix of rounds compute it once."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self.store = root, open_store(root)
+
+    def __call__(self, kind: str, cfg: BaseModel, **inputs: StageResult) -> StageResult:
+        blob = json.dumps([kind, cfg.model_dump(mode="json"), {n: r.key for n, r in sorted(inputs.items())}])
+        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        prefix = f"{kind}/{key}"
+        if is_complete(self.store, prefix):
+            manifest = read_manifest(self.store, prefix)
+            return StageResult.from_record(manifest.result, self.store, manifest.digest)
+        ctx = StageContext(self.root, prefix, key=key, num_threads=1)
+        uris = {n: r.output_uri for n, r in inputs.items()}
+        return run_stage(STAGES[kind], cfg, ctx, **uris)
 
 
-def _fd(result: StageResult, steps: int) -> float:
-    return result.info["by_sampler"][f"euler{steps}"]["fd"]
+def judged(stages: Stages, mode: Mode) -> dict[str, StageResult]:
+    """The dataset and the evaluation classifier, shared by every cell."""
+    data = stages("prepare_data", DataConfig(source={"kind": "digits"}, val_fraction=0.1, seed=0))
+    clf = stages("train_classifier", ClassifierConfig(steps=mode.classifier_steps, seed=0), dataset=data)
+    return {"dataset": data, "classifier": clf}
 
 
-def measure(setting: Setting, root: str, threads: int, device: str, fdm: bool) -> dict:
-    """The whole benchmark in a scratch store under `root`; returns everything the report needs."""
-
-    def ctx(name: str) -> StageContext:
-        return StageContext(root, name, key=name, num_threads=threads, device=device)
-
-    data_cfg = DataConfig(source={"kind": "digits"}, val_fraction=0.1, seed=SEED)
-    data = run_stage(STAGES["prepare_data"], data_cfg, ctx("data"))
-    dataset = data.output_uri
-    clf_cfg = ClassifierConfig(steps=setting.classifier_steps, seed=SEED)
-    clf = run_stage(STAGES["train_classifier"], clf_cfg, ctx("classifier"), dataset=dataset)
-    classifier = clf.output_uri
-
-    model_cfg = ModelConfig(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
-    train_cfg = TrainConfig(
-        process="edm", fdm=fdm, steps=setting.base_steps, batch_size=128, lr=2e-3, ema_decay=0.995, seed=SEED
-    )
-    base_cfg = TrainBaseConfig(model=model_cfg, train=train_cfg)
-    base = run_stage(STAGES["train_base"], base_cfg, ctx("base"), dataset=dataset)
-    base_uri = base.output_uri
-
-    counts = []
-    n = setting.start_steps
-    while n >= (2 if fdm else 1):  # FDM's gamma(80) ~ 4e-8 blinds a 1-step student
-        counts.append(n)
+def halvings(start: int) -> list[int]:
+    out, n = [], start
+    while n > 1:
         n //= 2
-    eval_cfg = EvalConfig(
-        num_samples=setting.num_samples,
-        batch_size=250,
-        samplers=[SamplerSpec(method="euler", steps=n) for n in counts],
-        seed=SEED,
-    )
-    judged = {"dataset": dataset, "classifier": classifier}
-    teacher_eval = run_stage(STAGES["evaluate"], eval_cfg, ctx("eval_base"), model=base_uri, **judged)
-    teacher_fd = {n: _fd(teacher_eval, n) for n in counts}
+        out.append(n)
+    return out
 
-    distill_cfg = DistillConfig(
-        updates=setting.updates,
-        final_updates=setting.final_updates,
-        batch_size=128,
-        lr=5e-4,
-        checkpoint_every=10**6,
-        seed=SEED,
-    )
-    uri, teacher_steps, rounds = base_uri, setting.start_steps, []
-    for k, steps in enumerate(counts[1:], start=1):
-        round_cfg = DistillRoundConfig(**distill_cfg.model_dump(), teacher_steps=teacher_steps, round_index=k)
-        res = run_stage(STAGES["distill_round"], round_cfg, ctx(f"distill_{k}"), teacher=uri, dataset=dataset)
-        ev = run_stage(STAGES["evaluate"], eval_cfg, ctx(f"eval_{k}"), model=res.output_uri, **judged)
-        rounds.append(
-            Round(
-                steps,
-                int(res.metrics["updates"]),
-                res.metrics["distill_seconds"],
-                res.metrics["distill/loss"],
-                _fd(ev, steps),
-            )
-        )
-        print(
-            f"round {k}: {teacher_steps} -> {steps} steps, FD {rounds[-1].fd:.3f} "
-            f"(teacher DDIM {teacher_fd[steps]:.3f}), {rounds[-1].seconds:.0f} s",
-            flush=True,
-        )
-        uri, teacher_steps = res.output_uri, steps
 
+def distill_settings(recipe: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The DistillConfig fields of a recipe (every field but start_steps), with the cell's seed."""
+    fields = {k: v for k, v in recipe.items() if k != "start_steps"}
+    return DistillConfig(**fields, checkpoint_every=10**6, seed=seed).model_dump()
+
+
+def run_cell(recipe: dict[str, Any], seed: int, mode: Mode, root: str) -> dict[str, Any]:
+    """Distil `recipe` on seed `seed`: the teacher's Heun-18 FD, and per student its FD, updates, seconds."""
+    torch.set_num_threads(1)
+    stages = Stages(root)
+    j = judged(stages, mode)
+    model = ModelConfig(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    train = TrainConfig(
+        process="edm", fdm=True, steps=mode.base_steps, batch_size=128, lr=2e-3, ema_decay=0.995, seed=seed
+    )
+    base = stages("train_base", TrainBaseConfig(model=model, train=train), dataset=j["dataset"])
+
+    def evaluate(model_result: StageResult, sampler: SamplerSpec) -> float:
+        cfg = EvalConfig(num_samples=mode.num_samples, batch_size=250, samplers=[sampler], seed=seed)
+        return stages("evaluate", cfg, model=model_result, **j).info["by_sampler"][sampler.tag]["fd"]
+
+    teacher_fd = evaluate(base, TEACHER_SAMPLER)
+    uri, teacher_steps, students = base, recipe["start_steps"], []
+    settings = distill_settings(recipe, seed)
+    for k, steps in enumerate(halvings(recipe["start_steps"]), start=1):
+        cfg = DistillRoundConfig(**settings, teacher_steps=teacher_steps, round_index=k)
+        res = stages("distill_round", cfg, teacher=uri, dataset=j["dataset"])
+        fd = evaluate(res, SamplerSpec(method="euler", steps=steps))
+        students.append(
+            {
+                "steps": steps,
+                "fd": fd,
+                "updates": int(res.metrics["updates"]),
+                "seconds": res.metrics["distill_seconds"],
+            }
+        )
+        uri, teacher_steps = res, steps
     return {
-        "counts": counts,
         "teacher_fd": teacher_fd,
-        "rounds": rounds,
         "base_steps": int(base.metrics["steps"]),
         "base_seconds": base.metrics["train_seconds"],
-        "classifier_acc": clf.metrics["val_accuracy"],
-        "n_train": data.metrics["n_train"],
-        "parameters": base.info["parameters"],
+        "students": students,
     }
 
 
-def plot(res: dict, title: str) -> bytes:
-    """PNG of the teacher's and the students' FD against the number of sampling steps."""
-    fig = Figure(figsize=(5.5, 3.8), dpi=120)
+# --- the record and the greedy study -------------------------------------------------------------------
+def cell_id(recipe: dict[str, Any], seed: int, mode: Mode) -> str:
+    return json.dumps([BENCH_VERSION, mode.base_steps, mode.num_samples, recipe, seed], sort_keys=True)
+
+
+class Record:
+    """The finished cells by id, saved to `path` (if any) as each is added."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.cells: dict[str, dict[str, Any]] = {}
+        if path is not None and path.exists():
+            self.cells = {c["id"]: c for c in json.loads(path.read_text())["cells"]}
+
+    def add(self, cid: str, recipe: dict[str, Any], seed: int, result: dict[str, Any]) -> None:
+        self.cells[cid] = {"id": cid, "recipe": recipe, "seed": seed, **result}
+        if self.path is not None:
+            self.path.write_text(json.dumps({"cells": list(self.cells.values())}, indent=1) + "\n")
+
+
+def ratios(cell: dict[str, Any]) -> dict[int, float]:
+    """Student FD ÷ teacher Heun-18 FD, by student step count."""
+    return {s["steps"]: s["fd"] / cell["teacher_fd"] for s in cell["students"]}
+
+
+def score(cells: list[dict[str, Any]]) -> float:
+    """Mean over seeds and the 4-, 2- and 1-step students of log(FD ratio): lower is better."""
+    logs = [math.log(ratios(c)[n]) for c in cells for n in SCORED if n in ratios(c)]
+    return sum(logs) / len(logs)
+
+
+def cost(cell: dict[str, Any], down_to: int) -> tuple[float, float]:
+    """Updates and wall time of the rounds down to `down_to` steps, each ÷ the base training's."""
+    rounds = [s for s in cell["students"] if s["steps"] >= down_to]
+    return (
+        sum(s["updates"] for s in rounds) / cell["base_steps"],
+        sum(s["seconds"] for s in rounds) / cell["base_seconds"],
+    )
+
+
+def run_all(todo: list[tuple[dict[str, Any], int]], mode: Mode, record: Record, root: str, jobs: int) -> None:
+    """Run the cells `todo` lacks in `record`, one process per seed at a time (cells of one seed share its
+    base model, so they run in order), recording each as it finishes."""
+    todo = [(r, s) for r, s in todo if cell_id(r, s, mode) not in record.cells]
+    if not todo:
+        return
+    judged(Stages(root), mode)  # shared by every seed: made once, before the workers start
+    if jobs <= 1:
+        for recipe, seed in todo:
+            record.add(cell_id(recipe, seed, mode), recipe, seed, run_cell(recipe, seed, mode, root))
+            print(f"done {recipe} seed {seed}", flush=True)
+        return
+    by_seed: dict[int, Iterator[dict[str, Any]]] = {}
+    for seed in dict.fromkeys(s for _, s in todo):
+        by_seed[seed] = iter([r for r, s in todo if s == seed])
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(jobs, len(by_seed)), spawn) as pool:
+        running: dict[Future, tuple[dict[str, Any], int]] = {}
+
+        def submit(seed: int) -> None:
+            recipe = next(by_seed[seed], None)
+            if recipe is not None:
+                running[pool.submit(run_cell, recipe, seed, mode, root)] = (recipe, seed)
+
+        for seed in by_seed:
+            submit(seed)
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                recipe, seed = running.pop(fut)
+                record.add(cell_id(recipe, seed, mode), recipe, seed, fut.result())
+                print(f"done {recipe} seed {seed}", flush=True)
+                submit(seed)
+
+
+def study(mode: Mode, record: Record, root: str, jobs: int, run: bool = True) -> list[dict[str, Any]]:
+    """The greedy lever study: per lever, its variants on the best recipe so far (run where `run` and
+    missing), and the one carried on. Returns one entry per lever; stops at the first lever not fully
+    recorded when not running."""
+    best, levers = dict(mode.reference), []
+    for lever in mode.levers:
+        variants = {label: {**best, **change} for label, change in lever.variants.items()}
+        cells = [(r, s) for r in variants.values() for s in mode.seeds]
+        if run:
+            run_all(cells, mode, record, root, jobs)
+        found = {
+            label: [record.cells.get(cell_id(r, s, mode)) for s in mode.seeds]
+            for label, r in variants.items()
+        }
+        if any(c is None for cs in found.values() for c in cs):
+            break
+        chosen = min(found, key=lambda label: score(found[label]))
+        levers.append({"lever": lever, "variants": variants, "cells": found, "chosen": chosen})
+        best = variants[chosen]
+    return levers
+
+
+# --- the report ----------------------------------------------------------------------------------------
+def fmt_ratio(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ({'/'.join(f'{v:.2f}' for v in values)})"
+
+
+def lever_table(entry: dict[str, Any]) -> list[str]:
+    """One row per variant: FD ratio by student steps, score, and cost to 4 and to 1 steps."""
+    cells = entry["cells"]
+    shown = sorted({n for cs in cells.values() for c in cs for n in ratios(c)}, reverse=True)
+    costs = "score | updates to 4 | wall to 4 | updates to 1 | wall to 1 |"
+    head = "| variant | " + " | ".join(f"{n} steps" for n in shown) + " | " + costs
+    rows = [head, "|---|" + "---:|" * (len(shown) + 5)]
+    for label, cs in cells.items():
+        by_n = [
+            fmt_ratio([ratios(c)[n] for c in cs]) if all(n in ratios(c) for c in cs) else "" for n in shown
+        ]
+        c4 = [cost(c, 4) for c in cs]
+        c1 = [cost(c, 1) for c in cs]
+        mark = " **(chosen)**" if label == entry["chosen"] else ""
+        rows.append(
+            f"| {label}{mark} | "
+            + " | ".join(by_n)
+            + f" | {score(cs):.3f} | {_mean([u for u, _ in c4]):.2f}x | {_mean([w for _, w in c4]):.2f}x"
+            + f" | {_mean([u for u, _ in c1]):.2f}x | {_mean([w for _, w in c1]):.2f}x |"
+        )
+    return rows
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def final_table(cells: list[dict[str, Any]]) -> list[str]:
+    """The chosen recipe, per student: FD and ratio per seed, against issue 16's goals."""
+    rows = [
+        "| student steps | FD (per seed) | FD ÷ teacher Heun-18 (mean, per seed) | goal |",
+        "|---:|---:|---:|---:|",
+    ]
+    teacher = "/".join(f"{c['teacher_fd']:.3f}" for c in cells)
+    rows.append(f"| teacher, Heun-18 (35 NFE) | {teacher} | 1 | |")
+    for i, s in enumerate(cells[0]["students"]):
+        n = s["steps"]
+        fds = "/".join(f"{c['students'][i]['fd']:.3f}" for c in cells)
+        goal = f"≤ {GOALS[n]}" if n in GOALS else ""
+        rows.append(f"| {n} | {fds} | {fmt_ratio([ratios(c)[n] for c in cells])} | {goal} |")
+    return rows
+
+
+def plot(levers: list[dict[str, Any]], mode: Mode) -> bytes:
+    """FD ÷ teacher against student steps: the reference recipe and the chosen one, each seed."""
+    fig = Figure(figsize=(6.5, 4.0), dpi=120)
     ax = fig.subplots()
-    counts = res["counts"]
-    ax.plot(counts, [res["teacher_fd"][n] for n in counts], "o-", label="teacher, DDIM (euler)")
-    rounds = res["rounds"]
-    ax.plot([r.steps for r in rounds], [r.fd for r in rounds], "s-", label="distilled students")
+    first, last = levers[0], levers[-1]
+    shown = [
+        ("today's rounds (reference)", first["cells"][next(iter(first["cells"]))], "o--"),
+        ("chosen recipe", last["cells"][last["chosen"]], "s-"),
+    ]
+    for label, cells, style in shown:
+        for c in cells:
+            r = ratios(c)
+            ax.plot(list(r), list(r.values()), style, label=f"{label}, seed {c['seed']}", alpha=0.8)
+    for n, g in GOALS.items():
+        ax.plot([n], [g], "k_", markersize=14)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(counts, [str(n) for n in counts])
     ax.set_yscale("log")
-    ax.set_xlabel("sampling steps (NFE)")
-    ax.set_ylabel("Fréchet distance, classifier features")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    steps = sorted({n for _, cs, _ in shown for c in cs for n in ratios(c)})
+    ax.set_xticks(steps, [str(n) for n in steps])
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("student sampling steps (NFE)")
+    ax.set_ylabel("student FD ÷ teacher's Heun-18 FD")
+    ax.set_title(f"Progressive distillation on digits, EDM-FDM base (black: goals){_suffix(mode)}")
+    ax.legend(fontsize=7)
     return png(fig, dpi=120)
 
 
-def report(res: dict, setting: Setting, fdm: bool, cmd: str, total: float, png_name: str) -> str:
-    """The Markdown report: set-up, the quality table by step count, cost against base training, reading."""
-    rounds, teacher_fd, start = res["rounds"], res["teacher_fd"], res["counts"][0]
-    by_steps = {r.steps: r for r in rounds}
-    rows = [f"| {start} | {teacher_fd[start]:.3f} | (the teacher) | | | |"]
-    for r in rounds:
-        t = teacher_fd[r.steps]
-        rows.append(f"| {r.steps} | {t:.3f} | {r.fd:.3f} | {r.fd / t:.2f} | {r.updates} | {r.seconds:.0f} |")
-    to4 = [r for r in rounds if r.steps >= 4]
-    upd_all, sec_all = sum(r.updates for r in rounds), sum(r.seconds for r in rounds)
-    upd4, sec4 = sum(r.updates for r in to4), sum(r.seconds for r in to4)
-    bs, bsec = res["base_steps"], res["base_seconds"]
-    wins = sum(r.fd < teacher_fd[r.steps] for r in rounds)
-    reading = (
-        f"students beat the teacher's DDIM at the same step count at {wins} of {len(rounds)} step counts"
-    )
-    if 4 in by_steps:
-        reading += (
-            f"; the 4-step student's FD is {by_steps[4].fd / teacher_fd[start]:.2f}x the {start}-step "
-            f"teacher's, for {upd4 / bs:.2f}x the base model's updates"
-        )
-    if fdm:
-        reading += (
-            ". No 1-step round: FDM scales the net input at sigma = 80 by gamma(80) ~ 4e-8, so a 1-step "
-            "student could not depend on its noise and distill_round refuses it (check_one_step)"
-        )
-    process = "EDM-FDM (m 2, warm-up 200)" if fdm else "EDM"
-    mode = "" if setting.name == "full" else f" ({setting.name} mode)"
-    return "\n".join(
-        [
-            f"# Progressive distillation on digits, {process} base{mode}",
+def _suffix(mode: Mode) -> str:
+    return "" if mode.name == "full" else f" ({mode.name} mode)"
+
+
+def report(levers: list[dict[str, Any]], mode: Mode, cmd: str, png_name: str, pending: int) -> str:
+    """The Markdown report: set-up, one table per lever, the chosen recipe against the goals, reading."""
+    out = [
+        f"# Progressive distillation on digits: levers and the shipped recipe{_suffix(mode)}",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Machine: {machine()}, shared with other work (wall times are ratios within one cell).  ",
+        f"Teacher: EDM-FDM U-Net (16 channels), {mode.base_steps} steps at batch 128, lr 2e-3, EMA 0.995 "
+        "(digits.yaml's base model), judged with Heun-18 (35 NFE).  ",
+        f"Seeds {', '.join(map(str, mode.seeds))}: each seeds the base training, the distillation and the "
+        "evaluation noise (data split and classifier: seed 0).  ",
+        f"Quality: Fréchet distance of {mode.num_samples} samples in the features of the "
+        "tasks.train_classifier CNN, against the train split; each student is sampled with DDIM on its "
+        "own grid. A cell shows FD ÷ "
+        "the same seed's teacher Heun-18 FD, as mean (seed 0/seed 1); lower is better.  ",
+        "Score: mean log FD ratio of the 4-, 2- and 1-step students over the seeds; the lowest is carried on "
+        "to the next lever (greedy, one lever at a time).  ",
+        "Cost: optimizer updates and wall time of the rounds down to 4 (to 1) steps ÷ the base training's.",
+        "",
+        f"![ratio vs steps]({png_name})",
+        "",
+    ]
+    for i, entry in enumerate(levers, start=1):
+        lever = entry["lever"]
+        out += [
+            f"## Lever {i}: {lever.name}",
             "",
-            f"Command: `{cmd}` (total {total / 60:.1f} min)  ",
-            f"Machine: {machine()}, shared with other work (timings are indicative).  ",
-            f"Seeds: data split, classifier, base training, distillation and evaluation noise all {SEED}.  ",
-            f"Base model: {process} U-Net (model_channels 16, {res['parameters']:,} parameters), "
-            f"{bs} steps at batch 128, lr 2e-3, EMA 0.995 (tasks.train_base).  ",
-            f"Distillation (tasks.distill_round): teacher {start} steps on the EDM Karras grid, halved each "
-            f"round; {setting.updates} updates per round, {setting.final_updates} for the rounds to 2 and 1 "
-            "steps, batch 128, Adam lr 5e-4 annealed linearly to 0, grad clip 1, x-parameterisation (EDM "
-            "preconditioned head), truncated-SNR weighting, no EMA.  ",
-            "Quality: Fréchet distance (FD) in the 64-d features of the tasks.train_classifier CNN "
-            f"(val accuracy {res['classifier_acc']:.3f}), {setting.num_samples} samples vs the "
-            f"{res['n_train']:.0f}-image train split, via tasks.evaluate; lower is better. Not Inception "
-            "FID: compare trends with the paper, not values. With only 1,797 digits there is no disjoint "
-            "real set of the same size to give a floor, so compare rows with each other.",
+            lever.question.rstrip("?") + "?",
             "",
-            f"![quality vs steps]({png_name})",
-            "",
-            "| steps | teacher DDIM FD | student FD | student / teacher | updates | distill s |",
-            "|---:|---:|---:|---:|---:|---:|",
-            *rows,
-            "",
-            f"Cost: base training {bs} updates in {bsec:.0f} s; distillation to 4 steps {upd4} updates in "
-            f"{sec4:.0f} s ({upd4 / bs:.2f}x the base updates, {sec4 / bsec:.2f}x its wall time); all rounds "
-            f"down to {rounds[-1].steps} step(s) {upd_all} updates in {sec_all:.0f} s "
-            f"({upd_all / bs:.2f}x, {sec_all / bsec:.2f}x). A distillation update costs two teacher "
-            "forward passes more than a training update.",
-            "",
-            "Paper anchors (Salimans & Ho, CIFAR-10 FID, 50k updates per halving, 100k for 2 and 1 steps): "
-            "students 1 step 9.12, 2 -> 4.51, 4 -> 3.00, 8 -> 2.57; DDIM baseline 10 -> 13.36, 20 -> 6.84, "
-            "50 -> 4.67; distilling to 4 steps costs no more than training the base model.",
-            "",
-            f"Reading: {reading}.",
+            *lever_table(entry),
             "",
         ]
-    )
+    if levers:
+        chosen = levers[-1]["variants"][levers[-1]["chosen"]]
+        cells = levers[-1]["cells"][levers[-1]["chosen"]]
+        ref = levers[0]["cells"][next(iter(levers[0]["cells"]))]
+        u4, w4 = (_mean([cost(c, 4)[k] for c in cells]) for k in (0, 1))
+        out += [
+            "## The chosen recipe",
+            "",
+            "Recipe: " + ", ".join(f"{k} {v}" for k, v in chosen.items()) + ".",
+            "",
+            *final_table(cells),
+            "",
+            f"Cost to 4 steps: {u4:.2f}x the base training's updates, {w4:.2f}x its wall time.",
+            "",
+            "Reading: "
+            + reading(ref, cells)
+            + ("" if not pending else f" ({pending} lever(s) still to run.)"),
+            "",
+        ]
+    return "\n".join(out)
 
 
-def report_name(setting: Setting, fdm: bool) -> str:
-    """The report's file name without extension, e.g. distillation_fdm_quick."""
-    return "distillation" + ("_fdm" if fdm else "") + ("" if setting.name == "full" else f"_{setting.name}")
+def reading(ref: list[dict[str, Any]], best: list[dict[str, Any]]) -> str:
+    parts = []
+    for n in SCORED:
+        if all(n in ratios(c) for c in ref + best):
+            before, after = (_mean([ratios(c)[n] for c in cs]) for cs in (ref, best))
+            met = "meets" if after <= GOALS[n] else "misses"
+            parts.append(
+                f"{n}-step student {before:.2f}x -> {after:.2f}x the teacher ({met} the goal {GOALS[n]}x)"
+            )
+    return "; ".join(parts) + "."
 
 
-def run(setting: Setting, fdm: bool = False, threads: int = 1) -> tuple[str, dict[str, bytes]]:
-    """Run the benchmark in a scratch store; the Markdown report and its plot as {file name: PNG bytes}."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as root:
-        res = measure(setting, root, threads, device, fdm)
-    total = time.perf_counter() - t0
-    name = report_name(setting, fdm)
-    flags = (["--fdm"] if fdm else []) + ([f"--threads {threads}"] if threads != 1 else [])
-    cmd = command("distillation", setting.name, *flags)
-    text = report(res, setting, fdm, cmd, total, f"{name}.png")
-    return text, {
-        f"{name}.png": plot(res, f"Progressive distillation on digits, {'EDM-FDM' if fdm else 'EDM'} base")
-    }
+def report_name(mode: Mode) -> str:
+    return "distillation" + ("" if mode.name == "full" else f"_{mode.name}")
+
+
+def run(mode: Mode, jobs: int = 1, report_only: bool = False) -> tuple[str, dict[str, bytes]]:
+    """Run (or, `report_only`, read) the study; the Markdown report and its plot as {file name: PNG}."""
+    record = Record(mode.record)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = str(mode.cache) if mode.cache is not None else tmp
+        levers = study(mode, record, root, jobs, run=not report_only)
+    if not levers:
+        raise SystemExit("distillation: no lever is fully recorded yet")
+    name = report_name(mode)
+    cmd = command("distillation", mode.name, *([f"--jobs {jobs}"] if jobs != 1 else []))
+    text = report(levers, mode, cmd, f"{name}.png", len(mode.levers) - len(levers))
+    return text, {f"{name}.png": plot(levers, mode)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="8 -> 1 steps, short runs (a few minutes)")
-    parser.add_argument("--fdm", action="store_true", help="an EDM-FDM base, distilled down to 2 steps")
-    # One thread: on a shared 2-core machine two OpenMP threads per process run 10x slower, not faster.
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="one lever, short runs (a few minutes)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds distilled at once, one core each")
+    parser.add_argument("--report-only", action="store_true", help="re-render from the recorded cells")
     args = parser.parse_args(argv)
-    setting = MODES["quick" if args.quick else "full"]
-    text, files = run(setting, args.fdm, args.threads)
+    mode = MODES["quick" if args.quick else "full"]
+    t0 = time.perf_counter()
+    text, files = run(mode, args.jobs, args.report_only)
     print(text)
-    print(f"report: {write_report(report_name(setting, args.fdm), text, files)}")
+    print(f"report: {write_report(report_name(mode), text, files)} ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

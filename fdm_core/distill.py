@@ -6,13 +6,17 @@ x_t -> x_mid -> x_s, and the student's x0-target x~ is the one whose single DDIM
 
     x_s = x~ + (sigma_s/sigma_t)(x_t - x~)   =>   x~ = (x_s - (sigma_s/sigma_t) x_t) / (1 - sigma_s/sigma_t).
 
-The loss is w(sigma_t) |D_student(x_t, sigma_t) - x~|^2 (DESIGN.md §4).
+The loss is w(sigma_t) |D_student(x_t, sigma_t) - x~|^2 (DESIGN.md §4). The teacher's two steps may use
+Heun instead of DDIM (`solver`): x~ then makes one student DDIM step land where two teacher Heun steps land,
+so a first round starts from the teacher's better solver; the student still samples with DDIM.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,9 +25,11 @@ from fdm_core import targets
 from fdm_core.options import Parameterisation, Weighting, check_stable
 from fdm_core.precond import Denoiser, Head
 from fdm_core.processes import Process
+from fdm_core.samplers import step_delta
 from fdm_core.tensors import append_dims
 
 DenoiserFn = Callable[[Tensor, Tensor], Tensor]
+TeacherSolver = Literal["euler", "heun"]
 # The student heads that implement each parameterisation; the first is what `make_student` sets.
 HEADS: dict[str, tuple[Head, ...]] = {"x": ("precond", "x"), "v": ("v",), "eps": ("eps",)}
 # Below this net-input scale c_in(sigma) sigma the network cannot tell one noise sample from another.
@@ -50,42 +56,70 @@ def ddim_step(x_t: Tensor, denoised: Tensor, sigma_t: Tensor, sigma_s: Tensor) -
     return denoised + append_dims(sigma_s / sigma_t, x_t) * (x_t - denoised)
 
 
+def teacher_step(
+    teacher: DenoiserFn, x: Tensor, sigma_t: Tensor, sigma_s: Tensor, solver: TeacherSolver
+) -> Tensor:
+    """One teacher step: DDIM in its closed form (exact D where sigma_s = 0), or Heun."""
+    if solver == "euler":
+        return ddim_step(x, teacher(x, sigma_t), sigma_t, sigma_s)
+    return x + step_delta(teacher, x, sigma_t, sigma_s, solver)
+
+
 @torch.no_grad()
 def distill_target(
-    teacher: DenoiserFn, x_t: Tensor, sigma_t: Tensor, sigma_mid: Tensor, sigma_s: Tensor
+    teacher: DenoiserFn,
+    x_t: Tensor,
+    sigma_t: Tensor,
+    sigma_mid: Tensor,
+    sigma_s: Tensor,
+    solver: TeacherSolver = "euler",
 ) -> Tensor:
-    """The student's x0-target x~ from two teacher DDIM steps sigma_t -> sigma_mid -> sigma_s (per sample).
+    """The student's x0-target x~ from two teacher steps sigma_t -> sigma_mid -> sigma_s (per sample), each
+    a DDIM (`euler`) or a Heun step (2 evaluations; Euler on a step to sigma = 0).
 
     Where sigma_s = 0 the ratio is 0 and x~ is exactly the teacher's x_s.
     """
-    x_mid = ddim_step(x_t, teacher(x_t, sigma_t), sigma_t, sigma_mid)
-    x_s = ddim_step(x_mid, teacher(x_mid, sigma_mid), sigma_mid, sigma_s)
+    x_mid = teacher_step(teacher, x_t, sigma_t, sigma_mid, solver)
+    x_s = teacher_step(teacher, x_mid, sigma_mid, sigma_s, solver)
     ratio = append_dims(sigma_s / sigma_t, x_t)
     return (x_s - ratio * x_t) / (1 - ratio)
 
 
-def check_one_step(process: Process, sigma_0: float) -> None:
-    """Refuse a 1-step student the network cannot see the input of: its one step returns D(x, sigma_0) alone,
-    and where c_in(sigma_0) sigma_0 << 1 (FDM's gamma(80) ~ 4e-8 under EDM) D can only learn the data mean.
-    Students of 2 or more steps still carry x through the DDIM update."""
-    scale = float(process.c_in(torch.tensor([sigma_0], dtype=torch.float64))[0]) * sigma_0
-    if scale < BLIND_INPUT:
-        fdm = " (FDM's critically damped gamma)" if process.fdm else ""
+def input_scale(process: Process, sigma: float) -> float:
+    """c_in(sigma) sigma: the scale of the noise in the network's input at sigma."""
+    return float(process.c_in(torch.tensor([sigma], dtype=torch.float64))[0]) * sigma
+
+
+def one_step_process(process: Process, sigma_0: float) -> Process:
+    """The process a 1-step student runs. Its one step returns D(x, sigma_0) alone, so the network must see
+    x there; where c_in(sigma_0) sigma_0 << 1 (FDM's critically damped gamma(80) ~ 4e-8 under EDM) it keeps
+    the teacher's c_skip, c_out and c_noise but takes the baseline's c_in. Students of 2 or more steps carry
+    x through the DDIM update and keep the teacher's process."""
+    if input_scale(process, sigma_0) >= BLIND_INPUT:
+        return process
+    student = dataclasses.replace(process, fdm=False)
+    if input_scale(student, sigma_0) < BLIND_INPUT:
         raise ValueError(
             f"teacher_sigmas: a 1-step student from sigma {sigma_0:g} sees its input scaled by "
-            f"c_in * sigma = {scale:.2g}{fdm}, so it cannot depend on the noise; stop at 2 steps"
+            f"c_in * sigma = {input_scale(student, sigma_0):.2g}, so it cannot depend on the noise"
         )
+    return student
 
 
-def make_student(teacher: Denoiser, parameterisation: Parameterisation = "x") -> Denoiser:
+def make_student(
+    teacher: Denoiser, parameterisation: Parameterisation = "x", one_step_from: float | None = None
+) -> Denoiser:
     """A trainable copy of the teacher with the output head of `parameterisation` and dropout 0 (reference).
 
     A teacher whose head already implements it (x: the preconditioned x0 head) keeps it, so the student
-    starts exactly as the teacher; another head starts the student from a different function.
+    starts exactly as the teacher; another head starts the student from a different function. A 1-step
+    student (`one_step_from` = its sigma_0) runs `one_step_process` of the teacher's.
     """
     if parameterisation not in HEADS:
         raise ValueError(f"parameterisation: expected x|v|eps (got {parameterisation!r})")
     student = copy.deepcopy(teacher)
+    if one_step_from is not None:
+        student.process = one_step_process(teacher.process, one_step_from)
     if student.head not in HEADS[parameterisation]:
         student.head = HEADS[parameterisation][0]
     for m in student.modules():
@@ -107,11 +141,13 @@ def distill_loss(
     parameterisation: Parameterisation = "x",
     generator: torch.Generator | None = None,
     allow_unstable: bool = False,
+    solver: TeacherSolver = "euler",
 ) -> Tensor:
     """w(sigma_t) |D_student(x_t, sigma_t) - x~|^2 averaged, with a student step i ~ U{0..N-1} per sample.
 
     `teacher_sigmas` is the teacher's 2N-step grid; sigma_t, sigma_mid, sigma_s = sigma_2i, sigma_2i+1,
-    sigma_2i+2. `parameterisation` must match the student's head (see `make_student`).
+    sigma_2i+2. `parameterisation` must match the student's head (see `make_student`); `solver` is the
+    teacher's (see `distill_target`).
     """
     check_stable(parameterisation, weighting, allow_unstable)
     head = getattr(student, "head", None)
@@ -123,17 +159,18 @@ def distill_loss(
     n = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     sigma_t, sigma_mid, sigma_s = (full[2 * i + k].to(x0.device) for k in range(3))
     x_t = x0 + append_dims(sigma_t, x0) * n
-    target = distill_target(teacher, x_t, sigma_t, sigma_mid, sigma_s)
+    target = distill_target(teacher, x_t, sigma_t, sigma_mid, sigma_s, solver)
     w = append_dims(targets.weighting(weighting, sigma_t), x0)
     return (w * (student(x_t, sigma_t) - target) ** 2).mean()
 
 
 __all__ = [
-    "check_one_step",
     "check_stable",
     "ddim_step",
     "distill_loss",
     "distill_target",
+    "input_scale",
     "make_student",
+    "one_step_process",
     "student_grid",
 ]

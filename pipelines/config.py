@@ -206,19 +206,6 @@ class PipelineConfig(BaseModel):
     store: StoreConfig = Field(default_factory=StoreConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
-    @model_validator(mode="after")
-    def _one_step_reachable(self) -> PipelineConfig:
-        """Refuse at load time a 1-step target the base model's input scaling makes unlearnable (FDM)."""
-        if self.distill.enabled and self.distill.end_steps == 1:
-            from fdm_core.distill import check_one_step  # torch, only for configs that reach 1 step
-
-            process = self.train.build_process()
-            try:
-                check_one_step(process, process.sigma_max)
-            except ValueError as err:
-                raise ValueError(f"distill.end_steps: {str(err).partition(': ')[2]}") from None
-        return self
-
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")

@@ -1,7 +1,8 @@
 """Stage: one progressive-distillation round, a 2N-step teacher -> an N-step student (Salimans & Ho).
 
 The student starts from the teacher's (EMA) weights with a fresh Adam, its learning rate annealed linearly
-to 0 within the round, gradients clipped, no EMA (the reference settings, DESIGN.md §4). The round is
+to 0 within the round, gradients clipped (the reference settings, DESIGN.md §4); optionally the teacher's
+two steps use Heun and the round outputs an EMA of the student's weights. The round is
 resumable: it checkpoints under ``checkpoints/distill_round/<key>`` and continues from the newest one
 until its output is complete.
 Its output is a model artifact whose ``model.json`` carries the student's grid (``sigmas``, ``steps``,
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from fdm_core.distill import check_one_step, distill_loss, make_student, student_grid
+from fdm_core.distill import distill_loss, make_student, student_grid
 from fdm_core.networks import count_parameters
 from fdm_core.samplers import process_grid
+from fdm_core.training import EMA
 from infra.manifest import read_manifest
 from infra.store import open_store
 from tasks.checkpoints import load_model, model_spec, save_model
@@ -40,12 +42,13 @@ def distill_round(cfg: DistillRoundConfig, ctx: StageContext, teacher: str, data
             f"dataset: {dataset} holds samples of shape {list(shape)}, "
             f"the teacher {teacher} was trained on {teacher_spec['data_shape']}"
         )
-    if steps == 1:
-        check_one_step(teacher_model.process, float(grid[0]))
     for p in teacher_model.parameters():
         p.requires_grad_(False)
+    # A distilled teacher is valid only with DDIM on its own grid; the base model can take Heun steps.
+    solver = cfg.teacher_solver if teacher_spec.get("sigmas") is None else "euler"
 
-    student = make_student(teacher_model, cfg.parameterisation)
+    student = make_student(teacher_model, cfg.parameterisation, float(grid[0]) if steps == 1 else None)
+    ema = EMA(student, cfg.ema_decay) if cfg.ema_decay is not None else None
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1 - k / updates))
     seed = cfg.seed + 7919 * cfg.round_index
@@ -58,13 +61,22 @@ def distill_round(cfg: DistillRoundConfig, ctx: StageContext, teacher: str, data
 
     def loss_fn(x0: torch.Tensor, state, gen: torch.Generator) -> torch.Tensor:
         return distill_loss(
-            student, teacher_model, x0, sigmas, cfg.weighting, cfg.parameterisation, gen, cfg.allow_unstable
+            student,
+            teacher_model,
+            x0,
+            sigmas,
+            cfg.weighting,
+            cfg.parameterisation,
+            gen,
+            cfg.allow_unstable,
+            solver,
         )
 
     loop = LoopSettings("distill", updates, cfg.log_every, cfg.checkpoint_every, cfg.grad_clip, seed=seed)
-    run = fit(student, opt, loss_fn, batches, ctx, loop, scheduler=sched)
+    run = fit(student, opt, loss_fn, batches, ctx, loop, scheduler=sched, ema=ema)
+    out = ema.model if ema is not None else student
     spec = model_spec(
-        student,
+        out,
         parameters=count_parameters(student),
         data_shape=list(shape),
         sigmas=grid.tolist(),
@@ -73,9 +85,10 @@ def distill_round(cfg: DistillRoundConfig, ctx: StageContext, teacher: str, data
         parameterisation=cfg.parameterisation,
         distilled_from=read_manifest(teacher_store, "").digest,
         teacher_steps=cfg.teacher_steps,
+        teacher_solver=solver,
         round_index=cfg.round_index,
     )
-    save_model(ctx.out_dir, student, spec)
+    save_model(ctx.out_dir, out, spec)
     return StageResult(
         stage="distill_round",
         key=ctx.key,
@@ -86,7 +99,12 @@ def distill_round(cfg: DistillRoundConfig, ctx: StageContext, teacher: str, data
             "distill_seconds": run.seconds,
             "images_seen": float(run.state.step * cfg.batch_size),
         },
-        info={"sigmas": grid.tolist(), "steps": steps, "round_index": cfg.round_index},
+        info={
+            "sigmas": grid.tolist(),
+            "steps": steps,
+            "round_index": cfg.round_index,
+            "teacher_solver": solver,
+        },
     )
 
 

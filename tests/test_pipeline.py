@@ -324,7 +324,7 @@ def test_per_round_settings_in_yaml_change_only_that_round_and_below() -> None:
         ("distill.end_steps=64", "distill.end_steps"),
         ("distill.round.weighting=bad", "distill.round.weighting"),
         ("data.source.toy=spiral", "data.source.toy2d.toy"),
-        ("distill.end_steps=1", "distill.end_steps: a 1-step student"),
+        ("distill.quality_gate=0", "distill.quality_gate: Input should be greater than 0"),
         ("distill.rounds.2.updatez=5", "distill.rounds.2.updatez: unknown key"),
         ("distill.rounds.9.lr=0.1", "distill.rounds.9: no such round"),
         ("distill.rounds.1.lr=-1", "distill.rounds.1.lr: Input should be greater than 0"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -21,6 +22,14 @@ class DistillConfig(BaseModel):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(5e-4, gt=0, description="initial learning rate, annealed linearly to 0 in the round")
     grad_clip: float | None = Field(1.0, gt=0)
+    teacher_solver: Literal["euler", "heun"] = Field(
+        "euler",
+        description="solver of the base model's two steps in a target; heun lets round 1 start from the "
+        "teacher's Heun quality (a distilled teacher always steps with DDIM on its own grid)",
+    )
+    ema_decay: float | None = Field(
+        None, ge=0, lt=1, description="EMA of the student's weights, which the round outputs; None: none"
+    )
     weighting: Weighting = "truncated_snr"
     parameterisation: Parameterisation = Field(
         "x",
