@@ -84,9 +84,20 @@ LEVERS = [
         {"DDIM targets": {"teacher_solver": "euler"}, "Heun targets": {"teacher_solver": "heun"}},
     ),
     Lever(
-        "start steps",
-        "How many steps should the first teacher take",
-        {"start 32": {"start_steps": 32}, "start 16": {"start_steps": 16}, "start 64": {"start_steps": 64}},
+        "student EMA",
+        "Does an EMA of the student's weights help? The round outputs it, so it is also the next round's "
+        "teacher and its student's initial weights",
+        {"no EMA": {"ema_decay": None}, "EMA 0.99": {"ema_decay": 0.99}, "EMA 0.995": {"ema_decay": 0.995}},
+    ),
+    Lever(
+        "learning rate, batch",
+        "Which learning rate (annealed linearly to 0 in each round) and batch size",
+        {
+            "lr 5e-4, batch 128": {"lr": 5e-4, "batch_size": 128},
+            "lr 2e-4, batch 128": {"lr": 2e-4, "batch_size": 128},
+            "lr 1e-4, batch 128": {"lr": 1e-4, "batch_size": 128},
+            "lr 5e-4, batch 256": {"lr": 5e-4, "batch_size": 256},
+        },
     ),
     Lever(
         "updates",
@@ -98,20 +109,9 @@ LEVERS = [
         },
     ),
     Lever(
-        "learning rate, batch",
-        "Which learning rate (annealed linearly to 0 in each round) and batch size",
-        {
-            "lr 5e-4, batch 128": {"lr": 5e-4, "batch_size": 128},
-            "lr 1e-3, batch 128": {"lr": 1e-3, "batch_size": 128},
-            "lr 2e-4, batch 128": {"lr": 2e-4, "batch_size": 128},
-            "lr 5e-4, batch 256": {"lr": 5e-4, "batch_size": 256},
-        },
-    ),
-    Lever(
-        "student EMA",
-        "Does an EMA of the student's weights help? The round outputs it, so it is also the next round's "
-        "teacher and its student's initial weights",
-        {"no EMA": {"ema_decay": None}, "EMA 0.99": {"ema_decay": 0.99}, "EMA 0.995": {"ema_decay": 0.995}},
+        "start steps",
+        "How many steps should the first teacher take",
+        {"start 32": {"start_steps": 32}, "start 16": {"start_steps": 16}, "start 8": {"start_steps": 8}},
     ),
     Lever(
         "parameterisation, weighting",

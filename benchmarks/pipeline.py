@@ -123,7 +123,7 @@ def fdm(args: list[str], cwd: str, tracking_uri: str | None = None) -> Timed:
     timed = Timed(start, end, proc.stdout, found.group(1) if found else None)
     if tracking_uri and timed.run_id:
         path = MlflowClient(tracking_uri).download_artifacts(timed.run_id, "summary.json", cwd)
-        timed.summary = json.loads(Path(path).read_text())
+        timed.summary = json.loads(Path(path).read_text())["stages"]
     return timed
 
 

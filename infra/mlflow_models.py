@@ -92,6 +92,19 @@ def local_model_dir(ref: str, tracking_uri: str) -> str:
     return str(Path(root, artifacts[MODEL_DIR]["path"]))
 
 
+def logged_model_uri(tracking: Tracking, key: str) -> str | None:
+    """The newest model logged in the experiment by the stage computation of key `key` (its `fdm.key` tag)."""
+    mlflow.set_tracking_uri(tracking.tracking_uri)
+    found = mlflow.search_logged_models(
+        experiment_ids=[tracking.experiment_id],
+        filter_string=f"tags.`fdm.key` = '{key}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}],
+        max_results=1,
+        output_format="list",
+    )
+    return found[0].model_uri if found else None
+
+
 def register(tracking: Tracking, model_uri: str, name: str, alias: str, tags: dict[str, str]) -> str:
     """Register `model_uri` as a new version of `name`, point `alias` at it; returns the version."""
     mlflow.set_tracking_uri(tracking.tracking_uri)

@@ -57,7 +57,10 @@ class DistillSchedule(BaseModel):
         4, ge=1, description="steps of the last student; start_steps/end_steps is a power of 2"
     )
     quality_gate: float | None = Field(
-        None, gt=0, description="stop halving when a student's metric is worse than this x the teacher's"
+        None,
+        gt=0,
+        description="stop halving at the first student whose metric is worse than this x the base model's "
+        "(its first evaluation sampler); the last student within it is the final model",
     )
     round: DistillConfig = Field(default_factory=DistillConfig)
     rounds: dict[int, dict[str, Any]] = Field(

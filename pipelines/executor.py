@@ -37,7 +37,7 @@ from infra.manifest import (
 )
 from infra.store import ArtifactStore, NotFoundError, StoreError, open_store
 from infra.tracking import Tracking
-from pipelines.plan import StageSpec
+from pipelines.plan import Gate, StageSpec
 from tasks.registry import STAGES
 from tasks.stage import StageContext, StageResult, run_stage
 from tasks.stages.distill_round import passes_quality_gate
@@ -128,19 +128,21 @@ def skip_reason(spec: StageSpec, ups: dict[str, StageResult]) -> str | None:
         if r.info.get("skipped"):
             return f"upstream {name} skipped"
     if spec.gate is not None:
-        g = spec.gate
-        student = ups[g.student].metrics.get("quality", float("nan"))
-        by_sampler = ups[g.teacher].info.get("by_sampler", {})
-        teacher_metrics = (
-            by_sampler.get(g.teacher_sampler, {}) if g.teacher_sampler else ups[g.teacher].metrics
-        )
-        teacher = teacher_metrics.get("quality", float("nan"))
-        if not passes_quality_gate(student, teacher, g.factor):
-            return (
-                f"quality gate: {g.student} {student:.4g} > {g.factor} x {g.teacher} {teacher:.4g}; "
-                "halving stops"
-            )
+        failure = gate_failure(spec.gate, ups[spec.gate.student], ups[spec.gate.teacher])
+        return f"{failure}; halving stops" if failure else None
     return None
+
+
+def gate_failure(gate: Gate, student: StageResult, reference: StageResult) -> str | None:
+    """Why evaluation `student` fails `gate` against evaluation `reference` (None: it passes)."""
+    value = student.metrics.get("quality", float("nan"))
+    by_sampler = reference.info.get("by_sampler", {})
+    ref_metrics = by_sampler.get(gate.teacher_sampler, {}) if gate.teacher_sampler else reference.metrics
+    ref = ref_metrics.get("quality", float("nan"))
+    if passes_quality_gate(value, ref, gate.factor):
+        return None
+    metric = student.info.get("metric_name", "quality")
+    return f"quality gate: {gate.student} {metric} {value:.4g} > {gate.factor} x {gate.teacher} {ref:.4g}"
 
 
 def skipped(spec: StageSpec, reason: str) -> StageResult:

@@ -100,8 +100,9 @@ def stage_key(kind: StageKind, section: Any, input_keys: dict[str, str]) -> str:
 @dataclass(frozen=True)
 class Gate:
     """Run the stage only if evaluation `student`'s quality is at most `factor` x evaluation `teacher`'s
-    (lower is better), the teacher's with sampler `teacher_sampler` (a tag like euler32) if given, else
-    its headline: the quality gate that stops halving."""
+    (lower is better), the teacher's with sampler `teacher_sampler` (a tag like heun18) if given, else
+    its headline: the quality gate that stops halving. The pipeline's gates all judge against the base
+    model's headline evaluation, so the allowed loss does not compound over rounds."""
 
     student: str
     teacher: str
@@ -145,7 +146,8 @@ class StageSpec:
 
 
 def base_samplers(cfg: PipelineConfig) -> list[SamplerSpec]:
-    """The base model's evaluation samplers, plus DDIM at the first teacher's steps (the gate's reference)."""
+    """The base model's evaluation samplers, plus DDIM at the first teacher's steps (what round 1 halves,
+    drawn in the quality plot)."""
     samplers = list(cfg.evaluate.samplers)
     if cfg.distill.student_steps:
         ddim = SamplerSpec(method="euler", steps=cfg.distill.start_steps)
@@ -211,13 +213,12 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         round=0,
         steps=cfg.evaluate.samplers[0].steps,  # the headline sampler's: the one the table and plot show
     )
-    # With a quality gate, round k+1 waits for the evaluations of round k's student and of its teacher.
+    # With a quality gate, round k+1 waits for the evaluations of round k's student and of the base model.
     teacher, teacher_steps, evals = base, cfg.distill.start_steps, [ev]
     for k, steps in enumerate(cfg.distill.student_steps, start=1):
         gate = None
         if cfg.distill.quality_gate is not None and k >= 2:
-            ddim = f"euler{cfg.distill.start_steps}" if k == 2 else None  # the first teacher, as distilled
-            gate = Gate(evals[-1].name, evals[-2].name, ddim, cfg.distill.quality_gate)
+            gate = Gate(evals[-1].name, ev.name, None, cfg.distill.quality_gate)
         settings = cfg.distill.round_config(k).model_dump(mode="json")  # distill.round + distill.rounds[k]
         section = {**settings, "teacher_steps": teacher_steps, "round_index": k}
         dist = p.add(
@@ -227,7 +228,7 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
             {"teacher": teacher, "dataset": data},
             section="distill.round",
             title=f"distill_{teacher_steps}to{steps}",
-            after=[gate.student, gate.teacher] if gate else [],
+            after=list(dict.fromkeys([gate.student, gate.teacher])) if gate else [],
             round=k,
             steps=steps,
             gate=gate,

@@ -35,13 +35,14 @@ from pipelines.executor import (
     CorruptInputError,
     RunEnv,
     execute_stage,
+    gate_failure,
     record_resolved,
     serve,
     skip_reason,
     skipped,
     warm_worker,
 )
-from pipelines.plan import StageError, StageSpec, downstream_of, plan
+from pipelines.plan import Gate, StageError, StageSpec, downstream_of, plan
 from tasks.stage import StageResult
 
 TRANSIENT = (ConnectionError, TimeoutError)
@@ -76,7 +77,7 @@ def headline(spec: StageSpec, result: StageResult | None, error: str | None = No
     if result is None:
         return error.splitlines()[0][:60] if error else ""
     if result.info.get("skipped"):
-        return str(result.info["skipped"])[:60]
+        return str(result.info["skipped"])
     key = spec.decl.headline
     if key not in result.metrics:
         return ""
@@ -310,38 +311,78 @@ def summary_png(run: PipelineRun, cfg: PipelineConfig, store: ArtifactStore) -> 
         return png
 
 
-def final_student(run: PipelineRun) -> StageOutcome | None:
-    """The last distilled model the run has (computed or cached; a gate-skipped round has none)."""
-    students = [
-        o
-        for o in run.outcomes.values()
-        if o.spec.round and o.spec.decl.output == "model" and o.result and not o.result.info.get("skipped")
-    ]
-    return students[-1] if students else None
+@dataclass
+class Halving:
+    """What distillation delivered: each student's steps, quality and gate verdict, the final student (the
+    last one within the quality gate; None: the base model is final) and why halving stopped."""
+
+    students: list[dict[str, Any]] = field(default_factory=list)
+    final: StageOutcome | None = None
+    stopped: str = ""
+
+    def record(self) -> dict[str, Any]:
+        final = self.final
+        return {
+            "students": self.students,
+            "final_model": {"stage": final.spec.name, "steps": final.spec.steps} if final else None,
+            "halving_stopped": self.stopped,
+        }
+
+
+def halving(run: PipelineRun, cfg: PipelineConfig) -> Halving:
+    """Walk the rounds in order: a student counts while its round produced it and, with a quality gate, its
+    evaluation is within `quality_gate` x the base model's headline; the first that is not ends halving."""
+    out, factor = Halving(), cfg.distill.quality_gate
+    if not cfg.distill.student_steps:
+        out.stopped = "distillation disabled"
+        return out
+    base = run.outcomes.get("evaluate_base")
+    for k, steps in enumerate(cfg.distill.student_steps, start=1):
+        dist, ev = run.outcomes.get(f"distill_{k}"), run.outcomes.get(f"evaluate_{k}")
+        if dist is None or dist.result is None:
+            out.stopped = f"distill_{k} {dist.status if dist else 'not planned'}"
+            return out
+        if dist.result.info.get("skipped"):
+            out.stopped = dist.result.info["skipped"]
+            return out
+        quality = ev.result.metrics.get("quality") if ev and ev.result else None
+        out.students.append({"stage": dist.spec.name, "steps": steps, "quality": quality})
+        if factor is not None:
+            if quality is None or base is None or base.result is None:
+                out.stopped = f"evaluate_{k} {ev.status if ev else 'missing'}: no quality to gate on"
+                return out
+            failure = gate_failure(Gate(ev.spec.name, base.spec.name, None, factor), ev.result, base.result)
+            out.students[-1]["passed_gate"] = failure is None
+            if failure:
+                out.stopped = f"{failure}; the {steps}-step student is not kept"
+                return out
+        out.final = dist
+    out.stopped = f"reached end_steps {cfg.distill.end_steps}"
+    return out
 
 
 def register_final_student(run: PipelineRun, cfg: PipelineConfig, tracking: Tracking) -> str | None:
     """Register the final student as a version of `<experiment>-student` with alias `candidate`: the model
-    logged when it was computed; a cached student's earlier version (same key) gets the alias again."""
-    from infra.mlflow_models import register
+    logged when it was computed; a cached student's earlier version (same key) gets the alias again, and a
+    cached student never registered (e.g. the last one within a quality gate) its logged model."""
+    from infra.mlflow_models import logged_model_uri, register
 
-    final = final_student(run)
+    final = halving(run, cfg).final
     if final is None:
         return None
     name, key = f"{cfg.tracking.experiment}-student", final.spec.key
     tags = {"fdm.key": key, "fdm.steps": str(final.spec.steps), "fdm.pipeline_run": run.run_id}
-    if "model_uri" in final.result.info:
-        version = register(tracking, final.result.info["model_uri"], name, "candidate", tags)
-    else:
-        versions = [
-            v
-            for v in tracking.client.search_model_versions(f"name = '{name}'")
-            if v.tags.get("fdm.key") == key
-        ]
-        if not versions:
-            return None
+    versions = [
+        v for v in tracking.client.search_model_versions(f"name = '{name}'") if v.tags.get("fdm.key") == key
+    ]
+    uri = final.result.info.get("model_uri") or (None if versions else logged_model_uri(tracking, key))
+    if uri is not None:
+        version = register(tracking, uri, name, "candidate", tags)
+    elif versions:
         version = max(versions, key=lambda v: int(v.version)).version
         tracking.client.set_registered_model_alias(name, "candidate", version)
+    else:
+        return None
     tracking.set_tags(run.run_id, {"fdm.registered_model": f"models:/{name}/{version}"})
     return f"models:/{name}@candidate"
 
@@ -353,9 +394,22 @@ def describe(run: PipelineRun, cfg: PipelineConfig, command: str) -> str:
         f"Pipeline `{cfg.name}` on `{cfg.data.source.kind}` data: {len(status)} stages, "
         f"{status.count('done')} computed, {status.count('cached')} cached, {status.count('failed')} failed."
     )
-    final = final_student(run)
-    if final is not None:
-        text += f"\n\nFinal student: {final.spec.name}, {final.spec.steps} sampling steps."
+    h = halving(run, cfg)
+    if h.students:
+        steps = ", ".join(
+            f"{st['steps']}" + ("" if st.get("passed_gate", True) else " (outside the quality gate)")
+            for st in h.students
+        )
+        final = h.final
+        text += (
+            f"\n\nStudents' sampling steps: {steps}. "
+            + (
+                f"Final student: {final.spec.name}, {final.spec.steps} sampling steps."
+                if final
+                else "No student is kept: the base model is final."
+            )
+            + f" Halving stopped: {h.stopped}."
+        )
     return text + f"\n\nReproduce: `{command}` at the commit in the `mlflow.source.git.commit` tag."
 
 
@@ -367,7 +421,8 @@ def _finish(
     store: ArtifactStore,
     console: Console,
 ) -> None:
-    summary = {
+    h = halving(run, cfg)
+    stages = {
         name: {
             "status": o.status,
             "key": o.spec.key,
@@ -381,6 +436,7 @@ def _finish(
         }
         for name, o in run.outcomes.items()
     }
+    summary = {"stages": stages, "distillation": h.record()}
     tracking.log_text(run.run_id, json.dumps(summary, indent=2, default=str), "summary.json")
     png = summary_png(run, cfg, store)
     if png:
@@ -393,15 +449,26 @@ def _finish(
         if o.result is not None and o.spec.steps and "quality" in o.result.metrics:
             name = o.result.info.get("metric_name", "quality")
             tracking.log_metrics(run.run_id, {name: o.result.metrics["quality"]}, o.spec.steps)
+    final = h.final.spec if h.final else run.outcomes["train_base"].spec
     tracking.set_tags(
         run.run_id,
-        {"fdm.used_ray": str(run.used_ray).lower(), "mlflow.note.content": describe(run, cfg, command)},
+        {
+            "fdm.used_ray": str(run.used_ray).lower(),
+            "mlflow.note.content": describe(run, cfg, command),
+            "fdm.final_model": final.name,
+            **({"fdm.final_steps": str(final.steps)} if final.steps else {}),
+            "fdm.student_steps": ",".join(str(st["steps"]) for st in h.students),
+            "fdm.halving_stopped": h.stopped,
+        },
     )
     registered = None if run.failed else register_final_student(run, cfg, tracking)
     tracking.end(run.run_id, "FAILED" if run.failed else "FINISHED")
     if registered:
         console.print(f"final student registered: {registered}")
     console.print(stage_table(run))
+    if h.students or cfg.distill.student_steps:
+        kept = f"{h.final.spec.name} ({h.final.spec.steps} steps)" if h.final else "the base model"
+        console.print(f"final model: {kept}; halving stopped: {h.stopped}", highlight=False, soft_wrap=True)
     for o in run.outcomes.values():
         info = o.result.info if o.result else {}
         if info.get("output_differs"):

@@ -123,6 +123,66 @@ def test_second_run_is_all_cache_hits_without_ray(first_run, overrides: list[str
     assert run.outcomes["evaluate_2"].result.metrics == first_run[1].outcomes["evaluate_2"].result.metrics
 
 
+def _ratios(run) -> dict[int, float]:
+    """Each student's quality ÷ the base model's headline quality, by student steps."""
+    base = run.outcomes["evaluate_base"].result.metrics["quality"]
+    return {
+        o.spec.steps: o.result.metrics["quality"] / base
+        for o in run.outcomes.values()
+        if o.spec.kind == "evaluate" and o.spec.round and o.result and "quality" in o.result.metrics
+    }
+
+
+def test_a_tripped_quality_gate_stops_halving_and_keeps_the_last_passing_student(
+    first_run, overrides: list[str], tmp_path: Path
+) -> None:
+    """A gate between the 4-step and the 2-step students' quality ratios: the 2-step student is not kept,
+    the 1-step round never runs, the reason is in the stage table, the stage's and the parent's MLflow tags
+    and summary.json, and the 4-step student is the final (registered) model."""
+    r = _ratios(first_run[1])
+    assert r[2] > r[4], f"the toy's 2-step student should be worse than its 4-step one: {r}"
+    gate = (r[4] + r[2]) / 2
+    cfg = load_config(CONFIG, [*overrides, "distill.end_steps=1", f"distill.quality_gate={gate:.6f}"])
+    console = Console(record=True, width=250)
+    run = run_pipeline(cfg, console=console)
+    status = {n: o.status for n, o in run.outcomes.items()}
+    assert status["distill_1"] == status["distill_2"] == status["evaluate_2"] == "cached"  # gate: not a key
+    assert status["distill_3"] == status["evaluate_3"] == "skipped"
+    reason = run.outcomes["distill_3"].result.info["skipped"]
+    assert reason.startswith("quality gate: evaluate_2 sw ") and reason.endswith("halving stops")
+    printed = console.export_text()
+    assert reason in printed
+    assert "final model: distill_1 (4 steps); halving stopped: quality gate: evaluate_2" in printed
+
+    client = MlflowClient(cfg.tracking.uri)
+    tags = client.get_run(run.run_id).data.tags
+    assert tags["fdm.final_model"] == "distill_1" and tags["fdm.final_steps"] == "4"
+    assert tags["fdm.student_steps"] == "4,2"
+    assert tags["fdm.halving_stopped"].startswith("quality gate: evaluate_2 sw ")
+    assert "the 2-step student is not kept" in tags["fdm.halving_stopped"]
+    assert "Final student: distill_1, 4 sampling steps." in tags["mlflow.note.content"]
+    children = {c.data.tags["stage"]: c for c in _children(client, run.run_id)}
+    assert children["distill_3"].data.tags["skip_reason"] == reason
+    summary = yaml.safe_load(
+        Path(client.download_artifacts(run.run_id, "summary.json", str(tmp_path))).read_text()
+    )
+    assert summary["distillation"]["final_model"] == {"stage": "distill_1", "steps": 4}
+    assert [s["passed_gate"] for s in summary["distillation"]["students"]] == [True, False]
+    version = client.get_model_version_by_alias(f"{cfg.tracking.experiment}-student", "candidate")
+    assert version.tags["fdm.key"] == run.outcomes["distill_1"].spec.key
+
+
+def test_a_gate_that_never_trips_runs_every_round(first_run, overrides: list[str]) -> None:
+    """Down to 1 step with a gate no student breaks: every round runs and the 1-step student is final."""
+    cfg = load_config(CONFIG, [*overrides, "distill.end_steps=1", "distill.quality_gate=1000"])
+    run = run_pipeline(cfg, console=Console(quiet=True))
+    assert {o.status for o in run.outcomes.values()} <= {"cached", "done"}
+    assert run.outcomes["distill_3"].status == "done" and run.outcomes["evaluate_3"].result.info
+    tags = MlflowClient(cfg.tracking.uri).get_run(run.run_id).data.tags
+    assert tags["fdm.final_model"] == "distill_3" and tags["fdm.student_steps"] == "4,2,1"
+    assert tags["fdm.halving_stopped"] == "reached end_steps 1"
+
+
 def test_changing_distillation_reuses_data_and_base(first_run, overrides: list[str]) -> None:
     cfg = load_config(CONFIG, [*overrides, "distill.round.lr=2e-3"])
     run = run_pipeline(cfg, console=Console(quiet=True))
