@@ -23,7 +23,6 @@ recipes that share rounds train them once.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import multiprocessing
@@ -42,6 +41,7 @@ from pydantic import BaseModel
 from benchmarks.common import RESULTS, command, machine, png, write_report
 from infra.manifest import is_complete, read_manifest
 from infra.store import open_store
+from pipelines.plan import stage_key
 from tasks.registry import STAGES
 from tasks.stage import StageContext, StageResult, run_stage
 from tasks.stages.distill_round import DistillConfig, DistillRoundConfig
@@ -50,7 +50,7 @@ from tasks.stages.prepare_data import DataConfig
 from tasks.stages.train_base import ModelConfig, TrainBaseConfig, TrainConfig
 from tasks.stages.train_classifier import ClassifierConfig
 
-BENCH_VERSION = "distill-levers-1"
+BENCH_VERSION = "distill-levers-2"  # 2: students of FDM teachers see their input (see_input)
 CACHE = Path(__file__).resolve().parent / ".cache" / "distill"
 TEACHER_SAMPLER = SamplerSpec(method="heun", steps=18)
 SCORED = (4, 2, 1)  # the student step counts a recipe is judged on
@@ -167,15 +167,15 @@ MODES = {
 
 # --- one cell: a recipe distilled on one seed -----------------------------------------------------------
 class Stages:
-    """Runs stages in a store, each keyed by its config and its inputs' keys: a stage whose output is
-    complete there is served from it, so recipes sharing a prefix of rounds compute it once."""
+    """Runs stages in a store, each keyed as the pipeline keys it (config, inputs' keys, declaration version
+    and the source of the code it runs): a stage whose output is complete there is served from it, so
+    recipes sharing a prefix of rounds compute it once, and a code change recomputes what it touches."""
 
     def __init__(self, root: str) -> None:
         self.root, self.store = root, open_store(root)
 
     def __call__(self, kind: str, cfg: BaseModel, **inputs: StageResult) -> StageResult:
-        blob = json.dumps([kind, cfg.model_dump(mode="json"), {n: r.key for n, r in sorted(inputs.items())}])
-        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        key = stage_key(STAGES[kind], cfg.model_dump(mode="json"), {n: r.key for n, r in inputs.items()})
         prefix = f"{kind}/{key}"
         if is_complete(self.store, prefix):
             manifest = read_manifest(self.store, prefix)
@@ -513,6 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="re-render from the recorded cells")
     args = parser.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
+    torch.set_num_threads(1)  # as every cell's process; the report's machine line says so
     t0 = time.perf_counter()
     text, files = run(mode, args.jobs, args.report_only)
     print(text)

@@ -32,8 +32,6 @@ DenoiserFn = Callable[[Tensor, Tensor], Tensor]
 TeacherSolver = Literal["euler", "heun"]
 # The student heads that implement each parameterisation; the first is what `make_student` sets.
 HEADS: dict[str, tuple[Head, ...]] = {"x": ("precond", "x"), "v": ("v",), "eps": ("eps",)}
-# Below this net-input scale c_in(sigma) sigma the network cannot tell one noise sample from another.
-BLIND_INPUT = 1e-3
 
 
 def student_grid(teacher_sigmas: Tensor) -> Tensor:
@@ -85,41 +83,28 @@ def distill_target(
     return (x_s - ratio * x_t) / (1 - ratio)
 
 
-def input_scale(process: Process, sigma: float) -> float:
-    """c_in(sigma) sigma: the scale of the noise in the network's input at sigma."""
-    return float(process.c_in(torch.tensor([sigma], dtype=torch.float64))[0]) * sigma
+def student_process(process: Process) -> Process:
+    """The process of a distilled student: an FDM teacher's, seeing its input everywhere (`see_input`).
+
+    FDM's gamma(sigma_max) sigma_max ~ 3e-6 under EDM hides x from the network at the first grid point, which
+    costs a many-step sampler little (its next steps still carry x) but takes a 2-step student's first jump
+    (to sigma ~ 2.6) blind and leaves a 1-step student nothing to map. Elsewhere c_in is unchanged, so the
+    student starts as the teacher at every other grid point."""
+    return dataclasses.replace(process, see_input=True) if process.fdm else process
 
 
-def one_step_process(process: Process, sigma_0: float) -> Process:
-    """The process a 1-step student runs. Its one step returns D(x, sigma_0) alone, so the network must see
-    x there; where c_in(sigma_0) sigma_0 << 1 (FDM's critically damped gamma(80) ~ 4e-8 under EDM) it keeps
-    the teacher's c_skip, c_out and c_noise but takes the baseline's c_in. Students of 2 or more steps carry
-    x through the DDIM update and keep the teacher's process."""
-    if input_scale(process, sigma_0) >= BLIND_INPUT:
-        return process
-    student = dataclasses.replace(process, fdm=False)
-    if input_scale(student, sigma_0) < BLIND_INPUT:
-        raise ValueError(
-            f"teacher_sigmas: a 1-step student from sigma {sigma_0:g} sees its input scaled by "
-            f"c_in * sigma = {input_scale(student, sigma_0):.2g}, so it cannot depend on the noise"
-        )
-    return student
-
-
-def make_student(
-    teacher: Denoiser, parameterisation: Parameterisation = "x", one_step_from: float | None = None
-) -> Denoiser:
-    """A trainable copy of the teacher with the output head of `parameterisation` and dropout 0 (reference).
+def make_student(teacher: Denoiser, parameterisation: Parameterisation = "x") -> Denoiser:
+    """A trainable copy of the teacher with the output head of `parameterisation`, dropout 0 (reference) and
+    the `student_process` of the teacher's.
 
     A teacher whose head already implements it (x: the preconditioned x0 head) keeps it, so the student
-    starts exactly as the teacher; another head starts the student from a different function. A 1-step
-    student (`one_step_from` = its sigma_0) runs `one_step_process` of the teacher's.
+    starts exactly as the teacher (but for c_in where an FDM teacher is blind); another head starts the
+    student from a different function.
     """
     if parameterisation not in HEADS:
         raise ValueError(f"parameterisation: expected x|v|eps (got {parameterisation!r})")
     student = copy.deepcopy(teacher)
-    if one_step_from is not None:
-        student.process = one_step_process(teacher.process, one_step_from)
+    student.process = student_process(teacher.process)
     if student.head not in HEADS[parameterisation]:
         student.head = HEADS[parameterisation][0]
     for m in student.modules():
@@ -169,8 +154,7 @@ __all__ = [
     "ddim_step",
     "distill_loss",
     "distill_target",
-    "input_scale",
     "make_student",
-    "one_step_process",
     "student_grid",
+    "student_process",
 ]

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 WARMUP_START = 5.0
+# Below this net-input noise scale c_in(sigma) sigma the network cannot tell one noise sample from another.
+BLIND_INPUT = 1e-3
 WARMUP_RELEASE = 500.0
 
 

@@ -45,6 +45,9 @@ class Process:
     fdm: bool = False
     multiplier: float = 2.0
     warmup_iters: int = 200
+    # A distilled student of an FDM model: where gamma(sigma) sigma < fdm.BLIND_INPUT (sigma near sigma_max
+    # under EDM: gamma(80) ~ 4e-8) its c_in is the baseline's, so the network sees the x it steps from.
+    see_input: bool = False
 
     def __post_init__(self) -> None:
         if self.name == "ve" and self.fdm and self.multiplier != 1.0:
@@ -69,7 +72,13 @@ class Process:
 
     def c_in(self, sigma: Tensor) -> Tensor:
         if self.fdm:
-            return fdm.gamma(sigma, self.sigma_min, self.sigma_max, self.multiplier)
+            g = fdm.gamma(sigma, self.sigma_min, self.sigma_max, self.multiplier)
+            if not self.see_input:
+                return g
+            return torch.where(g * sigma < fdm.BLIND_INPUT, self._baseline_c_in(sigma).to(g.dtype), g)
+        return self._baseline_c_in(sigma)
+
+    def _baseline_c_in(self, sigma: Tensor) -> Tensor:
         if self.name == "edm":
             return 1 / torch.sqrt(sigma**2 + self.sigma_data**2)
         if self.name == "vp":

@@ -45,6 +45,7 @@ def model_spec(denoiser: Denoiser, **extra: Any) -> dict[str, Any]:
             "fdm": p.fdm,
             "multiplier": p.multiplier,
             "warmup_iters": p.warmup_iters,
+            "see_input": p.see_input,
         },
         "head": denoiser.head,
         **extra,

@@ -47,7 +47,7 @@ def distill_round(cfg: DistillRoundConfig, ctx: StageContext, teacher: str, data
     # A distilled teacher is valid only with DDIM on its own grid; the base model can take Heun steps.
     solver = cfg.teacher_solver if teacher_spec.get("sigmas") is None else "euler"
 
-    student = make_student(teacher_model, cfg.parameterisation, float(grid[0]) if steps == 1 else None)
+    student = make_student(teacher_model, cfg.parameterisation)
     ema = EMA(student, cfg.ema_decay) if cfg.ema_decay is not None else None
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1 - k / updates))

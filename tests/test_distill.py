@@ -3,7 +3,6 @@ resumable rounds, and the guards (eps + truncated SNR, odd step counts)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -15,10 +14,9 @@ from fdm_core.analytic import GaussianDenoiser
 from fdm_core.distill import (
     distill_loss,
     distill_target,
-    input_scale,
     make_student,
-    one_step_process,
     student_grid,
+    student_process,
 )
 from fdm_core.metrics import sliced_wasserstein
 from fdm_core.networks import MLP, UNet
@@ -271,24 +269,26 @@ def test_round_runs_for_any_process(
         distill(cfg, res.outputs["model"], 4, toy["dataset"], 1, StageContext(str(tmp_path), "s2"))
 
 
-def test_one_step_student_of_fdm_sees_its_input(tmp_path: Path, toy: dict[str, str]) -> None:
-    """FDM scales the net input by gamma(80) ~ 4e-8, so a 1-step student (its one step is D(x, 80)) takes
-    the baseline's c_in there and its samples depend on the noise; a 2-step student keeps FDM's process."""
+def test_students_of_fdm_see_their_input(tmp_path: Path, toy: dict[str, str]) -> None:
+    """FDM scales the net input by gamma(80) ~ 4e-8: a student of an FDM teacher takes the baseline's c_in
+    where gamma hides x (so a 1-step student, whose one step is D(x, 80), depends on its noise) and keeps
+    FDM's gamma everywhere else; students of baseline teachers keep the teacher's process."""
     for name in ("edm", "vp", "ve"):
-        base = make_process(name)
-        assert one_step_process(base, float(base.sigma_max)) is base
+        assert student_process(make_process(name)) == make_process(name)
     fdm = make_process("edm", fdm=True)
-    assert input_scale(fdm, 80.0) < 1e-5
-    assert one_step_process(fdm, 80.0) == dataclasses.replace(fdm, fdm=False)
-    assert input_scale(one_step_process(fdm, 80.0), 80.0) > 0.9
+    sighted, baseline = student_process(fdm), make_process("edm")
+    sigma = torch.tensor([80.0, 60.0, 2.6, 0.5, 0.002], dtype=torch.float64)
+    assert float(fdm.c_in(sigma[:1]) * 80) < 1e-5  # the teacher is blind at sigma_max
+    torch.testing.assert_close(sighted.c_in(sigma[:1]), baseline.c_in(sigma[:1]))
+    torch.testing.assert_close(sighted.c_in(sigma[2:]), fdm.c_in(sigma[2:]))  # where the teacher sees x
 
     teacher = Denoiser(MLP(2, hidden=16, depth=1), fdm)
     uri = write_model(open_store(str(tmp_path)), "teacher", teacher, model_spec(teacher, data_shape=[2]), {})
     cfg = DistillConfig(updates=3, checkpoint_every=10**6)
     two = distill(cfg, uri, 4, toy["dataset"], 1, StageContext(str(tmp_path), "s2"))
-    assert _load(two.outputs["model"])[1]["process"]["fdm"] is True
     one = distill(cfg, two.outputs["model"], 2, toy["dataset"], 2, StageContext(str(tmp_path), "s1"))
     student, spec = _load(one.outputs["model"])
-    assert spec["process"]["fdm"] is False and spec["steps"] == 1
+    assert spec["process"]["fdm"] and spec["process"]["see_input"] and spec["steps"] == 1
+    assert student.process == sighted
     samples = _euler(student, torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), spec["sigmas"])
     assert float(samples.std(dim=0).min()) > 1e-3  # not one point: the samples depend on their noise
