@@ -246,8 +246,11 @@ def run_cell(recipe: dict[str, Any], seed: int, mode: Mode, root: str) -> dict[s
 
 
 # --- the record and the greedy study -------------------------------------------------------------------
-def cell_id(recipe: dict[str, Any], seed: int, mode: Mode) -> str:
-    return json.dumps([BENCH_VERSION, mode.base_steps, mode.num_samples, recipe, seed], sort_keys=True)
+def cell_id(recipe: dict[str, Any], seed: int, mode: Mode, version: str = BENCH_VERSION) -> str:
+    return json.dumps([version, mode.base_steps, mode.num_samples, recipe, seed], sort_keys=True)
+
+
+BLIND_VERSION = "distill-levers-1"  # the cells run before students of FDM teachers saw their input
 
 
 class Record:
@@ -422,7 +425,26 @@ def _suffix(mode: Mode) -> str:
     return "" if mode.name == "full" else f" ({mode.name} mode)"
 
 
-def report(levers: list[dict[str, Any]], mode: Mode, cmd: str, png_name: str, pending: int) -> str:
+def blind_table(levers: list[dict[str, Any]], mode: Mode, record: Record) -> list[str]:
+    """Lever 1's variants with the first grid point hidden from the student (the record's cells of
+    BLIND_VERSION, where a student kept FDM's c_in = gamma(80) ~ 4e-8) and seen (`see_input`)."""
+    entry, rows = levers[0], []
+    shown = sorted({n for cs in entry["cells"].values() for c in cs for n in ratios(c)}, reverse=True)
+    for label, recipe in entry["variants"].items():
+        blind = [record.cells.get(cell_id(recipe, s, mode, BLIND_VERSION)) for s in mode.seeds]
+        for how, cells in (("hidden (gamma)", blind), ("seen (baseline c_in)", entry["cells"][label])):
+            if all(c is not None for c in cells):
+                by_n = [fmt_ratio([ratios(c)[n] for c in cells]) for n in shown]
+                rows.append(f"| {label} | {how} | " + " | ".join(by_n) + " |")
+    if not rows:
+        return []
+    head = "| variant | x at sigma_max | " + " | ".join(f"{n} steps" for n in shown) + " |"
+    return [head, "|---|---|" + "---:|" * len(shown), *rows]
+
+
+def report(
+    levers: list[dict[str, Any]], mode: Mode, cmd: str, png_name: str, pending: int, record: Record
+) -> str:
     """The Markdown report: set-up, one table per lever, the chosen recipe against the goals, reading."""
     out = [
         f"# Progressive distillation on digits: levers and the shipped recipe{_suffix(mode)}",
@@ -452,6 +474,20 @@ def report(levers: list[dict[str, Any]], mode: Mode, cmd: str, png_name: str, pe
             lever.question.rstrip("?") + "?",
             "",
             *lever_table(entry),
+            "",
+        ]
+    blind = blind_table(levers, mode, record) if levers else []
+    if blind:
+        out += [
+            "## What a student sees at sigma_max",
+            "",
+            "FDM scales the network's input by gamma(80) ~ 4e-8 at the first grid point. A student that kept "
+            "it (an earlier version of this benchmark, same recipes and seeds) could not see the x it steps "
+            "from there: harmless while later steps still carry x, but the 2-step student's first jump "
+            "(80 -> 2.6) and the 1-step student's only step were blind. Students now take the baseline's "
+            "c_in where gamma hides x (`fdm_core.distill.student_process`):",
+            "",
+            *blind,
             "",
         ]
     if levers:
@@ -502,7 +538,7 @@ def run(mode: Mode, jobs: int = 1, report_only: bool = False) -> tuple[str, dict
         raise SystemExit("distillation: no lever is fully recorded yet")
     name = report_name(mode)
     cmd = command("distillation", mode.name, *([f"--jobs {jobs}"] if jobs != 1 else []))
-    text = report(levers, mode, cmd, f"{name}.png", len(mode.levers) - len(levers))
+    text = report(levers, mode, cmd, f"{name}.png", len(mode.levers) - len(levers), record)
     return text, {f"{name}.png": plot(levers, mode)}
 
 

@@ -146,14 +146,19 @@ class StageSpec:
 
 
 def base_samplers(cfg: PipelineConfig) -> list[SamplerSpec]:
-    """The base model's evaluation samplers, plus DDIM at the first teacher's steps (what round 1 halves,
-    drawn in the quality plot)."""
+    """The base model's evaluation samplers, plus the first teacher as round 1 distils it (its solver at
+    `start_steps`), which the quality plot joins the students to."""
     samplers = list(cfg.evaluate.samplers)
     if cfg.distill.student_steps:
-        ddim = SamplerSpec(method="euler", steps=cfg.distill.start_steps)
-        if ddim not in samplers:
-            samplers.append(ddim)
+        first = first_teacher(cfg)
+        if first not in samplers:
+            samplers.append(first)
     return samplers
+
+
+def first_teacher(cfg: PipelineConfig) -> SamplerSpec:
+    """The base model's sampler that round 1 distils: its teacher solver at `distill.start_steps`."""
+    return SamplerSpec(method=cfg.distill.round_config(1).teacher_solver, steps=cfg.distill.start_steps)
 
 
 def uses_classifier(cfg: PipelineConfig) -> bool:

@@ -42,12 +42,13 @@ from pipelines.executor import (
     skipped,
     warm_worker,
 )
-from pipelines.plan import Gate, StageError, StageSpec, downstream_of, plan
+from pipelines.plan import Gate, StageError, StageSpec, downstream_of, first_teacher, plan
 from tasks.stage import StageResult
+from tasks.stages.evaluate import SamplerSpec
 
 TRANSIENT = (ConnectionError, TimeoutError)
 REPO = Path(__file__).resolve().parent.parent
-PLOT_VERSION = 2  # bump when _summary_plot draws differently
+PLOT_VERSION = 3  # bump when _summary_plot draws differently
 
 
 @dataclass
@@ -243,9 +244,9 @@ def _wait(
 Point = tuple[int, float, int]  # (sampling steps, quality, NFE)
 
 
-def _quality_points(run: PipelineRun, teacher_steps: int) -> dict[str, list[Point]]:
+def _quality_points(run: PipelineRun, teacher: SamplerSpec) -> dict[str, list[Point]]:
     """Quality by sampling steps: the base model's samplers, and the distilled students on their own grids,
-    joined to the teacher they started from (its DDIM at `teacher_steps`)."""
+    joined to the teacher they started from (the base model with sampler `teacher`)."""
     base = run.outcomes.get("evaluate_base")
     if base is None or base.result is None:
         return {}
@@ -262,9 +263,9 @@ def _quality_points(run: PipelineRun, teacher_steps: int) -> dict[str, list[Poin
         if o.spec.round and o.result and "quality" in o.result.metrics
     ]
     if students:
-        teacher = by_sampler.get(f"euler{teacher_steps}")
-        start = [(teacher_steps, teacher["quality"], int(teacher["nfe"]))] if teacher else []
-        series["distilled students (from the base model's DDIM)"] = start + students
+        first = by_sampler.get(teacher.tag)
+        start = [(teacher.steps, first["quality"], int(first["nfe"]))] if first else []
+        series[f"distilled students (from the base model's {teacher.method})"] = start + students
     return {label: sorted(pts) for label, pts in series.items()}
 
 
@@ -296,7 +297,7 @@ def _summary_plot(points: dict[str, list[Point]], metric: str, title: str) -> by
 def summary_png(run: PipelineRun, cfg: PipelineConfig, store: ArtifactStore) -> bytes | None:
     """The run's quality-vs-steps plot, kept in the store by a hash of what it shows: a re-run with the
     same results (every fully cached run) reuses it instead of drawing it again."""
-    points = _quality_points(run, cfg.distill.start_steps)
+    points = _quality_points(run, first_teacher(cfg))
     if not points:
         return None
     metric = run.outcomes["evaluate_base"].result.info.get("metric_name", "quality").upper()

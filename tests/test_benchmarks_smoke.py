@@ -70,10 +70,11 @@ def check_report(report: str, files: dict[str, bytes], tables: list[str], anchor
 
 def test_distillation_tiny_builds_report_and_plot() -> None:
     report, files = distillation.run(distillation.MODES["tiny"])
-    table = "| steps | teacher DDIM FD | student FD | student / teacher | updates | distill s |"
-    check_report(report, files, [table], ["Paper anchors (Salimans & Ho", "Reading: students beat"])
+    table = "| variant | 2 steps | 1 steps | score | updates to 4 | wall to 4 | updates to 1 | wall to 1 |"
+    check_report(report, files, [table], ["## Lever 1: teacher targets", "## The chosen recipe", "Reading: "])
     assert list(files) == ["distillation_tiny.png"]
-    assert "| 1 |" in report  # rounds 4 -> 2 -> 1 steps
+    assert report.count("**(chosen)**") == 1
+    assert "| 1 | " in report  # rounds 4 -> 2 -> 1 steps
 
 
 def test_loader_throughput_tiny_builds_report() -> None:
