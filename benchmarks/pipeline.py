@@ -91,6 +91,7 @@ class Timed:
     out: str
     run_id: str | None = None
     summary: dict | None = None
+    distillation: dict | None = None  # summary.json's record of the students, the final model, the stop
 
     @property
     def wall(self) -> float:
@@ -123,7 +124,8 @@ def fdm(args: list[str], cwd: str, tracking_uri: str | None = None) -> Timed:
     timed = Timed(start, end, proc.stdout, found.group(1) if found else None)
     if tracking_uri and timed.run_id:
         path = MlflowClient(tracking_uri).download_artifacts(timed.run_id, "summary.json", cwd)
-        timed.summary = json.loads(Path(path).read_text())["stages"]
+        record = json.loads(Path(path).read_text())
+        timed.summary, timed.distillation = record["stages"], record["distillation"]
     return timed
 
 
@@ -217,6 +219,30 @@ Stages of the first run:
 | stage | status | compute seconds |
 |---|---|---:|
 {rows}
+{distilled(first)}"""
+
+
+def distilled(first: Timed) -> str:
+    """The first run's students: quality against the base model's headline, the final model, the stop."""
+    d, stages = first.distillation or {}, first.summary or {}
+    base = stages.get("evaluate_base", {}).get("metrics", {}).get("quality")
+    if not d.get("students") or not base:
+        return ""
+    rows = "\n".join(
+        f"| {st['steps']} | {st['quality']:.3f} | {st['quality'] / base:.2f} | "
+        f"{'' if 'passed_gate' not in st else 'yes' if st['passed_gate'] else 'no'} |"
+        for st in d["students"]
+    )
+    final = d["final_model"]
+    kept = f"{final['stage']} ({final['steps']} steps)" if final else "the base model"
+    return f"""
+Distillation in the first run (quality: the config's headline metric; the base model's {base:.3f}):
+
+| student steps | quality | ÷ base model | within the quality gate |
+|---:|---:|---:|---|
+{rows}
+
+Final model: {kept}. Halving stopped: {d["halving_stopped"]}.
 """
 
 
