@@ -85,8 +85,8 @@ LEVERS = [
     ),
     Lever(
         "student EMA",
-        "Does an EMA of the student's weights help? The round outputs it, so it is also the next round's "
-        "teacher and its student's initial weights",
+        "Does an EMA of the student's weights help (the round outputs it, so it is also the next round's "
+        "teacher and its student's initial weights)",
         {"no EMA": {"ema_decay": None}, "EMA 0.99": {"ema_decay": 0.99}},
     ),
     Lever(

@@ -234,7 +234,11 @@ def distilled(first: Timed) -> str:
         for st in d["students"]
     )
     final = d["final_model"]
-    kept = f"{final['stage']} ({final['steps']} steps)" if final else "the base model"
+    kept = (
+        f"{final['stage']} ({final['steps']} step{'s' * (final['steps'] != 1)})"
+        if final
+        else "the base model"
+    )
     return f"""
 Distillation in the first run (quality: the config's headline metric; the base model's {base:.3f}):
 

@@ -280,7 +280,7 @@ def distillation(results: Path) -> str:
     r = report("distillation", results)
     rows = []
     for t in tables(r.text):
-        if t.header[0] != "variant":
+        if t.header[0] != "variant" or not t.headings[-1].startswith("Lever "):
             continue
         chosen = next((row for row in t.rows if "(chosen)" in row[0]), None)
         if chosen is None:

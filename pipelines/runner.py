@@ -468,7 +468,8 @@ def _finish(
         console.print(f"final student registered: {registered}")
     console.print(stage_table(run))
     if h.students or cfg.distill.student_steps:
-        kept = f"{h.final.spec.name} ({h.final.spec.steps} steps)" if h.final else "the base model"
+        n = h.final.spec.steps if h.final else 0
+        kept = f"{h.final.spec.name} ({n} step{'s' * (n != 1)})" if h.final else "the base model"
         console.print(f"final model: {kept}; halving stopped: {h.stopped}", highlight=False, soft_wrap=True)
     for o in run.outcomes.values():
         info = o.result.info if o.result else {}
