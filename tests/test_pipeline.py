@@ -136,17 +136,26 @@ def _ratios(run) -> dict[int, float]:
 def test_a_tripped_quality_gate_stops_halving_and_keeps_the_last_passing_student(
     first_run, overrides: list[str], tmp_path: Path
 ) -> None:
-    """A gate between the 4-step and the 2-step students' quality ratios: the 2-step student is not kept,
-    the 1-step round never runs, the reason is in the stage table, the stage's and the parent's MLflow tags
-    and summary.json, and the 4-step student is the final (registered) model."""
-    r = _ratios(first_run[1])
-    assert r[2] > r[4], f"the toy's 2-step student should be worse than its 4-step one: {r}"
-    gate = (r[4] + r[2]) / 2
-    cfg = load_config(CONFIG, [*overrides, "distill.end_steps=1", f"distill.quality_gate={gate:.6f}"])
+    """A gate just above the 4-step student's quality ratio, and a 2-step round of a single update (a
+    student that has not learned its grid): the 2-step student is not kept, the 1-step round never runs,
+    the reason is in the stage table, the stage's and the parent's MLflow tags and summary.json, and the
+    4-step student is the final (registered) model."""
+    gate = _ratios(first_run[1])[4] * 1.001
+    cfg = load_config(
+        CONFIG,
+        [
+            *overrides,
+            "distill.end_steps=1",
+            "distill.rounds.2.final_updates=1",
+            f"distill.quality_gate={gate:.6f}",
+        ],
+    )
     console = Console(record=True, width=250)
     run = run_pipeline(cfg, console=console)
+    assert _ratios(run)[2] > gate, f"a 1-update 2-step student should break the gate {gate}: {_ratios(run)}"
     status = {n: o.status for n, o in run.outcomes.items()}
-    assert status["distill_1"] == status["distill_2"] == status["evaluate_2"] == "cached"  # gate: not a key
+    assert status["distill_1"] == status["evaluate_1"] == "cached"  # the gate is not part of a key
+    assert status["distill_2"] == status["evaluate_2"] == "done"
     assert status["distill_3"] == status["evaluate_3"] == "skipped"
     reason = run.outcomes["distill_3"].result.info["skipped"]
     assert reason.startswith("quality gate: evaluate_2 sw ") and reason.endswith("halving stops")
