@@ -362,13 +362,15 @@ def halving(run: PipelineRun, cfg: PipelineConfig) -> Halving:
     return out
 
 
-def register_final_student(run: PipelineRun, cfg: PipelineConfig, tracking: Tracking) -> str | None:
-    """Register the final student as a version of `<experiment>-student` with alias `candidate`: the model
-    logged when it was computed; a cached student's earlier version (same key) gets the alias again, and a
-    cached student never registered (e.g. the last one within a quality gate) its logged model."""
+def register_final_student(
+    run: PipelineRun, cfg: PipelineConfig, tracking: Tracking, final: StageOutcome | None
+) -> str | None:
+    """Register `final` (the run's final student, `halving(...).final`) as a version of
+    `<experiment>-student` with alias `candidate`: the model logged when it was computed; a cached student's
+    earlier version (same key) gets the alias again, and a cached student never registered (e.g. the last
+    one within a quality gate) its logged model."""
     from infra.mlflow_models import logged_model_uri, register
 
-    final = halving(run, cfg).final
     if final is None:
         return None
     name, key = f"{cfg.tracking.experiment}-student", final.spec.key
@@ -388,14 +390,13 @@ def register_final_student(run: PipelineRun, cfg: PipelineConfig, tracking: Trac
     return f"models:/{name}@candidate"
 
 
-def describe(run: PipelineRun, cfg: PipelineConfig, command: str) -> str:
+def describe(run: PipelineRun, cfg: PipelineConfig, command: str, h: Halving) -> str:
     """The parent run's description: what ran, the final student, and how to reproduce it."""
     status = [o.status for o in run.outcomes.values()]
     text = (
         f"Pipeline `{cfg.name}` on `{cfg.data.source.kind}` data: {len(status)} stages, "
         f"{status.count('done')} computed, {status.count('cached')} cached, {status.count('failed')} failed."
     )
-    h = halving(run, cfg)
     if h.students:
         steps = ", ".join(
             f"{st['steps']}" + ("" if st.get("passed_gate", True) else " (outside the quality gate)")
@@ -455,14 +456,14 @@ def _finish(
         run.run_id,
         {
             "fdm.used_ray": str(run.used_ray).lower(),
-            "mlflow.note.content": describe(run, cfg, command),
+            "mlflow.note.content": describe(run, cfg, command, h),
             "fdm.final_model": final.name,
             **({"fdm.final_steps": str(final.steps)} if final.steps else {}),
             "fdm.student_steps": ",".join(str(st["steps"]) for st in h.students),
             "fdm.halving_stopped": h.stopped,
         },
     )
-    registered = None if run.failed else register_final_student(run, cfg, tracking)
+    registered = None if run.failed else register_final_student(run, cfg, tracking, h.final)
     tracking.end(run.run_id, "FAILED" if run.failed else "FINISHED")
     if registered:
         console.print(f"final student registered: {registered}")
