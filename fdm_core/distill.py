@@ -16,20 +16,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from fdm_core import targets
-from fdm_core.options import Parameterisation, Weighting, check_stable
+from fdm_core.options import Parameterisation, TeacherSolver, Weighting, check_stable
 from fdm_core.precond import Denoiser, Head
 from fdm_core.processes import Process
 from fdm_core.samplers import step_delta
 from fdm_core.tensors import append_dims
 
 DenoiserFn = Callable[[Tensor, Tensor], Tensor]
-TeacherSolver = Literal["euler", "heun"]
 # The student heads that implement each parameterisation; the first is what `make_student` sets.
 HEADS: dict[str, tuple[Head, ...]] = {"x": ("precond", "x"), "v": ("v",), "eps": ("eps",)}
 

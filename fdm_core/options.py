@@ -13,6 +13,7 @@ Method = Literal["euler", "heun", "ddpm", "dpmpp_2m"]
 METHODS: tuple[str, ...] = get_args(Method)
 Parameterisation = Literal["x", "eps", "v"]
 Weighting = Literal["snr", "truncated_snr", "snr_plus_one", "constant"]
+TeacherSolver = Literal["euler", "heun"]  # a distillation teacher's two steps: DDIM or Heun
 # Salimans & Ho: eps-prediction with truncated-SNR weighting diverges in progressive distillation.
 UNSTABLE = frozenset({("eps", "truncated_snr")})
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from fdm_core.options import Parameterisation, Weighting, check_stable
+from fdm_core.options import Parameterisation, TeacherSolver, Weighting, check_stable
 from tasks.stage import STRICT, StageKind
 
 
@@ -22,7 +21,7 @@ class DistillConfig(BaseModel):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(5e-4, gt=0, description="initial learning rate, annealed linearly to 0 in the round")
     grad_clip: float | None = Field(1.0, gt=0)
-    teacher_solver: Literal["euler", "heun"] = Field(
+    teacher_solver: TeacherSolver = Field(
         "euler",
         description="solver of the base model's two steps in a target; heun lets round 1 start from the "
         "teacher's Heun quality (a distilled teacher always steps with DDIM on its own grid)",
