@@ -91,12 +91,6 @@ class RunConfig:
     def unet(self) -> dict[str, Any]:
         return {**DIGITS_UNET, "model_channels": self.model_channels}
 
-    def ema_decay_at(self, step: int) -> float:
-        """The EMA decay used on optimizer step `step` (1-based)."""
-        if self.ema_rampup is None:
-            return self.ema_decay
-        return min(self.ema_decay, max(0.0, 1 - 1 / (self.ema_rampup * step)))
-
     def identity(self, process: ProcessName, fdm: bool, seed: int, classifier_steps: int) -> dict[str, Any]:
         """Everything that fixes a cell's curve (as JSON-normal data); a baseline has no warm-up W."""
         fields = asdict(self)
@@ -244,7 +238,7 @@ def train(
     and curve are kept (None: nothing is written)."""
     key = cfg.training_key(process, fdm, seed, data.classifier_steps)
     denoiser = make_denoiser(process, fdm, cfg, seed)
-    ema = EMA(denoiser.net, cfg.ema_decay)
+    ema = EMA(denoiser.net, cfg.ema_decay, cfg.ema_rampup)
     ema_denoiser = Denoiser(ema.model, denoiser.process)
     opt = torch.optim.Adam(denoiser.net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
@@ -263,7 +257,6 @@ def train(
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (state.step + 1) / max(1, cfg.lr_rampup))
-        ema.decay = cfg.ema_decay_at(state.step + 1)
         idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
         loss_fn = partial(denoising_loss, denoiser, x_train[idx], state.warmup_step, gen)
         train_step(denoiser.net, opt, loss_fn, state, ema, cfg.grad_clip)

@@ -10,8 +10,9 @@ flattened by then) and scores its EMA model every 250 steps by the Fréchet dist
 drawn from fixed noise, in the features of a classifier trained on the training split. Headline per
 process: the steps FDM needs to reach the baseline's final FD (interpolated on FDM's curve), as the ratio
 baseline steps ÷ FDM steps, paired by seed (mean and min–max over 3 seeds). EDM ablations (2 seeds):
-warm-up W, gradient clipping, a wider U-Net and a constant EMA decay. The final model of every main cell is
-also scored at several Heun step counts (benchmarks.fdm_sampling renders that).
+warm-up W, gradient clipping, a wider U-Net and a constant EMA decay. A VP pair trained 16000 steps (seed 0)
+shows where VP-FDM's early lag closes. The final model of every main cell is also scored at several Heun
+step counts (benchmarks.fdm_sampling renders that).
 
     python -m benchmarks.fdm_training [--jobs 2]    # full study, resumable cell by cell
     python -m benchmarks.fdm_training --report-only # re-render the report from the committed JSON
@@ -72,13 +73,15 @@ ABLATIONS: dict[str, tuple[RunConfig, str]] = {
     ),
     "wide32": (dataclasses.replace(MAIN, model_channels=32, sweep=()), "U-Net 32 channels (4x the weights)"),
 }
+# Where VP-FDM's gap closes: the VP pair trained 4x longer than MAIN (one seed), evaluated every 500 steps.
+LONG: dict[ProcessName, RunConfig] = {"vp": dataclasses.replace(MAIN, steps=16000, eval_every=500, sweep=())}
 
 
 @dataclass(frozen=True)
 class Mode:
     """What one invocation covers: the main grid (processes with their seeds) under `run`, EDM ablations
-    with their seeds, how many cells train at once, the model cache and the committed record (None:
-    nowhere)."""
+    with their seeds, how many cells train at once, the model cache, the committed record (None:
+    nowhere) and long runs (per process, on `long_seeds`)."""
 
     name: str
     seeds: dict[ProcessName, tuple[int, ...]]
@@ -89,6 +92,8 @@ class Mode:
     workers: int = min(2, os.cpu_count() or 1)
     cache: Path | None = CACHE
     record: Path | None = None
+    long: dict[ProcessName, RunConfig] = field(default_factory=dict)
+    long_seeds: tuple[int, ...] = (0,)
 
     def cells(self) -> list[Cell]:
         """Main grid first (process by process, seed by seed, baseline then FDM), then the ablations."""
@@ -104,6 +109,12 @@ class Mode:
             for seed in self.ablation_seeds
             for fdm in (False, True)
         ]
+        cells += [
+            Cell(p, fdm, seed, f"long{cfg.steps}", cfg)
+            for p, cfg in self.long.items()
+            for seed in self.long_seeds
+            for fdm in (False, True)
+        ]
         return cells
 
 
@@ -114,6 +125,7 @@ MODES = {
         MAIN,
         ABLATIONS,
         record=RESULTS / "fdm_training.json",
+        long=LONG,
     ),
     "quick": Mode("quick", {"edm": (0,)}, RunConfig(steps=400, eval_every=50, num_samples=200)),
     "tiny": Mode(
@@ -125,6 +137,7 @@ MODES = {
         5,
         1,
         None,
+        long={"edm": RunConfig(steps=6, eval_every=2, num_samples=40, sample_steps=3)},
     ),
 }
 
@@ -370,6 +383,52 @@ def ablation_section(mode: Mode, results: Results) -> str:
 """
 
 
+def long_section(process: ProcessName, cfg: RunConfig, mode: Mode, results: Results) -> tuple[str, dict]:
+    """A pair trained past MAIN's length: its curves side by side (centred running means) and the first
+    step from which FDM's running mean stays at or below the baseline's; the plot panel."""
+    name, blocks, panel = process.upper(), [], {}
+    for seed in mode.long_seeds:
+        base = results.find(Cell(process, False, seed, f"long{cfg.steps}", cfg))
+        fdm = results.find(Cell(process, True, seed, f"long{cfg.steps}", cfg))
+        if not (base and fdm):
+            blocks.append(f"Seed {seed}: not run yet.")
+            continue
+        (steps, bq), (_, fq) = smoothed(base["curve"]), smoothed(fdm["curve"])
+        behind = [st for st, b, f in zip(steps, bq, fq) if f > b]
+        level = next((st for st in steps if not behind or st > behind[-1]), None)
+        rows = [
+            f"| {st} | {b:.3f} | {f:.3f} | {f / b:.2f} |"
+            for st, b, f in zip(steps, bq, fq)
+            if st % 2000 == 0 or st == steps[-1]
+        ]
+        fit = pair_fit(base, fdm)
+        blocks.append(
+            f"Seed {seed}, centred 3-evaluation running means:\n\n"
+            f"| step | {name} | {name}-FDM | FDM ÷ baseline |\n|---:|---:|---:|---:|\n"
+            + "\n".join(rows)
+            + "\n\n"
+            + (
+                f"FDM's running mean is at or below the baseline's from step {level} on."
+                if level is not None
+                else f"FDM's running mean is still above the baseline's at step {steps[-1]}."
+            )
+            + f" Step ratio baseline ÷ FDM on the log-log fits: {fmt(fit['ratio'])}; final FDs (5 sampling"
+            f" seeds) baseline {mean(base['final_fds']):.3f}, FDM {mean(fdm['final_fds']):.3f}."
+        )
+        panel = {
+            f"baseline (seed {seed})": smoothed(base["curve"]),
+            f"FDM (seed {seed})": smoothed(fdm["curve"]),
+        }
+    seeds = ", ".join(map(str, mode.long_seeds))
+    text = f"""## {name}: {cfg.steps} steps (seeds {seeds}): where the gap closes
+
+The main setting but {cfg.steps} steps, evaluated every {cfg.eval_every}.
+
+{chr(10).join(blocks)}
+"""
+    return text, panel
+
+
 def input_note(process: ProcessName, data_std: float) -> str:
     """One sentence on the scale of what the network sees, baseline vs FDM, over the training sigmas."""
     (b_med, b_p90), (f_med, f_p90) = (input_scale(process, fdm, data_std) for fdm in (False, True))
@@ -406,6 +465,11 @@ def render(mode: Mode, results: Results, data: Digits, wall: float) -> tuple[str
             }
     if mode.ablations:
         sections.append(ablation_section(mode, results))
+    for p, cfg in mode.long.items():
+        text, panel = long_section(p, cfg, mode, results)
+        sections.append(text)
+        if panel:
+            panels[f"{p.upper()}, {cfg.steps} steps"] = panel
     results.doc["summary"] = summary
     results.doc["meta"] = {
         "bench_version": BENCH_VERSION,

@@ -38,20 +38,35 @@ def denoising_loss(
 
 
 class EMA:
-    """Exponential moving average of a module's weights (float32 shadow copy)."""
+    """Exponential moving average of a module's weights (float32 shadow copy).
 
-    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+    With `rampup` (EDM's ema_rampup_ratio) the average's mean weight age 1/(1 - decay) is capped at
+    `rampup` x the optimizer steps taken, so early weights fade as the run grows instead of after a fixed
+    number of steps; None keeps `decay` constant."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, rampup: float | None = None) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema_decay: must be in [0, 1) (got {decay})")
+        if rampup is not None and rampup <= 0:
+            raise ValueError(f"ema_rampup: must be > 0 (got {rampup})")
         self.decay = decay
+        self.rampup = rampup
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        """The decay applied on optimizer step `step` (1-based)."""
+        if self.rampup is None:
+            return self.decay
+        return min(self.decay, max(0.0, 1 - 1 / (self.rampup * step)))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """Average in `model`'s weights after optimizer step `step` (None: the constant decay)."""
+        decay = self.decay if step is None else self.decay_at(step)
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - self.decay)
+            e.lerp_(p.detach(), 1 - decay)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
@@ -84,7 +99,7 @@ def train_step(
     if scheduler is not None:
         scheduler.step()
     if ema is not None:
-        ema.update(model)
+        ema.update(model, state.step + 1)
     state.step += 1
     state.warmup_step += 1
     return float(loss.detach())

@@ -72,7 +72,7 @@ def _train(
     torch.manual_seed(cfg.seed)
     process = cfg.build_process()
     model = Denoiser(model_cfg.build(meta.shape), process).to(device)
-    ema = EMA(model, cfg.ema_decay)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_rampup)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, cfg.lr_rampup)))
     trained: torch.nn.Module = model

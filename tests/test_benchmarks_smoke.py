@@ -44,6 +44,8 @@ def test_fdm_cache_serves_fdm_training_runs_to_both_benchmarks(tmp_path: Path, c
     """A cached run gives back the same curve and the same EMA weights, and sampling reuses the model."""
     mode = dataclasses.replace(fdm_training.MODES["tiny"], cache=tmp_path)
     first, _ = fdm_training.run(mode)
+    assert "## EDM: 6 steps (seeds 0): where the gap closes" in first  # the long pair, read as such
+    assert "Step ratio baseline ÷ FDM on the log-log fits" in first
     data = load_digits(tmp_path / "data", mode.classifier_steps)
     capsys.readouterr()
     curve = trained_curve("edm", True, mode.run, 0, data, tmp_path)
@@ -179,6 +181,8 @@ def test_fdm_recorded_cells_are_not_rerun(tmp_path: Path) -> None:
     assert {(c["process"], c["fdm"], c["seed"], c["setting"]) for c in doc["cells"]} == {
         ("edm", False, 0, "main"),
         ("edm", True, 0, "main"),
+        ("edm", False, 0, "long6"),
+        ("edm", True, 0, "long6"),
     }
     assert set(doc["summary"]["edm"]) >= {
         "step_ratio_mean",

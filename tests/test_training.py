@@ -66,3 +66,20 @@ def test_ema_tracks_weights() -> None:
     before = ema.model.weight.clone()
     ema.update(model)
     assert torch.allclose(ema.model.weight, (before + model.weight) / 2)
+
+
+def test_ema_rampup_caps_the_mean_weight_age_at_a_fraction_of_the_steps_taken() -> None:
+    """EDM's ema_rampup_ratio: with rampup r the EMA after k steps averages about the last r*k weights."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.999, rampup=0.1)
+    assert ema.decay_at(10) == 0.0  # mean age capped at 1 step: the EMA is the weights
+    assert ema.decay_at(1000) == pytest.approx(1 - 1 / 100)
+    assert ema.decay_at(100_000) == 0.999  # the cap no longer binds
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    state = TrainState()
+    for _ in range(50):  # the weight walks 0, 1, 2, ...: the loss's gradient is -1
+        train_step(model, opt, lambda: -model.weight.sum(), state, ema, grad_clip=None)
+    lag = model.weight.item() - ema.model.weight.item()
+    assert lag == pytest.approx(1 / (1 - ema.decay_at(50)) - 1, rel=0.2)  # a constant 0.999 lags ~25
+    with pytest.raises(ValueError, match="ema_rampup"):
+        EMA(model, rampup=0.0)

@@ -55,18 +55,19 @@ class TrainConfig(BaseModel):
     """Base training: process, FDM on/off with its multiplier and warm-up, optimisation and EMA."""
 
     model_config = STRICT
-    process: ProcessName = "edm"
+    process: ProcessName = Field("edm", description="EDM: where FDM trains faster on digits (VP-FDM lags)")
     fdm: bool = Field(True, description="EDM-FDM beat EDM by 16% FD late in 4k-step digits runs (3 seeds)")
     multiplier: float | None = Field(None, gt=0, description="FDM m; default 2 (VE: 1)")
     warmup_iters: int | None = Field(None, ge=1, description="FDM warm-up W; reference's 200 (EDM) or 400")
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    lr_rampup: int = Field(100, ge=0)
+    steps: int = Field(2000, ge=1, description="digits: EDM-FDM leads EDM from about 1250 steps on")
+    batch_size: int = Field(128, ge=1, description="the FDM study's batch (fdm_training.md); not tuned")
+    lr: float = Field(2e-3, gt=0, description="Adam; the FDM study's rate (fdm_training.md); not tuned")
+    lr_rampup: int = Field(100, ge=0, description="linear lr ramp-up steps, as the reference; the study's")
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_rampup: float | None = Field(0.1, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
-    checkpoint_every: int = Field(500, ge=1)
-    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(500, ge=1, description="a killed worker loses at most this many steps")
+    log_every: int = Field(50, ge=1, description="train/loss points in MLflow: real steps, this often")
     seed: int = 0
     workers: int = Field(1, ge=1, description="data-parallel replicas (Ray Train DDP); batch_size is global")
 
