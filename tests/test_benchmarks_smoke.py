@@ -44,7 +44,7 @@ def test_fdm_cache_serves_fdm_training_runs_to_both_benchmarks(tmp_path: Path, c
     """A cached run gives back the same curve and the same EMA weights, and sampling reuses the model."""
     mode = dataclasses.replace(fdm_training.MODES["tiny"], cache=tmp_path)
     first, _ = fdm_training.run(mode)
-    assert "## EDM: 6 steps (seeds 0): where the gap closes" in first  # the long pair, read as such
+    assert "## EDM: 6 steps (seeds 0): the pair trained past 4 steps" in first  # the long pair, read as such
     assert "Step ratio baseline ÷ FDM on the log-log fits" in first
     data = load_digits(tmp_path / "data", mode.classifier_steps)
     capsys.readouterr()
