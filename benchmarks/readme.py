@@ -327,9 +327,11 @@ def _bullets(r: Report, heading: str) -> str:
 
 
 def fdm_training(results: Path) -> str:
-    """The study's progress, its summary, the EDM step ratios per seed and the ablation table."""
+    """The study's progress, its summary, the EDM step ratios per seed, the ablation table and (once two
+    settings have every seed) the ratio of each arm at its own best setting."""
     r = report("fdm_training", results)
     ratios, ablations = r.table("seed"), r.table("setting")
+    best = "Each arm at its own best setting"
     return "\n\n".join(
         [
             r.source(),
@@ -337,6 +339,7 @@ def fdm_training(results: Path) -> str:
             _bullets(r, "Summary"),
             md_table(ratios.header, ratios.rows),
             md_table(ablations.header, ablations.rows),
+            *([r.line(best)] if best in r.text else []),
         ]
     )
 
