@@ -11,7 +11,7 @@ distance of 1000 Heun samples drawn from fixed noise, in the features of a class
 training split. Headline per process: the steps FDM needs to reach the baseline's final FD (interpolated
 on FDM's curve), as the ratio baseline steps ÷ FDM steps, paired by seed (mean and min–max over 3 seeds).
 EDM ablations (2 seeds): warm-up W, gradient clipping, a wider U-Net and a constant EMA decay. A VP pair
-trained 16000 steps and a VE pair 8000 (seed 0) show where VP-FDM's early lag closes and where VE's
+trained 12000 steps and a VE pair 8000 (seed 0) show where VP-FDM's early lag closes and where VE's
 curves flatten. The final model of every main cell is also scored at several Heun step counts
 (benchmarks.fdm_sampling renders that).
 
@@ -77,7 +77,7 @@ ABLATIONS: dict[str, tuple[RunConfig, str]] = {
 # Past MAIN's 4000 steps (one seed, evaluated every 500): where VP-FDM's lag closes, and where VE (still
 # falling steeply at 4000) flattens and which of the pair is ahead there.
 LONG: dict[ProcessName, RunConfig] = {
-    "vp": dataclasses.replace(MAIN, steps=16000, eval_every=500, sweep=()),
+    "vp": dataclasses.replace(MAIN, steps=12000, eval_every=500, sweep=()),
     "ve": dataclasses.replace(MAIN, steps=8000, eval_every=500, sweep=()),
 }
 
