@@ -381,8 +381,8 @@ def ablation_section(mode: Mode, results: Results) -> str:
         if not found:
             rows.append(f"| {name} | {what} | 0 | | | | | not run yet |")
             continue
-        if len(found) == len(mode.ablation_seeds):
-            complete[name] = found
+        if len(found) == len(mode.ablation_seeds) and cfg.model_channels == mode.run.model_channels:
+            complete[name] = found  # candidates for the best setting: same network, so same cost per step
         pairs = [pair_fit(b, f) for b, f in found]
         sets = [mean([mean(r["final_fds"]) for r in arm]) for arm in zip(*found)]
         rows.append(
@@ -401,7 +401,8 @@ def ablation_section(mode: Mode, results: Results) -> str:
         cross = [pair_fit(b, f) for (b, _), (_, f) in zip(complete[b_name], complete[f_name])]
         best = (
             "\nEach arm at its own best setting (lowest fitted final FD among the settings with every "
-            f"seed): baseline {b_name} ({fitted[b_name][0]:.3f}), FDM {f_name} ({fitted[f_name][1]:.3f}); "
+            f"seed and the main network): baseline {b_name} ({fitted[b_name][0]:.3f}), "
+            f"FDM {f_name} ({fitted[f_name][1]:.3f}); "
             f"step ratio baseline ÷ FDM between them: {ratio_text(cross)}.\n"
         )
     return f"""## EDM ablations (seeds {", ".join(map(str, mode.ablation_seeds))})
