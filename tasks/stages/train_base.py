@@ -57,7 +57,7 @@ class TrainConfig(BaseModel):
     model_config = STRICT
     process: ProcessName = Field("edm", description="EDM: where FDM trains faster on digits (VP-FDM lags)")
     fdm: bool = Field(
-        True, description="EDM-FDM reached EDM's final FD in 1/1.42 the steps (digits, 3 seeds)"
+        True, description="digits: EDM-FDM needs 1/1.42 of EDM's steps (1/1.07 of unclipped EDM's)"
     )
     multiplier: float | None = Field(
         None, gt=0, description="FDM m; None: the reference's 2 (VE: 1), not ablated"
