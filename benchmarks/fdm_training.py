@@ -82,6 +82,11 @@ LONG: dict[ProcessName, RunConfig] = {
 }
 
 
+def long_setting(cfg: RunConfig) -> str:
+    """The setting name of a long pair's cells, e.g. long12000."""
+    return f"long{cfg.steps}"
+
+
 @dataclass(frozen=True)
 class Mode:
     """What one invocation covers: the main grid (processes with their seeds) under `run`, EDM ablations
@@ -115,7 +120,7 @@ class Mode:
             for fdm in (False, True)
         ]
         cells += [
-            Cell(p, fdm, seed, f"long{cfg.steps}", cfg)
+            Cell(p, fdm, seed, long_setting(cfg), cfg)
             for p, cfg in self.long.items()
             for seed in self.long_seeds
             for fdm in (False, True)
@@ -381,9 +386,9 @@ def ablation_section(mode: Mode, results: Results) -> str:
         if not found:
             rows.append(f"| {name} | {what} | 0 | | | | | not run yet |")
             continue
-        if len(found) == len(mode.ablation_seeds) and cfg.model_channels == mode.run.model_channels:
-            complete[name] = found  # candidates for the best setting: same network, so same cost per step
         pairs = [pair_fit(b, f) for b, f in found]
+        if len(found) == len(mode.ablation_seeds) and cfg.model_channels == mode.run.model_channels:
+            complete[name] = found, pairs  # candidates for the best setting: same network, same step cost
         sets = [mean([mean(r["final_fds"]) for r in arm]) for arm in zip(*found)]
         rows.append(
             f"| {name} | {what} | {len(pairs)} | {mean([p['target'] for p in pairs]):.3f} | "
@@ -393,12 +398,12 @@ def ablation_section(mode: Mode, results: Results) -> str:
     best = ""
     if len(complete) > 1:
         fitted = {
-            name: [mean([pair_fit(b, f)[k] for b, f in found]) for k in ("target", "fdm_final")]
-            for name, found in complete.items()
+            name: [mean([p[k] for p in pairs]) for k in ("target", "fdm_final")]
+            for name, (_, pairs) in complete.items()
         }
         b_name = min(fitted, key=lambda n: fitted[n][0])
         f_name = min(fitted, key=lambda n: fitted[n][1])
-        cross = [pair_fit(b, f) for (b, _), (_, f) in zip(complete[b_name], complete[f_name])]
+        cross = [pair_fit(b, f) for (b, _), (_, f) in zip(complete[b_name][0], complete[f_name][0])]
         best = (
             "\nEach arm at its own best setting (lowest fitted final FD among the settings with every "
             f"seed and the main network): baseline {b_name} ({fitted[b_name][0]:.3f}), "
@@ -422,8 +427,8 @@ def long_section(process: ProcessName, cfg: RunConfig, mode: Mode, results: Resu
     step from which FDM's running mean stays at or below the baseline's; the plot panel."""
     name, blocks, panel = process.upper(), [], {}
     for seed in mode.long_seeds:
-        base = results.find(Cell(process, False, seed, f"long{cfg.steps}", cfg))
-        fdm = results.find(Cell(process, True, seed, f"long{cfg.steps}", cfg))
+        base = results.find(Cell(process, False, seed, long_setting(cfg), cfg))
+        fdm = results.find(Cell(process, True, seed, long_setting(cfg), cfg))
         if not (base and fdm):
             blocks.append(f"Seed {seed}: not run yet.")
             continue
@@ -449,10 +454,7 @@ def long_section(process: ProcessName, cfg: RunConfig, mode: Mode, results: Resu
             + f" Step ratio baseline ÷ FDM on the log-log fits: {fmt(fit['ratio'])}; final FDs (5 sampling"
             f" seeds) baseline {mean(base['final_fds']):.3f}, FDM {mean(fdm['final_fds']):.3f}."
         )
-        panel = {
-            f"baseline (seed {seed})": smoothed(base["curve"]),
-            f"FDM (seed {seed})": smoothed(fdm["curve"]),
-        }
+        panel = {f"baseline (seed {seed})": (steps, bq), f"FDM (seed {seed})": (steps, fq)}
     seeds = ", ".join(map(str, mode.long_seeds))
     text = f"""## {name}: {cfg.steps} steps (seeds {seeds}): the pair trained past {mode.run.steps} steps
 
