@@ -5,6 +5,8 @@ produced it; a stage output's manifest also holds the stage's result and the dig
 consumed, so everything served from a cache is covered by it. File digests depend only on file contents;
 the production time lives in the manifest alone, so a deterministic stage reproduces the same digests.
 The name starts with "_" so Parquet readers (pyarrow, pandas, Ray Data, DuckDB, Spark) skip it.
+The manifest protects its own content too: it records the sha256 of its canonical JSON (every field but
+that digest), so an edited value in it (a result, a listed digest) reads as corruption, not as a cache hit.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any
 from infra.store import ArtifactStore, NotFoundError, StoreError
 
 MANIFEST_NAME = "_MANIFEST.json"
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3
+# Format 2 manifests carry no self digest; they are still read, unprotected, so old stores stay cached.
+_SELF_DIGEST_SINCE = 3
 _CHUNK = 1 << 20
 
 
@@ -63,7 +67,7 @@ class Manifest:
     inputs: dict[str, str] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
 
-    def to_json(self) -> bytes:
+    def _doc(self) -> dict[str, Any]:
         doc = {
             "format": self.format,
             "producer": self.producer,
@@ -72,11 +76,23 @@ class Manifest:
         }
         if self.result is not None:
             doc["result"] = self.result
+        return doc
+
+    def to_json(self) -> bytes:
+        doc = self._doc()
+        if self.format >= _SELF_DIGEST_SINCE:
+            doc["content_sha256"] = _content_sha256(doc)
         return json.dumps(doc, indent=2, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
+        """Parse a manifest; ManifestTamperedError if its content differs from its recorded digest."""
         doc = json.loads(data)
+        recorded = doc.pop("content_sha256", None)
+        if doc["format"] >= _SELF_DIGEST_SINCE:
+            actual = _content_sha256(doc)
+            if recorded != actual:
+                raise ManifestTamperedError(str(recorded), actual)
         files = {e["name"]: FileEntry(**e) for e in doc["files"]}
         return cls(
             files=files,
@@ -106,6 +122,18 @@ class Manifest:
                 f"{uri}: sha256 {digest} != {entry.sha256} in the manifest", uri, entry.sha256, digest
             )
         return data
+
+
+class ManifestTamperedError(ValueError):
+    """A manifest's content differs from the digest it recorded of itself when it was written."""
+
+    def __init__(self, recorded: str, actual: str) -> None:
+        super().__init__(recorded, actual)
+        self.recorded, self.actual = recorded, actual
+
+
+def _content_sha256(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, indent=2, sort_keys=True).encode()).hexdigest()
 
 
 def _join(prefix: str, name: str) -> str:
@@ -220,6 +248,14 @@ def read_manifest(store: ArtifactStore, prefix: str) -> Manifest:
         raise IncompleteOutputError(f"{store.uri(path)}: no manifest, the output is incomplete") from err
     try:
         return Manifest.from_json(data)
+    except ManifestTamperedError as err:
+        raise CorruptOutputError(
+            f"{store.uri(path)}: the manifest was changed after it was written (content sha256 "
+            f"{err.actual}, recorded {err.recorded})",
+            store.uri(path),
+            err.recorded,
+            err.actual,
+        ) from None
     except (ValueError, KeyError, TypeError) as err:
         raise CorruptOutputError(f"{store.uri(path)}: unreadable manifest ({err})") from err
 

@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
+from infra.manifest import CorruptOutputError, read_manifest
 from infra.store import LocalStore
 from pipelines.config import load_config
 from pipelines.executor import serve
@@ -176,3 +178,32 @@ def test_a_moved_store_is_all_cache_hits(runs: dict, tmp_path: Path) -> None:
         assert hit is not None, spec.name
         assert hit.output_uri.startswith(str(moved)), hit.outputs
         resolved[spec.name] = hit
+
+
+def test_an_edited_result_in_a_manifest_is_recomputed(runs: dict, project: Path, tmp_path: Path) -> None:
+    """A changed result value inside a version's manifest reads as corruption, not as a cache hit: the next
+    run recomputes that evaluation (nothing else) and records the value the stage really produced."""
+    work = tmp_path / "work"
+    shutil.copytree(runs["work"] / "store", work / "store")
+    store = LocalStore(work / "store")
+    # The version the cached run served (the project copy's code, not this checkout's, made its key).
+    client = MlflowClient(f"sqlite:///{runs['work'] / 'mlflow.db'}")
+    parent = client.get_run(runs["cached"]["run_id"])
+    child = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'evaluate_1'",
+    )[0]
+    prefix = Path(child.data.tags["output_uri"]).relative_to(runs["work"] / "store").as_posix()
+    out_root = prefix.rsplit("/", 1)[0]
+    doc = json.loads(store.read_bytes(f"{prefix}/_MANIFEST.json"))
+    true_quality = doc["result"]["metrics"]["quality"]
+    doc["result"]["metrics"]["quality"] = true_quality + 1.0
+    store.write_bytes(f"{prefix}/_MANIFEST.json", json.dumps(doc, indent=2, sort_keys=True).encode())
+    with pytest.raises(CorruptOutputError, match="changed after it was written"):
+        read_manifest(store, prefix)
+
+    status = _run(project, work)["status"]
+    assert {n for n, s in status.items() if s == "done"} == {"evaluate_1"}, sorted(status.items())
+    again = f"{out_root}/{store.read_bytes(f'{out_root}/CURRENT').decode()}"
+    assert again != prefix
+    assert read_manifest(store, again).result["metrics"]["quality"] == pytest.approx(true_quality)
