@@ -522,16 +522,6 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def mean_curve(curves: Sequence[Curve]) -> list[float]:
-    """Quality averaged over seeds, step by step (the curves share their evaluation steps)."""
-    return [sum(c.quality[i] for c in curves) / len(curves) for i in range(len(curves[0].steps))]
-
-
-def seed_list(seeds: dict[ProcessName, tuple[int, ...]]) -> str:
-    """E.g. "EDM 0, 1; VE 0": the seeds run per process."""
-    return "; ".join(f"{p.upper()} {', '.join(map(str, s))}" for p, s in seeds.items())
-
-
 def fmt(v: float | None, digits: int = 2) -> str:
     return "not reached" if v is None or math.isnan(v) else f"{v:.{digits}f}"
 

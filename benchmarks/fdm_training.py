@@ -43,20 +43,17 @@ from benchmarks.fdm_common import (
     BENCH_VERSION,
     CACHE,
     Cell,
-    Curve,
     Digits,
     Results,
     RunConfig,
     cached_model,
     digits_data,
-    final_quality,
     first_reach,
     fmt,
     input_scale,
     mean,
     plot,
     run_cells,
-    trained_curve,
     unique_cells,
 )
 from fdm_core.processes import ProcessName, make_process, vp_sigma
@@ -166,11 +163,6 @@ and is ~34x VP's above. The gap is closing (FD ratio by step above), as in the r
 VP-FDM lags early (FID at 50 Mimg: FFHQ 12.49 vs 3.07, AFHQv2 25.70 vs 3.46) and is level by 100 Mimg.
 """,
 }
-
-
-def train_curve(process: ProcessName, fdm: bool, mode: Mode, seed: int, data: Digits) -> Curve:
-    """One run's quality curve, from the model cache if this run was done before."""
-    return trained_curve(process, fdm, mode.run, seed, data, mode.cache)
 
 
 # --- reading the record -------------------------------------------------------------------------------
@@ -605,21 +597,6 @@ Where VP-FDM is worse (`python -m benchmarks.fdm_training --vp-bands`, seed {dia
 """
 
 
-def backfill_final(mode: Mode, results: Results, data: Digits) -> None:
-    """Score the final models of recorded cells that lack `final_fds` (recorded before it existed), when
-    the model cache still has them."""
-    for cell in mode.cells():
-        record = results.find(cell)
-        if record is None or record.get("final_fds"):
-            continue
-        model = cached_model(cell.process, cell.fdm, cell.run, cell.seed, data, mode.cache)
-        if model is not None:
-            record["final_fds"] = [
-                round(q, 4) for q in final_quality(model, cell.run, data, record["curve"][-1][1])
-            ]
-            results.save()
-
-
 def run(mode: Mode, train_missing: bool = True, jobs: int | None = None) -> tuple[str, dict[str, bytes]]:
     """Train every cell of `mode` that is not recorded yet (recording each as it finishes), then render."""
     t0 = time.perf_counter()
@@ -635,7 +612,6 @@ def run(mode: Mode, train_missing: bool = True, jobs: int | None = None) -> tupl
                 for name, png in files.items():
                     (mode.record.parent / name).write_bytes(png)
 
-        backfill_final(mode, results, data)
         run_cells(mode.cells(), results, data, jobs or mode.workers, mode.cache, checkpoint)
     report, files = render(mode, results, data, time.perf_counter() - t0)
     results.save()

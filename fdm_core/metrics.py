@@ -19,16 +19,6 @@ def sliced_wasserstein(a: Tensor, b: Tensor, n_projections: int = 256, seed: int
     return float((pa - pb).abs().mean())
 
 
-def mmd_rbf(a: Tensor, b: Tensor, bandwidth: float = 1.0) -> float:
-    """Squared maximum mean discrepancy with a Gaussian kernel (biased estimator)."""
-    a, b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
-
-    def k(u: Tensor, v: Tensor) -> Tensor:
-        return torch.exp(-(torch.cdist(u, v) ** 2) / (2 * bandwidth**2))
-
-    return float(k(a, a).mean() + k(b, b).mean() - 2 * k(a, b).mean())
-
-
 def _sqrtm_psd(m: Tensor) -> Tensor:
     vals, vecs = torch.linalg.eigh(m)
     return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T

@@ -292,12 +292,6 @@ def _arrow_s3(endpoint_url: str | None, region: str, settings: S3Settings) -> pa
     return pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme, region=region, **bounds)
 
 
-def _client_error() -> type[Exception]:
-    from botocore.exceptions import ClientError
-
-    return ClientError
-
-
 @contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
     """botocore and pyarrow failures (timeouts, refused connections, denied requests) as one StoreError
