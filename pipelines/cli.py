@@ -14,6 +14,7 @@ import shlex
 import sys
 import traceback
 
+from pydantic import ValidationError
 from rich.console import Console
 
 from infra import mlflow_server
@@ -25,9 +26,9 @@ from pipelines.config import ConfigError, load_config
 from pipelines.interrupt import Interrupted, as_interrupted, interruptible
 from pipelines.plan import StageError
 from pipelines.preflight import PreflightError
+from tasks.stage import BadInputError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-BAD_INPUT = ("DataError", "ConfigError", "ValidationError")
 # The modules of benchmarks/ that `fdm bench NAME` runs, each with a `main(argv)`.
 BENCHMARKS = ("fdm_training", "fdm_sampling", "distillation", "picard", "pipeline", "loader_throughput")
 
@@ -105,7 +106,7 @@ def _bench(name: str, argv: list[str]) -> int:
 def _exit_code(run) -> int:
     if not run.failed:
         return EXIT_OK
-    if all((o.error or "").startswith(BAD_INPUT) for o in run.failed):
+    if all(isinstance(o.cause, (BadInputError, ConfigError, ValidationError)) for o in run.failed):
         return EXIT_USAGE
     return EXIT_FAILED
 

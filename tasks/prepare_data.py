@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from infra.store import ArtifactStore, NotFoundError, open_store
-from tasks.stage import StageContext, StageResult
+from tasks.stage import BadInputError, StageContext, StageResult
 from tasks.stages.prepare_data import (
     Cifar10Source,
     DataConfig,
@@ -55,7 +55,7 @@ IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().ite
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-class DataError(ValueError):
+class DataError(BadInputError):
     """Unusable input data; the message names the offending file or folder."""
 
 

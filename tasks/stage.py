@@ -28,6 +28,10 @@ STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 MetricLogger = Callable[[dict[str, float], int], None]
 
 
+class BadInputError(ValueError):
+    """The stage's input is unusable (not a bug, not an outage): the user fixes it, `fdm` exits 2."""
+
+
 def _no_log(metrics: dict[str, float], step: int) -> None:
     """Default logger: stages run without tracking (tests, plain Python use)."""
 
