@@ -25,6 +25,7 @@ from typing import Any
 from infra.store import ArtifactStore, NotFoundError, StoreError
 
 MANIFEST_NAME = "_MANIFEST.json"
+CURRENT = "CURRENT"  # in a key's directory: the name of its current complete version
 MANIFEST_FORMAT = 3
 # Format 2 manifests carry no self digest; they are still read, unprotected, so old stores stay cached.
 _SELF_DIGEST_SINCE = 3
@@ -237,6 +238,18 @@ def check_present(store: ArtifactStore, prefix: str) -> Manifest:
                 f"{sizes[path]} bytes",
             )
     return manifest
+
+
+def current_version(store: ArtifactStore, prefix: str) -> str:
+    """`prefix` itself if it holds a manifest, else the version its CURRENT pointer names (a stage key's
+    directory, `stages/<kind>/<key>`): every reader of an output follows CURRENT the same way."""
+    if store.exists(_join(prefix, MANIFEST_NAME)):
+        return prefix
+    try:
+        version = store.read_bytes(_join(prefix, CURRENT)).decode().strip()
+    except NotFoundError:
+        return prefix  # neither: reading its manifest names what is missing
+    return _join(prefix, version)
 
 
 def read_manifest(store: ArtifactStore, prefix: str) -> Manifest:

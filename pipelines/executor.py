@@ -29,6 +29,7 @@ from typing import Any
 
 from infra.lease import LEASE_NAME, Lease, acquire_or_wait
 from infra.manifest import (
+    CURRENT,
     CorruptOutputError,
     IncompleteOutputError,
     Manifest,
@@ -42,7 +43,6 @@ from tasks.registry import STAGES
 from tasks.stage import StageContext, StageResult, run_stage
 from tasks.stages.distill_round import passes_quality_gate
 
-CURRENT = "CURRENT"
 # The project's packages, shipped with every logged MLflow model so it loads and serves on its own.
 CODE_PATHS = [str(Path(__file__).resolve().parent.parent / p) for p in ("fdm_core", "infra", "tasks")]
 CORRUPT_NOTE = "_CORRUPT.json"

@@ -24,7 +24,14 @@ from fdm_core.networks import build_network
 from fdm_core.precond import Denoiser
 from fdm_core.processes import Process
 from fdm_core.training import EMA, TrainState
-from infra.manifest import is_complete, read_manifest, read_verified, seal_dir, write_manifest
+from infra.manifest import (
+    current_version,
+    is_complete,
+    read_manifest,
+    read_verified,
+    seal_dir,
+    write_manifest,
+)
 from infra.store import ArtifactStore
 
 MODEL_JSON = "model.json"
@@ -81,7 +88,9 @@ def write_model(
 
 
 def load_model(store: ArtifactStore, prefix: str, device: str = "cpu") -> tuple[Denoiser, dict[str, Any]]:
-    """Rebuild and load a model artifact, refusing it if its manifest or any digest does not match."""
+    """Rebuild and load a model artifact, refusing it if its manifest or any digest does not match;
+    `prefix` is a version directory or a stage key's directory (its CURRENT version is loaded)."""
+    prefix = current_version(store, prefix)
     manifest = read_manifest(store, prefix)
     spec = json.loads(read_verified(store, prefix, MODEL_JSON, manifest))
     denoiser = build_denoiser(spec)

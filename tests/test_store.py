@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +16,7 @@ from infra.manifest import (
     CorruptOutputError,
     IncompleteOutputError,
     clear_output,
+    current_version,
     is_complete,
     read_verified,
     verify,
@@ -166,3 +168,17 @@ def test_clear_output_removes_manifest_and_files(store):
     write_manifest(store, "out", {"stage": "unit"})
     clear_output(store, "out")
     assert store.list("out") == [] and not is_complete(store, "out")
+
+
+def test_a_key_directory_is_read_through_its_current_pointer(tmp_path: Path) -> None:
+    """`stages/<kind>/<key>` (what users copy from the store) resolves to the version CURRENT names; a
+    version directory resolves to itself; anything else stays as given (its reader names what is missing)."""
+    store = open_store(str(tmp_path))
+    for version, text in (("v1", b"old"), ("v2", b"new")):
+        store.write_bytes(f"stages/k/KEY/{version}/a.txt", text)
+        write_manifest(store, f"stages/k/KEY/{version}", {"stage": "k"})
+    store.write_bytes("stages/k/KEY/CURRENT", b"v2")
+    assert current_version(store, "stages/k/KEY") == "stages/k/KEY/v2"
+    assert current_version(store, "stages/k/KEY/v1") == "stages/k/KEY/v1"
+    assert read_verified(store, current_version(store, "stages/k/KEY"), "a.txt") == b"new"
+    assert current_version(store, "stages/k/NONE") == "stages/k/NONE"
