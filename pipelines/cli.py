@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         help="re-run one stage of a past run from its stored upstream outputs, as a new run (fdm.rerun_of)",
     )
     rerun.add_argument("run_id", help="the pipeline's (parent) MLflow run id, as `fdm run` prints it")
-    rerun.add_argument("--stage", required=True, help="e.g. distill_3")
+    rerun.add_argument("--stage", required=True, help="a stage, as `fdm stages` names it, e.g. distill_2to1")
     rerun.add_argument("--downstream", action="store_true", help="also re-run everything that depends on it")
     rerun.add_argument(
         "--set",

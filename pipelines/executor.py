@@ -198,7 +198,7 @@ def record_resolved(
     tags = stage_tags(spec, env, state)
     if state == "skipped":
         tags["skip_reason"] = result.info["skipped"]
-        result.run_id = env.tracking.record_child(env.parent_run_id, spec.title or spec.name, tags)
+        result.run_id = env.tracking.record_child(env.parent_run_id, spec.name, tags)
     else:  # the output it reuses, linked: which key's which version
         tags.update(output_uri=result.output_uri, **result.info.get("tags", {}))
         tags["output_version"] = result.info.get("output_version", "")
@@ -277,9 +277,7 @@ def _compute(
     cfg = decl.config.model_validate(spec.config)
     total = decl.total_steps(cfg) if decl.total_steps else None
     version = new_version()
-    with tracking.child_run(
-        env.parent_run_id, spec.title or spec.name, stage_tags(spec, env, "computed")
-    ) as run_id:
+    with tracking.child_run(env.parent_run_id, spec.name, stage_tags(spec, env, "computed")) as run_id:
         tracking.log_params(run_id, params(spec))
         log_inputs(env, run_id, spec, ups)
         logged: dict[str, int] = {}  # metric key -> last step the stage logged it at

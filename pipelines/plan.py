@@ -112,11 +112,12 @@ class Gate:
 
 @dataclass
 class StageSpec:
-    """One node of the DAG: `name` is unique in the run (e.g. distill_2), `kind` names its declaration.
+    """One node of the DAG: `name` is unique in the run and names its MLflow run, its `stage` tag and its
+    table row, with step counts (e.g. distill_8to4, evaluate_4); `kind` names its declaration.
 
     `inputs` maps the declaration's input names to upstream stage names; `after` lists further stages it
     waits for (a gate's evaluations); `section` is where `config` sits in the pipeline config (its MLflow
-    params carry that prefix, as the parent run's do); `title` names its MLflow run (with step counts)."""
+    params carry that prefix, as the parent run's do)."""
 
     name: str
     kind: str
@@ -124,7 +125,6 @@ class StageSpec:
     config: dict[str, Any]
     inputs: dict[str, str]
     section: str = ""
-    title: str = ""
     after: list[str] = field(default_factory=list)
     round: int | None = None
     steps: int | None = None
@@ -159,6 +159,22 @@ def base_samplers(cfg: PipelineConfig) -> list[SamplerSpec]:
 def first_teacher(cfg: PipelineConfig) -> SamplerSpec:
     """The base model's sampler that round 1 distils: its teacher solver at `distill.start_steps`."""
     return SamplerSpec(method=cfg.distill.round_config(1).teacher_solver, steps=cfg.distill.start_steps)
+
+
+def distill_name(teacher_steps: int, steps: int) -> str:
+    """A distillation round's stage name, by its step counts: distill_8to4."""
+    return f"distill_{teacher_steps}to{steps}"
+
+
+def evaluate_name(steps: int) -> str:
+    """A student's evaluation stage name, by the student's sampling steps: evaluate_4."""
+    return f"evaluate_{steps}"
+
+
+def round_stages(stages: list[StageSpec], k: int) -> tuple[StageSpec | None, StageSpec | None]:
+    """Round `k`'s distillation and evaluation stages (None where the plan has none)."""
+    found = {s.kind: s for s in stages if s.round == k and s.kind in ("distill_round", "evaluate")}
+    return found.get("distill_round"), found.get("evaluate")
 
 
 def uses_classifier(cfg: PipelineConfig) -> bool:
@@ -214,7 +230,6 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         base_eval,
         {"model": base, "dataset": data, **judge},
         section="evaluate",
-        title=f"evaluate_base_{cfg.evaluate.samplers[0].tag}",
         round=0,
         steps=cfg.evaluate.samplers[0].steps,  # the headline sampler's: the one the table and plot show
     )
@@ -227,12 +242,11 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         settings = cfg.distill.round_config(k).model_dump(mode="json")  # distill.round + distill.rounds[k]
         section = {**settings, "teacher_steps": teacher_steps, "round_index": k}
         dist = p.add(
-            f"distill_{k}",
+            distill_name(teacher_steps, steps),
             "distill_round",
             section,
             {"teacher": teacher, "dataset": data},
             section="distill.round",
-            title=f"distill_{teacher_steps}to{steps}",
             after=list(dict.fromkeys([gate.student, gate.teacher])) if gate else [],
             round=k,
             steps=steps,
@@ -241,12 +255,11 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         student_eval = {**d["evaluate"], "samplers": [{"method": "euler", "steps": steps}]}  # its own grid
         evals.append(
             p.add(
-                f"evaluate_{k}",
+                evaluate_name(steps),
                 "evaluate",
                 student_eval,
                 {"model": dist, "dataset": data, **judge},
                 section="evaluate",
-                title=f"evaluate_{steps}",
                 round=k,
                 steps=steps,
             )
@@ -260,7 +273,6 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
             d["picard"],
             {"model": model},
             section="picard",
-            title=f"picard_sample_{cfg.picard.sampler}{cfg.picard.steps}",
         )
     return p.stages
 

@@ -42,7 +42,7 @@ from pipelines.executor import (
     skipped,
     warm_worker,
 )
-from pipelines.plan import Gate, StageError, StageSpec, downstream_of, first_teacher, plan
+from pipelines.plan import Gate, StageError, StageSpec, downstream_of, first_teacher, plan, round_stages
 from tasks.stage import StageResult
 from tasks.stages.evaluate import SamplerSpec
 
@@ -338,10 +338,13 @@ def halving(run: PipelineRun, cfg: PipelineConfig) -> Halving:
         out.stopped = "distillation disabled"
         return out
     base = run.outcomes.get("evaluate_base")
+    specs = [o.spec for o in run.outcomes.values()]
     for k, steps in enumerate(cfg.distill.student_steps, start=1):
-        dist, ev = run.outcomes.get(f"distill_{k}"), run.outcomes.get(f"evaluate_{k}")
+        dist_spec, ev_spec = round_stages(specs, k)
+        dist = run.outcomes[dist_spec.name] if dist_spec else None
+        ev = run.outcomes[ev_spec.name] if ev_spec else None
         if dist is None or dist.result is None:
-            out.stopped = f"distill_{k} {dist.status if dist else 'not planned'}"
+            out.stopped = f"{dist.spec.name} {dist.status}" if dist else f"round {k} not planned"
             return out
         if dist.result.info.get("skipped"):
             out.stopped = dist.result.info["skipped"]
@@ -350,7 +353,8 @@ def halving(run: PipelineRun, cfg: PipelineConfig) -> Halving:
         out.students.append({"stage": dist.spec.name, "steps": steps, "quality": quality})
         if factor is not None:
             if quality is None or base is None or base.result is None:
-                out.stopped = f"evaluate_{k} {ev.status if ev else 'missing'}: no quality to gate on"
+                what = f"{ev.spec.name} {ev.status}" if ev else f"round {k}'s evaluation missing"
+                out.stopped = f"{what}: no quality to gate on"
                 return out
             failure = gate_failure(Gate(ev.spec.name, base.spec.name, None, factor), ev.result, base.result)
             out.students[-1]["passed_gate"] = failure is None

@@ -147,7 +147,7 @@ def test_pipeline_tiny_builds_report() -> None:
     assert list(files) == ["pipeline_tiny.png"]
     assert "| every stage cached in every re-run | True |" in report
     assert "| no re-run started Ray | True |" in report
-    assert "| distill_1 | done |" in report and "of which start-up" in report
+    assert "| distill_4to2 | done |" in report and "of which start-up" in report
 
 
 def test_fdm_interrupted_cell_resumes_bit_exactly(tmp_path: Path) -> None:

@@ -121,8 +121,9 @@ def test_editing_the_evaluation_reruns_only_the_evaluations(runs: dict) -> None:
     assert set(runs["first"]["status"].values()) == {"done"}
     edited = runs["edited"]["status"]
     rerun = {n for n, s in edited.items() if s == "done"}
-    assert rerun == {"evaluate_base", "evaluate_1"}, edited
-    assert {edited[n] for n in ("prepare_data", "train_classifier", "train_base", "distill_1")} == {"cached"}
+    assert rerun == {"evaluate_base", "evaluate_2"}, edited
+    upstream = ("prepare_data", "train_classifier", "train_base", "distill_4to2")
+    assert {edited[n] for n in upstream} == {"cached"}
     assert edited["picard_sample"] == "cached"
 
 
@@ -144,7 +145,7 @@ def test_stages_command_imports_no_torch_or_ray(runs: dict) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert "IMPORTED [] 0" in proc.stdout, proc.stdout + proc.stderr
-    assert "evaluate_1" in proc.stdout and "picard_sample" in proc.stdout
+    assert "evaluate_2" in proc.stdout and "picard_sample" in proc.stdout
 
 
 def test_a_cache_hit_reads_manifests_only(runs: dict, monkeypatch: pytest.MonkeyPatch) -> None:

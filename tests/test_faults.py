@@ -82,7 +82,7 @@ def test_nan_loss_fails_the_stage_keeps_the_last_checkpoint(ray_local: None, tmp
     failed = {o.spec.name: o.error for o in run.failed}
     assert list(failed) == ["train_base"]
     assert "non-finite loss" in failed["train_base"] and "at step" in failed["train_base"]
-    assert run.outcomes["distill_1"].status == "not run"
+    assert run.outcomes["distill_4to2"].status == "not run"
     store = open_store(cfg.store.root)
     assert not store.list(run.outcomes["train_base"].spec.out_root)  # nothing of the stage's output
     ckpt_root = f"checkpoints/train_base/{run.outcomes['train_base'].spec.key}"
@@ -92,10 +92,10 @@ def test_nan_loss_fails_the_stage_keeps_the_last_checkpoint(ray_local: None, tmp
 def test_deleted_output_reruns_instead_of_stale_cache(ray_local: None, tmp_path: Path) -> None:
     cfg = load_config(CONFIG, _overrides(tmp_path, "train.steps=100"))
     first = run_pipeline(cfg, console=Console(quiet=True))
-    open_store(first.outcomes["distill_1"].result.outputs["model"]).delete("weights.safetensors")
+    open_store(first.outcomes["distill_4to2"].result.outputs["model"]).delete("weights.safetensors")
     second = run_pipeline(cfg, console=Console(quiet=True))
     status = {n: o.status for n, o in second.outcomes.items()}
-    assert status["train_base"] == "cached" and status["distill_1"] == "done"
+    assert status["train_base"] == "cached" and status["distill_4to2"] == "done"
 
 
 def test_bad_data_exits_2_naming_the_file(

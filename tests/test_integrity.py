@@ -195,14 +195,14 @@ def test_corrupt_model_is_reported_recomputed_from_scratch_and_invalidates_downs
     store.write_bytes(weights, bytes(data))
     old_eval = {p.split("/")[2] for p in store.list("stages/evaluate")}
 
-    # A changed distillation makes distill_1 read the teacher's weights.
+    # A changed distillation makes distill_4to2 read the teacher's weights.
     assert main(_args(tmp_path, "distill.round.updates=31")) == 0
     out = capsys.readouterr().out.replace("\n", "")
     expected = read_manifest(store, f"{base_root}/{bad_version}").files["weights.safetensors"].sha256
     assert f"corruption: {store.uri(weights)}: sha256 " in out and f"expected {expected}" in out
     assert "train_base quarantined: it is recomputed from scratch" in out
     note = json.loads(store.read_bytes(f"{base_root}/{bad_version}/_CORRUPT.json"))
-    assert note["expected_sha256"] == expected and note["detected_by"] == "distill_1"
+    assert note["expected_sha256"] == expected and note["detected_by"] == "distill_4to2"
 
     runs = _runs(tmp_path)
     second = max((r for r in runs if "stage" not in r.data.tags), key=lambda r: r.info.start_time)
@@ -213,14 +213,14 @@ def test_corrupt_model_is_reported_recomputed_from_scratch_and_invalidates_downs
         for r in children
         if r.data.tags["cached"] == "false" and r.info.status == "FINISHED"
     }
-    assert set(computed) == {"train_base", "evaluate_base", "distill_1", "evaluate_1"}
+    assert set(computed) == {"train_base", "evaluate_base", "distill_4to2", "evaluate_2"}
     assert computed["train_base"].data.metrics["resumed_from"] == 0
     # evaluate_base kept its key, yet missed: its recorded input was the quarantined version.
     assert computed["evaluate_base"].data.tags["key"] in old_eval
     new_version = store.read_bytes(f"{base_root}/CURRENT").decode()
     assert new_version != bad_version
     new_digest = read_manifest(store, f"{base_root}/{new_version}").digest
-    for stage, inp in (("evaluate_base", "model"), ("distill_1", "teacher")):
+    for stage, inp in (("evaluate_base", "model"), ("distill_4to2", "teacher")):
         uri = computed[stage].data.tags["output_uri"]
         assert read_manifest(open_store(uri), "").inputs[inp] == new_digest
     # And the next run serves everything from the cache.

@@ -51,11 +51,12 @@ def pipeline(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def test_model_stages_log_pyfunc_models_and_the_final_student_is_registered(pipeline) -> None:
     uri, run = pipeline
     client = MlflowClient(uri)
-    for name in ("train_base", "distill_1"):
+    for name in ("train_base", "distill_4to2"):
         child = client.get_run(run.outcomes[name].result.run_id)
         assert child.data.tags["fdm.model_uri"].startswith("models:/")
     version = client.get_model_version_by_alias(NAME, "candidate")
-    assert version.tags["fdm.key"] == run.outcomes["distill_1"].spec.key and version.tags["fdm.steps"] == "2"
+    assert version.tags["fdm.key"] == run.outcomes["distill_4to2"].spec.key
+    assert version.tags["fdm.steps"] == "2"
     assert client.get_run(run.run_id).data.tags["fdm.registered_model"] == f"models:/{NAME}/{version.version}"
 
 
@@ -76,7 +77,7 @@ def test_registered_student_loads_and_samples(pipeline, tmp_path: Path) -> None:
 def test_a_round_records_its_teacher_as_a_model_input(pipeline) -> None:
     uri, run = pipeline
     client = MlflowClient(uri)
-    base, student = (client.get_run(run.outcomes[n].result.run_id) for n in ("train_base", "distill_1"))
+    base, student = (client.get_run(run.outcomes[n].result.run_id) for n in ("train_base", "distill_4to2"))
     teacher_model = base.data.tags["fdm.model_uri"].removeprefix("models:/")
     assert [m.model_id for m in student.inputs.model_inputs] == [teacher_model]
     assert student.data.tags["fdm.input.teacher"] == run.outcomes["train_base"].result.digest[:16]
@@ -89,7 +90,7 @@ def test_datasets_are_logged_as_run_inputs(pipeline) -> None:
     for run_id in (
         run.run_id,
         run.outcomes["train_base"].result.run_id,
-        run.outcomes["evaluate_1"].result.run_id,
+        run.outcomes["evaluate_2"].result.run_id,
     ):
         inputs = client.get_run(run_id).inputs.dataset_inputs
         assert [d.dataset.digest for d in inputs] == [digest], run_id

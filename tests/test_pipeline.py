@@ -63,9 +63,9 @@ def test_pipeline_completes_every_stage(first_run) -> None:
         "prepare_data",
         "train_base",
         "evaluate_base",
-        "distill_1",
-        "evaluate_1",
-        "distill_2",
+        "distill_8to4",
+        "evaluate_4",
+        "distill_4to2",
         "evaluate_2",
     ]
     assert {o.status for o in run.outcomes.values()} == {"done"}, {
@@ -73,7 +73,7 @@ def test_pipeline_completes_every_stage(first_run) -> None:
     }
     final = run.outcomes["evaluate_2"].result
     assert final.metrics["quality"] < 1.0  # sliced Wasserstein of the 2-step student to held-out data
-    assert run.outcomes["distill_2"].result.info["steps"] == 2
+    assert run.outcomes["distill_4to2"].result.info["steps"] == 2
 
 
 def test_mlflow_holds_parent_and_one_child_per_stage(first_run) -> None:
@@ -85,15 +85,15 @@ def test_mlflow_holds_parent_and_one_child_per_stage(first_run) -> None:
     tags = parent.data.tags
     assert tags["mlflow.user"] and tags["mlflow.source.name"].startswith("fdm run")
     assert len(tags["mlflow.source.git.commit"].removesuffix("+dirty")) == 40
-    assert "Final student: distill_2, 2 sampling steps." in tags["mlflow.note.content"]
+    assert "Final student: distill_4to2, 2 sampling steps." in tags["mlflow.note.content"]
     curve = client.get_metric_history(run.run_id, "sw")  # the parent's quality against sampling steps
     assert sorted(m.step for m in curve) == [2, 4, 8]
     parent_files = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"config.yaml", "summary.json", "quality_vs_steps.png"} <= parent_files
     children = {c.data.tags["stage"]: c for c in _children(client, run.run_id)}
     assert set(children) == set(run.outcomes)
-    names = {c.info.run_name for c in children.values()}
-    assert {"distill_8to4", "distill_4to2", "evaluate_4", "evaluate_base_heun8"} <= names
+    assert all(c.info.run_name == stage for stage, c in children.items())  # one name for run, tag, table
+    assert {"distill_8to4", "distill_4to2", "evaluate_4", "evaluate_2", "evaluate_base"} <= set(children)
     base = children["train_base"]
     assert base.data.params["train.steps"] == parent.data.params["train.steps"] == "300"  # one name
     assert (
@@ -103,7 +103,7 @@ def test_mlflow_holds_parent_and_one_child_per_stage(first_run) -> None:
     assert len(losses) >= 3 and 0 not in {m.step for m in losses}  # by real step, no step-0 duplicate
     version = base.data.tags["output_version"]
     assert base.data.tags["output_uri"].endswith(f"{run.outcomes['train_base'].spec.out_root}/{version}")
-    ev = children["evaluate_1"]
+    ev = children["evaluate_4"]
     assert ev.data.tags["round"] == "1" and ev.data.tags["steps"] == "4"
     assert {"quality", "sw", "nfe", "seconds_per_sample"} <= set(ev.data.metrics)  # one key set for all
     assert ev.data.params["evaluate.samplers"] == '[{"method": "euler", "steps": 4}]'  # what ran
@@ -111,7 +111,7 @@ def test_mlflow_holds_parent_and_one_child_per_stage(first_run) -> None:
     history = client.get_metric_history(ev.info.run_id, "sw")
     assert [m.step for m in history] == [4]  # at its sampling steps, never at a made-up step 0
     assert {"samples_euler4.png", "metrics.json"} <= {a.path for a in client.list_artifacts(ev.info.run_id)}
-    model_files = {a.path for a in client.list_artifacts(children["distill_1"].info.run_id)}
+    model_files = {a.path for a in client.list_artifacts(children["distill_8to4"].info.run_id)}
     assert "model.json" in model_files and "weights.safetensors" not in model_files
 
 
@@ -154,31 +154,31 @@ def test_a_tripped_quality_gate_stops_halving_and_keeps_the_last_passing_student
     run = run_pipeline(cfg, console=console)
     assert _ratios(run)[2] > gate, f"a 1-update 2-step student should break the gate {gate}: {_ratios(run)}"
     status = {n: o.status for n, o in run.outcomes.items()}
-    assert status["distill_1"] == status["evaluate_1"] == "cached"  # the gate is not part of a key
-    assert status["distill_2"] == status["evaluate_2"] == "done"
-    assert status["distill_3"] == status["evaluate_3"] == "skipped"
-    reason = run.outcomes["distill_3"].result.info["skipped"]
+    assert status["distill_8to4"] == status["evaluate_4"] == "cached"  # the gate is not part of a key
+    assert status["distill_4to2"] == status["evaluate_2"] == "done"
+    assert status["distill_2to1"] == status["evaluate_1"] == "skipped"
+    reason = run.outcomes["distill_2to1"].result.info["skipped"]
     assert reason.startswith("quality gate: evaluate_2 sw ") and reason.endswith("halving stops")
     printed = console.export_text()
     assert reason in printed
-    assert "final model: distill_1 (4 steps); halving stopped: quality gate: evaluate_2" in printed
+    assert "final model: distill_8to4 (4 steps); halving stopped: quality gate: evaluate_2" in printed
 
     client = MlflowClient(cfg.tracking.uri)
     tags = client.get_run(run.run_id).data.tags
-    assert tags["fdm.final_model"] == "distill_1" and tags["fdm.final_steps"] == "4"
+    assert tags["fdm.final_model"] == "distill_8to4" and tags["fdm.final_steps"] == "4"
     assert tags["fdm.student_steps"] == "4,2"
     assert tags["fdm.halving_stopped"].startswith("quality gate: evaluate_2 sw ")
     assert "the 2-step student is not kept" in tags["fdm.halving_stopped"]
-    assert "Final student: distill_1, 4 sampling steps." in tags["mlflow.note.content"]
+    assert "Final student: distill_8to4, 4 sampling steps." in tags["mlflow.note.content"]
     children = {c.data.tags["stage"]: c for c in _children(client, run.run_id)}
-    assert children["distill_3"].data.tags["skip_reason"] == reason
+    assert children["distill_2to1"].data.tags["skip_reason"] == reason
     summary = yaml.safe_load(
         Path(client.download_artifacts(run.run_id, "summary.json", str(tmp_path))).read_text()
     )
-    assert summary["distillation"]["final_model"] == {"stage": "distill_1", "steps": 4}
+    assert summary["distillation"]["final_model"] == {"stage": "distill_8to4", "steps": 4}
     assert [s["passed_gate"] for s in summary["distillation"]["students"]] == [True, False]
     version = client.get_model_version_by_alias(f"{cfg.tracking.experiment}-student", "candidate")
-    assert version.tags["fdm.key"] == run.outcomes["distill_1"].spec.key
+    assert version.tags["fdm.key"] == run.outcomes["distill_8to4"].spec.key
 
 
 def test_a_gate_that_never_trips_runs_every_round(first_run, overrides: list[str]) -> None:
@@ -186,9 +186,9 @@ def test_a_gate_that_never_trips_runs_every_round(first_run, overrides: list[str
     cfg = load_config(CONFIG, [*overrides, "distill.end_steps=1", "distill.quality_gate=1000"])
     run = run_pipeline(cfg, console=Console(quiet=True))
     assert {o.status for o in run.outcomes.values()} <= {"cached", "done"}
-    assert run.outcomes["distill_3"].status == "done" and run.outcomes["evaluate_3"].result.info
+    assert run.outcomes["distill_2to1"].status == "done" and run.outcomes["evaluate_1"].result.info
     tags = MlflowClient(cfg.tracking.uri).get_run(run.run_id).data.tags
-    assert tags["fdm.final_model"] == "distill_3" and tags["fdm.student_steps"] == "4,2,1"
+    assert tags["fdm.final_model"] == "distill_2to1" and tags["fdm.student_steps"] == "4,2,1"
     assert tags["fdm.halving_stopped"] == "reached end_steps 1"
 
 
@@ -197,7 +197,7 @@ def test_changing_distillation_reuses_data_and_base(first_run, overrides: list[s
     run = run_pipeline(cfg, console=Console(quiet=True))
     status = {n: o.status for n, o in run.outcomes.items()}
     assert status["prepare_data"] == status["train_base"] == status["evaluate_base"] == "cached"
-    assert status["distill_1"] == status["distill_2"] == "done"
+    assert status["distill_8to4"] == status["distill_4to2"] == "done"
 
 
 def _record(client: MlflowClient, run_id: str, tmp: Path) -> dict:
@@ -231,15 +231,15 @@ def _new_run_id(out: str) -> str:
 def test_forced_rerun_recomputes_from_scratch_as_a_new_run(
     first_run, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """`fdm rerun --stage distill_2`: a new parent run tagged fdm.rerun_of, the round recomputed from scratch
-    although a stale checkpoint of its key is in the store (exactly the loss and weights of the first,
+    """`fdm rerun --stage distill_4to2`: a new parent run tagged fdm.rerun_of, the round recomputed from
+    scratch although a stale checkpoint of its key is in the store (exactly the loss and weights of the first,
     from-scratch run), the checkpoint gone afterwards, the previous versions kept, and a recomputation whose
     files differ from the current version reported; the original run's record is untouched."""
     cfg, run = first_run
     client = MlflowClient(cfg.tracking.uri)
     before = _record(client, run.run_id, tmp_path)
     store = open_store(cfg.store.root)
-    spec = run.outcomes["distill_2"].spec
+    spec = run.outcomes["distill_4to2"].spec
     first_version = _current(store, spec)
     first = read_manifest(store, f"{spec.out_root}/{first_version}")
 
@@ -262,7 +262,7 @@ def test_forced_rerun_recomputes_from_scratch_as_a_new_run(
     seal_dir(store, local, f"{spec.out_root}/{planted}", first.producer, first.result, first.inputs)
     store.write_bytes(f"{spec.out_root}/CURRENT", planted.encode())
 
-    argv = ["rerun", run.run_id, "--stage", "distill_2", "--tracking-uri", cfg.tracking.uri]
+    argv = ["rerun", run.run_id, "--stage", "distill_4to2", "--tracking-uri", cfg.tracking.uri]
     assert main(argv) == 0
     out = capsys.readouterr().out
     new_id = _new_run_id(out)
@@ -271,7 +271,7 @@ def test_forced_rerun_recomputes_from_scratch_as_a_new_run(
     db = cfg.tracking.uri.removeprefix("sqlite:///")
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out
     assert f"#/experiments/{exp}/runs/{new_id}" in out
-    assert f"distill_2: the recomputed output differs from the previous version {planted}" in out
+    assert f"distill_4to2: the recomputed output differs from the previous version {planted}" in out
 
     # From scratch: the first run's weights and loss exactly; then the checkpoints are gone.
     version = _current(store, spec)
@@ -288,18 +288,18 @@ def test_forced_rerun_recomputes_from_scratch_as_a_new_run(
     # The new run: upstream logged as cached child runs linking the outputs they reuse.
     parent = client.get_run(new_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["fdm.rerun_of"] == run.run_id
-    assert parent.data.tags["fdm.rerun_stage"] == "distill_2"
+    assert parent.data.tags["fdm.rerun_stage"] == "distill_4to2"
     old = {c.data.tags["stage"]: c.data.tags for c in _children(client, run.run_id)}
     children = {c.data.tags["stage"]: c.data.tags for c in _children(client, new_id)}
-    assert set(children) == {"prepare_data", "train_base", "distill_1", "distill_2"}
-    for name in ("prepare_data", "train_base", "distill_1"):
+    assert set(children) == {"prepare_data", "train_base", "distill_8to4", "distill_4to2"}
+    for name in ("prepare_data", "train_base", "distill_8to4"):
         assert children[name]["cached"] == "true"
         assert children[name]["output_uri"] == old[name]["output_uri"]
         assert children[name]["output_version"] == old[name]["output_version"]
-    d2 = children["distill_2"]
+    d2 = children["distill_4to2"]
     assert d2["cached"] == "false" and d2["rerun"] == "True" and d2["output_version"] == version
     assert d2["fdm.output_differs"] == "true" and d2["fdm.previous_version"] == planted
-    assert old["distill_2"]["output_version"] == first_version
+    assert old["distill_4to2"]["output_version"] == first_version
     assert _record(client, run.run_id, tmp_path) == before
 
 
@@ -312,11 +312,11 @@ def test_failed_rerun_with_a_per_round_setting_leaves_the_original_alone(
     client = MlflowClient(cfg.tracking.uri)
     before = _record(client, run.run_id, tmp_path)
     store = open_store(cfg.store.root)
-    current = _current(store, run.outcomes["distill_2"].spec)
-    argv = ["rerun", run.run_id, "--stage", "distill_2", "--tracking-uri", cfg.tracking.uri]
+    current = _current(store, run.outcomes["distill_4to2"].spec)
+    argv = ["rerun", run.run_id, "--stage", "distill_4to2", "--tracking-uri", cfg.tracking.uri]
     assert main([*argv, "--set", "distill.rounds.2.lr=1e30"]) == 1
     out = capsys.readouterr().out
-    assert "stage distill_2 failed" in out and "non-finite loss" in out
+    assert "stage distill_4to2 failed" in out and "non-finite loss" in out
     new_id = _new_run_id(out)
     parent = client.get_run(new_id)
     assert parent.info.status == "FAILED"
@@ -324,11 +324,11 @@ def test_failed_rerun_with_a_per_round_setting_leaves_the_original_alone(
     assert parent.data.tags["fdm.rerun_set"] == "distill.rounds.2.lr=1e30"
     assert parent.data.params["distill.rounds.2.lr"] == "1e+30"
     children = {c.data.tags["stage"]: c for c in _children(client, new_id)}
-    assert children["distill_1"].data.tags["cached"] == "true"
-    assert children["distill_2"].info.status == "FAILED"
-    assert children["distill_2"].data.tags["key"] != run.outcomes["distill_2"].spec.key
+    assert children["distill_8to4"].data.tags["cached"] == "true"
+    assert children["distill_4to2"].info.status == "FAILED"
+    assert children["distill_4to2"].data.tags["key"] != run.outcomes["distill_4to2"].spec.key
     assert _record(client, run.run_id, tmp_path) == before
-    assert _current(store, run.outcomes["distill_2"].spec) == current
+    assert _current(store, run.outcomes["distill_4to2"].spec) == current
 
 
 def test_rerun_downstream_trains_every_round_against_the_new_teacher(first_run) -> None:
@@ -336,18 +336,18 @@ def test_rerun_downstream_trains_every_round_against_the_new_teacher(first_run) 
     input digests recorded in their manifests are those of the outputs this re-run made."""
     cfg, run = first_run
     store = open_store(cfg.store.root)
-    d1 = run.outcomes["distill_1"].spec
+    d1 = run.outcomes["distill_8to4"].spec
     old_teacher = read_manifest(store, f"{d1.out_root}/{_current(store, d1)}")
     again = rerun_stage(
-        cfg.tracking.uri, run.run_id, "distill_1", downstream=True, console=Console(quiet=True)
+        cfg.tracking.uri, run.run_id, "distill_8to4", downstream=True, console=Console(quiet=True)
     )
     status = {n: o.status for n, o in again.outcomes.items()}
     assert status == {
         "prepare_data": "cached",
         "train_base": "cached",
-        "distill_1": "done",
-        "evaluate_1": "done",
-        "distill_2": "done",
+        "distill_8to4": "done",
+        "evaluate_4": "done",
+        "distill_4to2": "done",
         "evaluate_2": "done",
     }, {n: o.error for n, o in again.outcomes.items()}
 
@@ -355,19 +355,19 @@ def test_rerun_downstream_trains_every_round_against_the_new_teacher(first_run) 
         spec = again.outcomes[name].spec
         return read_manifest(store, f"{spec.out_root}/{_current(store, spec)}")
 
-    new_teacher = manifest("distill_1")
-    assert new_teacher.digest == again.outcomes["distill_1"].result.digest != old_teacher.digest
-    assert manifest("distill_2").inputs["teacher"] == new_teacher.digest
-    assert manifest("evaluate_1").inputs["model"] == new_teacher.digest
-    assert manifest("evaluate_2").inputs["model"] == manifest("distill_2").digest
-    assert manifest("distill_2").digest == again.outcomes["distill_2"].result.digest
+    new_teacher = manifest("distill_8to4")
+    assert new_teacher.digest == again.outcomes["distill_8to4"].result.digest != old_teacher.digest
+    assert manifest("distill_4to2").inputs["teacher"] == new_teacher.digest
+    assert manifest("evaluate_4").inputs["model"] == new_teacher.digest
+    assert manifest("evaluate_2").inputs["model"] == manifest("distill_4to2").digest
+    assert manifest("distill_4to2").digest == again.outcomes["distill_4to2"].result.digest
 
 
 def test_stages_command_shows_past_run(first_run, capsys: pytest.CaptureFixture) -> None:
     cfg, run = first_run
     assert main(["stages", run.run_id, "--tracking-uri", cfg.tracking.uri]) == 0
     out = capsys.readouterr().out
-    assert "distill_2" in out and "evaluate_base" in out
+    assert "distill_4to2" in out and "evaluate_base" in out
 
 
 def test_per_round_settings_in_yaml_change_only_that_round_and_below() -> None:
@@ -377,11 +377,11 @@ def test_per_round_settings_in_yaml_change_only_that_round_and_below() -> None:
     raw["distill"]["rounds"] = {2: {"updates": 500}}
     before = {s.name: s for s in plan(load_config(CONFIG))}
     after = {s.name: s for s in plan(parse_config(raw))}
-    assert {n for n in before if before[n].key != after[n].key} == {"distill_2", "evaluate_2"}
-    assert after["distill_2"].config["updates"] == 500
-    assert after["distill_1"].config == before["distill_1"].config
-    assert {k: v for k, v in after["distill_2"].config.items() if k != "updates"} == {
-        k: v for k, v in before["distill_2"].config.items() if k != "updates"
+    assert {n for n in before if before[n].key != after[n].key} == {"distill_4to2", "evaluate_2"}
+    assert after["distill_4to2"].config["updates"] == 500
+    assert after["distill_8to4"].config == before["distill_8to4"].config
+    assert {k: v for k, v in after["distill_4to2"].config.items() if k != "updates"} == {
+        k: v for k, v in before["distill_4to2"].config.items() if k != "updates"
     }
 
 
