@@ -66,12 +66,14 @@ def log_sampler_model(
     sample: SampleFn,
     code_paths: Sequence[str],
     tags: dict[str, str],
+    name: str = "model",
 ) -> str:
-    """Log the model artifact in local directory `model_dir` to run `run_id` as a pyfunc model that samples
-    with `sample`; returns its model URI (models:/<id>)."""
+    """Log the model artifact in local directory `model_dir` to run `run_id` as a pyfunc model named `name`
+    that samples with `sample`; its files go to `artifacts/<model_dir's name>/`. Returns its model URI
+    (models:/<id>)."""
     with in_run(tracking, run_id):
         info = mlflow.pyfunc.log_model(
-            name="model",
+            name=name,
             python_model=ArtifactSampler(sample),
             artifacts={MODEL_DIR: model_dir},
             code_paths=list(code_paths),
@@ -85,8 +87,13 @@ def log_sampler_model(
 def local_model_dir(ref: str, tracking_uri: str) -> str:
     """The model artifact directory of an MLflow model reference (`models:/NAME@alias`, `models:/NAME/3`,
     `models:/<id>`, `runs:/<run id>` or `runs:/<run id>/model`), downloaded to a local directory."""
-    if ref.startswith("runs:/") and ref.rstrip("/").count("/") == 1:
-        ref = ref.rstrip("/") + "/model"  # the run's logged model
+    if ref.startswith("runs:/") and ref.rstrip("/").count("/") == 1:  # the run's one logged model
+        run_id, client = ref.rstrip("/").removeprefix("runs:/"), mlflow.MlflowClient(tracking_uri)
+        experiment = client.get_run(run_id).info.experiment_id
+        found = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+        if not found:
+            raise LookupError(f"--checkpoint {ref}: run {run_id} logged no model")
+        ref = found[0].model_uri
     root = mlflow.artifacts.download_artifacts(artifact_uri=ref, tracking_uri=tracking_uri)
     artifacts = mlflow.models.Model.load(root).flavors["python_function"]["artifacts"]
     return str(Path(root, artifacts[MODEL_DIR]["path"]))

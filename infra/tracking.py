@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +87,30 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+# MLflow 3.17's UI takes its mode (GenAI or model training) from the page URL's `workflowType` parameter,
+# else from the browser's local storage (key `mlflow.workflowType`, default genai, written only when the
+# user clicks the sidebar's "Model training" toggle); experiment tags play no part. Every link the product
+# prints carries the parameter, so it opens the runs whatever the browser has stored.
+MODEL_TRAINING = "workflowType=machine_learning"
+
+
+def ui_path(experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's path (after the host) of an experiment's runs, or of one run, in model training."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"#/experiments/{experiment_id}/{page}?{MODEL_TRAINING}"
+
+
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """Where to open a run in the MLflow UI: its URL on a tracking server; for a local store (sqlite, a
     directory), the `mlflow ui` command that serves it and the URL the run then has."""
-    path = f"#/experiments/{experiment_id}/runs/{run_id}"
+    path = ui_path(experiment_id, run_id)
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/{path}"
     return f"run `mlflow ui --backend-store-uri {tracking_uri}`, then open http://127.0.0.1:5000/{path}"
 
 
-# MLflow 3's UI opens an experiment without a kind on its GenAI (traces) view; this kind opens the runs.
+# MLflow's experiment kind: the experiment page's kind selector shows "Machine learning" with it. It does
+# not choose the page the UI opens on (that is `workflowType`, above).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
@@ -109,8 +124,8 @@ class Tracking:
 
     @classmethod
     def setup(cls, tracking_uri: str, experiment: str, artifact_root: str | None = None) -> Tracking:
-        """Resolve the URI and get or create the experiment (artifacts under `artifact_root` if new), tagged
-        as model training so MLflow 3's UI opens it on its runs, not on its GenAI (traces) view."""
+        """Resolve the URI and get or create the experiment (artifacts under `artifact_root` if new), of
+        MLflow's kind for model training."""
         uri = resolve_tracking_uri(tracking_uri)
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
@@ -145,8 +160,17 @@ class Tracking:
             batch = [mlflow.entities.Param(k, v) for k, v in items[i : i + 100]]
             self.client.log_batch(run_id, params=batch)
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        clean = _metrics(metrics, step)
+    def log_metrics(
+        self,
+        run_id: str,
+        metrics: Mapping[str, float],
+        step: int = 0,
+        model_id: str | None = None,
+        dataset: tuple[str, str] | None = None,
+    ) -> None:
+        """Log `metrics` at `step`; with `model_id`, linked to that logged model (MLflow 3 shows them on
+        the model and ranks models by them), and with `dataset` (name, digest), to the data they measure."""
+        clean = _metrics(metrics, step, model_id, dataset)
         if clean:
             self.client.log_batch(run_id, metrics=clean)
 
@@ -213,7 +237,7 @@ class Tracking:
         for run in runs:
             tags = run.data.tags
             try:
-                pid, started = int(tags["fdm.driver_pid"]), float(tags.get("fdm.driver_started", 0))
+                pid, started = int(tags["fdm.driver_pid"]), _epoch(tags.get("fdm.driver_started", "0"))
             except (KeyError, ValueError):
                 continue
             if alive(pid, started):
@@ -260,13 +284,32 @@ class Tracking:
         self.end(run_id)
 
 
-def _metrics(metrics: Mapping[str, float], step: int) -> list[mlflow.entities.Metric]:
+def _metrics(
+    metrics: Mapping[str, float],
+    step: int,
+    model_id: str | None = None,
+    dataset: tuple[str, str] | None = None,
+) -> list[mlflow.entities.Metric]:
     """MLflow metrics of the finite numbers in `metrics` (MLflow refuses NaN and inf in some stores)."""
+    name, digest = dataset or (None, None)
     return [
-        mlflow.entities.Metric(k, float(v), _now_ms(), step)
+        mlflow.entities.Metric(k, float(v), _now_ms(), step, model_id, name, digest)
         for k, v in metrics.items()
         if isinstance(v, int | float) and v == v and abs(v) != float("inf")
     ]
+
+
+def _epoch(when: str) -> float:
+    """A time tag as epoch seconds: an ISO 8601 time, or the raw seconds of runs recorded before."""
+    try:
+        return float(when)
+    except ValueError:
+        return datetime.fromisoformat(when).timestamp()
+
+
+def iso_time(seconds: float) -> str:
+    """Epoch seconds as an ISO 8601 UTC time, the way times are written in params and tags."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
 
 
 def _now_ms() -> int:

@@ -38,6 +38,7 @@ from infra.manifest import (
 )
 from infra.store import ArtifactStore, NotFoundError, StoreError, open_store
 from infra.tracking import Tracking
+from pipelines.headlines import stage_note
 from pipelines.plan import Gate, StageSpec
 from tasks.registry import STAGES
 from tasks.stage import StageContext, StageResult, run_stage
@@ -277,13 +278,15 @@ def _compute(
     cfg = decl.config.model_validate(spec.config)
     total = decl.total_steps(cfg) if decl.total_steps else None
     version = new_version()
+    device = "cuda" if env.use_gpu and spec.resources.get("num_gpus", 0) > 0 else "cpu"
     with tracking.child_run(env.parent_run_id, spec.name, stage_tags(spec, env, "computed")) as run_id:
-        tracking.log_params(run_id, params(spec))
+        tracking.log_params(run_id, {**params(spec), "resolved": {"device": device, "num_threads": num_cpus}})
         log_inputs(env, run_id, spec, ups)
         logged: dict[str, int] = {}  # metric key -> last step the stage logged it at
+        links = metric_links(env, spec, ups)
 
         def log_metrics(metrics: dict[str, float], step: int) -> None:
-            tracking.log_metrics(run_id, metrics, step)
+            tracking.log_metrics(run_id, metrics, step, **links)
             logged.update(dict.fromkeys(metrics, step))
             _report(env, spec.name, step=step, total=total)
 
@@ -292,7 +295,7 @@ def _compute(
             out_prefix=posixpath.join(spec.out_root, version),
             key=spec.key,
             num_threads=num_cpus,
-            device="cuda" if env.use_gpu and spec.resources.get("num_gpus", 0) > 0 else "cpu",
+            device=device,
             log_metrics=log_metrics,
             endpoint_url=env.endpoint_url,
             checkpoints=checkpoints,
@@ -322,12 +325,13 @@ def _compute(
         result.info.update({"name": spec.name, "seconds": seconds, "compute_span": [computing, time.time()]})
         result.run_id = run_id
         result.info["output_version"] = version
-        # Summaries the stage did not log as a series, once, at its last real step (no step-0 duplicates).
+        # Summaries the stage did not log as a series: one value each, logged once (MLflow's step 0).
         summary = {k: v for k, v in {**result.metrics, "stage_seconds": seconds}.items() if k not in logged}
-        tracking.log_metrics(run_id, summary, max(logged.values(), default=0))
+        tracking.log_metrics(run_id, summary, 0, **links)
         tags = {
             "output_uri": result.outputs[decl.output],
             "output_version": version,
+            "mlflow.note.content": stage_note(spec.name, decl.headline, result),
             **result.info.get("tags", {}),
         }
         differs = _differs_from(store, previous, ctx.out_prefix, input_digests(spec, ups))
@@ -343,15 +347,46 @@ def _compute(
     return result
 
 
+def model_name(spec: StageSpec) -> str:
+    """A logged model's name, by its role and sampling steps: `base`, `student-4`."""
+    if spec.kind == "distill_round":
+        return f"student-{spec.steps}"
+    return "base" if spec.kind == "train_base" else spec.name
+
+
 def _log_model(env: RunEnv, run_id: str, store: ArtifactStore, prefix: str, spec: StageSpec) -> str:
-    """The stage's model artifact as an MLflow pyfunc model on its run (weights, model.json, a sampler)."""
+    """The stage's model artifact as an MLflow pyfunc model on its run (weights, model.json, a sampler),
+    named by its role and steps; its files sit at fixed paths in the model (`artifacts/weights/...`)."""
     from infra.mlflow_models import log_sampler_model
     from tasks.sample import sample_rows
 
     with tempfile.TemporaryDirectory(prefix="fdm-mlflow-model-") as tmp:
-        store.download_dir(prefix, tmp)
+        files = Path(tmp, "weights")
+        store.download_dir(prefix, str(files))
         tags = {"fdm.stage": spec.name, "fdm.key": spec.key, "fdm.steps": str(spec.steps or "")}
-        return log_sampler_model(env.tracking, run_id, tmp, sample_rows, CODE_PATHS, tags)
+        return log_sampler_model(
+            env.tracking, run_id, str(files), sample_rows, CODE_PATHS, tags, name=model_name(spec)
+        )
+
+
+def metric_links(env: RunEnv, spec: StageSpec, ups: dict[str, StageResult]) -> dict[str, Any]:
+    """What a stage's metrics are linked to in MLflow: the logged model it measures (its `model` input) and
+    the dataset it measured it on (its `dataset` input); empty for a stage that measures no model."""
+    if "model" not in spec.inputs:
+        return {}
+    up = ups[spec.inputs["model"]]
+    uri = up.info.get("model_uri")
+    if uri is None:  # a cached model: the one its computation logged, if this experiment has it
+        from infra.mlflow_models import logged_model_uri
+
+        uri = logged_model_uri(env.tracking, up.key)
+    if uri is None:
+        return {}
+    links: dict[str, Any] = {"model_id": uri.removeprefix("models:/")}
+    if "dataset" in spec.inputs:
+        data = ups[spec.inputs["dataset"]]
+        links["dataset"] = (spec.inputs["dataset"], data.digest[:36])
+    return links
 
 
 def _differs_from(

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from types import FrameType
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -81,11 +82,13 @@ def interruptible() -> Iterator[None]:
 
 
 def driver_tags() -> dict[str, str]:
-    """Tags that identify this driver process: host, pid, and its start time (pids are reused)."""
+    """Tags that identify this driver process: host, pid, and its start time (pids are reused), an ISO
+    8601 UTC time as people read it."""
+    started = datetime.fromtimestamp(_started(os.getpid()) or time.time(), timezone.utc)
     return {
         "fdm.driver_host": socket.gethostname(),
         "fdm.driver_pid": str(os.getpid()),
-        "fdm.driver_started": f"{_started(os.getpid()) or time.time():.0f}",
+        "fdm.driver_started": started.isoformat(timespec="seconds"),
     }
 
 

@@ -11,8 +11,6 @@ tagged `fdm.rerun_of`), while its upstream comes from the cache.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import os
 import time
@@ -27,7 +25,7 @@ from rich.live import Live
 from rich.table import Table
 
 from infra.secrets import scrub_tree
-from infra.store import ArtifactStore, NotFoundError
+from infra.store import ArtifactStore
 from infra.tracking import Tracking, provenance_tags, run_link
 from pipelines import interrupt, preflight
 from pipelines.config import PipelineConfig, parse_config
@@ -35,16 +33,25 @@ from pipelines.executor import (
     CorruptInputError,
     RunEnv,
     execute_stage,
-    gate_failure,
     record_resolved,
     serve,
     skip_reason,
     skipped,
     warm_worker,
 )
-from pipelines.plan import Gate, StageError, StageSpec, downstream_of, first_teacher, plan, round_stages
+from pipelines.headlines import format_headline, headline_value
+from pipelines.parent_run import (
+    describe,
+    halving,
+    log_numbers,
+    log_resolved,
+    model_ids,
+    parent_params,
+    register_final_student,
+)
+from pipelines.plan import StageError, StageSpec, downstream_of, first_teacher, plan
+from pipelines.quality_plot import quality_curves, summary_png
 from tasks.stage import StageResult
-from tasks.stages.evaluate import SamplerSpec
 
 TRANSIENT = (ConnectionError, TimeoutError)
 REPO = Path(__file__).resolve().parent.parent
@@ -79,11 +86,8 @@ def headline(spec: StageSpec, result: StageResult | None, error: str | None = No
         return error.splitlines()[0][:60] if error else ""
     if result.info.get("skipped"):
         return str(result.info["skipped"])
-    key = spec.decl.headline
-    if key not in result.metrics:
-        return ""
-    name = result.info.get("metric_name", key) if key == "quality" else key
-    return f"{name}={result.metrics[key]:.4g}"
+    found = headline_value(spec.decl.headline, result)
+    return format_headline(*found) if found else ""
 
 
 def stage_table(run: PipelineRun, board: dict[str, dict[str, Any]] | None = None) -> Table:
@@ -241,184 +245,6 @@ def _wait(
             o.status = "not run"
 
 
-Point = tuple[int, float, int]  # (sampling steps, quality, NFE)
-
-
-def _quality_points(run: PipelineRun, teacher: SamplerSpec) -> dict[str, list[Point]]:
-    """Quality by sampling steps: the base model's samplers, and the distilled students on their own grids,
-    joined to the teacher they started from (the base model with sampler `teacher`)."""
-    base = run.outcomes.get("evaluate_base")
-    if base is None or base.result is None:
-        return {}
-    series: dict[str, list[Point]] = {}
-    by_sampler = base.result.info.get("by_sampler", {})
-    for tag, m in by_sampler.items():
-        method = tag.rstrip("0123456789")
-        series.setdefault(f"base model, {method}", []).append(
-            (int(tag[len(method) :]), m["quality"], int(m["nfe"]))
-        )
-    students = [
-        (o.spec.steps, o.result.metrics["quality"], int(o.result.metrics.get("nfe", o.spec.steps)))
-        for o in run.outcomes.values()
-        if o.spec.round and o.result and "quality" in o.result.metrics
-    ]
-    if students:
-        first = by_sampler.get(teacher.tag)
-        start = [(teacher.steps, first["quality"], int(first["nfe"]))] if first else []
-        series[f"distilled students (from the base model's {teacher.method})"] = start + students
-    return {label: sorted(pts) for label, pts in series.items()}
-
-
-def _summary_plot(points: dict[str, list[Point]], metric: str, title: str) -> bytes:
-    """The quality-vs-steps plot, about 800 px wide (matplotlib is imported only when one is drawn)."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullLocator
-
-    fig = Figure(figsize=(8, 5), dpi=100)
-    ax = fig.subplots()
-    for label, pts in points.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        for steps, quality, nfe in pts:
-            ax.annotate(f"NFE {nfe}", (steps, quality), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    steps = sorted({p[0] for pts in points.values() for p in pts})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(steps, [str(n) for n in steps])
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("sampling steps")
-    ax.set_ylabel(f"{metric} (lower is better)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
-
-
-def summary_png(run: PipelineRun, cfg: PipelineConfig, store: ArtifactStore) -> bytes | None:
-    """The run's quality-vs-steps plot, kept in the store by a hash of what it shows: a re-run with the
-    same results (every fully cached run) reuses it instead of drawing it again."""
-    points = _quality_points(run, first_teacher(cfg))
-    if not points:
-        return None
-    metric = run.outcomes["evaluate_base"].result.info.get("metric_name", "quality").upper()
-    title = f"{cfg.name}: sample quality against sampling steps"
-    digest = hashlib.sha256(json.dumps([points, metric, title, PLOT_VERSION]).encode()).hexdigest()[:16]
-    path = f"plots/quality_vs_steps-{digest}.png"
-    try:
-        return store.read_bytes(path)
-    except NotFoundError:
-        png = _summary_plot(points, metric, title)
-        store.write_bytes(path, png)
-        return png
-
-
-@dataclass
-class Halving:
-    """What distillation delivered: each student's steps, quality and gate verdict, the final student (the
-    last one within the quality gate; None: the base model is final) and why halving stopped."""
-
-    students: list[dict[str, Any]] = field(default_factory=list)
-    final: StageOutcome | None = None
-    stopped: str = ""
-
-    def record(self) -> dict[str, Any]:
-        final = self.final
-        return {
-            "students": self.students,
-            "final_model": {"stage": final.spec.name, "steps": final.spec.steps} if final else None,
-            "halving_stopped": self.stopped,
-        }
-
-
-def halving(run: PipelineRun, cfg: PipelineConfig) -> Halving:
-    """Walk the rounds in order: a student counts while its round produced it and, with a quality gate, its
-    evaluation is within `quality_gate` x the base model's headline; the first that is not ends halving."""
-    out, factor = Halving(), cfg.distill.quality_gate
-    if not cfg.distill.student_steps:
-        out.stopped = "distillation disabled"
-        return out
-    base = run.outcomes.get("evaluate_base")
-    specs = [o.spec for o in run.outcomes.values()]
-    for k, steps in enumerate(cfg.distill.student_steps, start=1):
-        dist_spec, ev_spec = round_stages(specs, k)
-        dist = run.outcomes[dist_spec.name] if dist_spec else None
-        ev = run.outcomes[ev_spec.name] if ev_spec else None
-        if dist is None or dist.result is None:
-            out.stopped = f"{dist.spec.name} {dist.status}" if dist else f"round {k} not planned"
-            return out
-        if dist.result.info.get("skipped"):
-            out.stopped = dist.result.info["skipped"]
-            return out
-        quality = ev.result.metrics.get("quality") if ev and ev.result else None
-        out.students.append({"stage": dist.spec.name, "steps": steps, "quality": quality})
-        if factor is not None:
-            if quality is None or base is None or base.result is None:
-                what = f"{ev.spec.name} {ev.status}" if ev else f"round {k}'s evaluation missing"
-                out.stopped = f"{what}: no quality to gate on"
-                return out
-            failure = gate_failure(Gate(ev.spec.name, base.spec.name, None, factor), ev.result, base.result)
-            out.students[-1]["passed_gate"] = failure is None
-            if failure:
-                out.stopped = f"{failure}; the {steps}-step student is not kept"
-                return out
-        out.final = dist
-    out.stopped = f"reached end_steps {cfg.distill.end_steps}"
-    return out
-
-
-def register_final_student(
-    run: PipelineRun, cfg: PipelineConfig, tracking: Tracking, final: StageOutcome | None
-) -> str | None:
-    """Register `final` (the run's final student, `halving(...).final`) as a version of
-    `<experiment>-student` with alias `candidate`: the model logged when it was computed; a cached student's
-    earlier version (same key) gets the alias again, and a cached student never registered (e.g. the last
-    one within a quality gate) its logged model."""
-    from infra.mlflow_models import logged_model_uri, register
-
-    if final is None:
-        return None
-    name, key = f"{cfg.tracking.experiment}-student", final.spec.key
-    tags = {"fdm.key": key, "fdm.steps": str(final.spec.steps), "fdm.pipeline_run": run.run_id}
-    versions = [
-        v for v in tracking.client.search_model_versions(f"name = '{name}'") if v.tags.get("fdm.key") == key
-    ]
-    uri = final.result.info.get("model_uri") or (None if versions else logged_model_uri(tracking, key))
-    if uri is not None:
-        version = register(tracking, uri, name, "candidate", tags)
-    elif versions:
-        version = max(versions, key=lambda v: int(v.version)).version
-        tracking.client.set_registered_model_alias(name, "candidate", version)
-    else:
-        return None
-    tracking.set_tags(run.run_id, {"fdm.registered_model": f"models:/{name}/{version}"})
-    return f"models:/{name}@candidate"
-
-
-def describe(run: PipelineRun, cfg: PipelineConfig, command: str, h: Halving) -> str:
-    """The parent run's description: what ran, the final student, and how to reproduce it."""
-    status = [o.status for o in run.outcomes.values()]
-    text = (
-        f"Pipeline `{cfg.name}` on `{cfg.data.source.kind}` data: {len(status)} stages, "
-        f"{status.count('done')} computed, {status.count('cached')} cached, {status.count('failed')} failed."
-    )
-    if h.students:
-        steps = ", ".join(
-            f"{st['steps']}" + ("" if st.get("passed_gate", True) else " (outside the quality gate)")
-            for st in h.students
-        )
-        final = h.final
-        text += (
-            f"\n\nStudents' sampling steps: {steps}. "
-            + (
-                f"Final student: {final.spec.name}, {final.spec.steps} sampling steps."
-                if final
-                else "No student is kept: the base model is final."
-            )
-            + f" Halving stopped: {h.stopped}."
-        )
-    return text + f"\n\nReproduce: `{command}` at the commit in the `mlflow.source.git.commit` tag."
-
-
 def _finish(
     run: PipelineRun,
     cfg: PipelineConfig,
@@ -444,17 +270,16 @@ def _finish(
     }
     summary = {"stages": stages, "distillation": h.record()}
     tracking.log_text(run.run_id, json.dumps(summary, indent=2, default=str), "summary.json")
-    png = summary_png(run, cfg, store)
-    if png:
-        tracking.log_bytes(run.run_id, png, "quality_vs_steps.png")
-    tracking.log_metrics(run.run_id, {"wall_seconds": run.wall_seconds})
+    curves = quality_curves(run, first_teacher(cfg))
+    if curves is not None:
+        metric = run.outcomes["evaluate_base"].result.info.get("metric_name", "quality").upper()
+        title = f"{cfg.name}: sample quality against sampling steps"
+        tracking.log_bytes(run.run_id, summary_png(curves, metric, title, store), "quality_vs_steps.png")
     data = run.outcomes.get("prepare_data")
     if data is not None and data.result is not None:
         tracking.log_dataset(run.run_id, data.result.output_uri, "prepare_data", data.result.digest)
-    for o in run.outcomes.values():  # quality against sampling steps, drawn by MLflow as a curve
-        if o.result is not None and o.spec.steps and "quality" in o.result.metrics:
-            name = o.result.info.get("metric_name", "quality")
-            tracking.log_metrics(run.run_id, {name: o.result.metrics["quality"]}, o.spec.steps)
+    ids = model_ids(run, tracking)
+    log_numbers(run, tracking, h, curves, ids)
     final = h.final.spec if h.final else run.outcomes["train_base"].spec
     tracking.set_tags(
         run.run_id,
@@ -467,7 +292,7 @@ def _finish(
             "fdm.halving_stopped": h.stopped,
         },
     )
-    registered = None if run.failed else register_final_student(run, cfg, tracking, h.final)
+    registered = None if run.failed else register_final_student(run, cfg, tracking, h)
     tracking.end(run.run_id, "FAILED" if run.failed else "FINISHED")
     if registered:
         console.print(f"final student registered: {registered}")
@@ -542,6 +367,7 @@ def _execute(
                 lease_timeout=cfg.store.lease_timeout,
                 store_env=store_env,
             )
+            log_resolved(tracking, run_id, cfg, bool(pending), env.use_gpu, address)
             run = PipelineRun(run_id, {s.name: StageOutcome(s) for s in stages}, used_ray=bool(pending))
             for spec in stages:
                 if spec.name in resolved:
@@ -623,9 +449,7 @@ def open_parent(
     cfg: PipelineConfig, tracking: Tracking, console: Console, tags: dict[str, str] | None = None
 ) -> str:
     """A new MLflow parent run for `cfg` (its params, tags and config.yaml); prints its id and UI link."""
-    run_id = tracking.start_parent(
-        cfg.name, cfg.model_dump(mode="json"), {"pipeline": cfg.name, **(tags or {})}
-    )
+    run_id = tracking.start_parent(cfg.name, parent_params(cfg), {"pipeline": cfg.name, **(tags or {})})
     config = scrub_tree(cfg.model_dump(mode="json"))  # no credential reaches the record
     tracking.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
     console.print(f"MLflow run id: [bold]{run_id}[/bold]  (tracking {tracking.tracking_uri})", soft_wrap=True)

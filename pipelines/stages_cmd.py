@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from infra.tracking import Tracking, existing_store
+from pipelines.headlines import format_headline
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -58,7 +59,7 @@ def past_stages(tracking_uri: str, run_id: str) -> Table:
             status += " (rerun)"
         secs = (c.info.end_time - c.info.start_time) / 1000 if c.info.end_time else None
         m, key = c.data.metrics, tags.get("headline", "")
-        head = tags.get("skip_reason", "")[:60] or (f"{key}={m[key]:.4g}" if key in m else "")
+        head = tags.get("skip_reason", "")[:60] or (format_headline(key, m[key]) if key in m else "")
         table.add_row(
             tags.get("stage", c.info.run_name),
             tags.get("key", "")[:10],
