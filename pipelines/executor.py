@@ -286,7 +286,9 @@ def _compute(
         links = metric_links(env, spec, ups)
 
         def log_metrics(metrics: dict[str, float], step: int) -> None:
-            tracking.log_metrics(run_id, metrics, step, **links)
+            # An evaluation logs its headline sampler first: only those values go on the model, so the
+            # model's metrics are its headline numbers, not whichever sampler was logged last.
+            tracking.log_metrics(run_id, metrics, step, **({} if logged else links))
             logged.update(dict.fromkeys(metrics, step))
             _report(env, spec.name, step=step, total=total)
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import mlflow
@@ -22,7 +23,8 @@ from rich.console import Console
 
 from pipelines.cli import main
 from pipelines.config import load_config
-from pipelines.runner import run_pipeline
+from pipelines.plan import first_teacher
+from pipelines.runner import load_run_config, run_pipeline
 
 CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "toy2d.yaml"
 TINY = [
@@ -130,3 +132,69 @@ def test_registered_student_serves_on_loopback(pipeline) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_parent_run_carries_the_final_models_numbers_and_what_ran(pipeline) -> None:
+    """Plain metric names are the final (2-step) student's, logged once; the base model's are `base/...`;
+    the curve runs from the base model's 4-step point through the student; params say what was requested
+    and what ran; the driver's start is an ISO time; the description names a run that exists."""
+    uri, run = pipeline
+    client = MlflowClient(uri)
+    parent = client.get_run(run.run_id)
+    final, base = (run.outcomes[n].result for n in ("evaluate_2", "evaluate_base"))
+    metrics = parent.data.metrics
+    assert metrics["sw"] == final.metrics["quality"] and metrics["nfe"] == 2.0
+    assert metrics["final_sampling_steps"] == 2.0
+    assert metrics["base/sw"] == base.metrics["quality"] and metrics["base/nfe"] == base.metrics["nfe"]
+    assert metrics["sw_ratio_to_base"] == pytest.approx(final.metrics["quality"] / base.metrics["quality"])
+    assert len(client.get_metric_history(run.run_id, "sw")) == 1  # a one-value summary, logged once
+    teacher = base.info["by_sampler"][first_teacher(load_run_config(uri, run.run_id)[0]).tag]["quality"]
+    curve = {m.step: m.value for m in client.get_metric_history(run.run_id, "sw_by_sampling_steps")}
+    assert curve == {4: teacher, 2: final.metrics["quality"]}
+    params = parent.data.params
+    assert params["resources.train.num_cpus.requested"] == "1.0"
+    assert params["resolved.device"] == "cpu" and params["resources.train.num_gpus.resolved"] == "0"
+    assert "resources.train.num_gpus" not in params  # a request is named as one
+    started = datetime.fromisoformat(parent.data.tags["fdm.driver_started"])
+    assert abs(started.timestamp() - parent.info.start_time / 1000) < 600
+    note = parent.data.tags["mlflow.note.content"]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run.run_id}'")
+    assert "Final student: distill_4to2, 2 sampling steps (logged model `student-2`)" in note
+    assert "distill_4to2" in {c.info.run_name for c in children}
+
+
+def test_logged_models_are_named_by_role_and_carry_their_evaluation(pipeline) -> None:
+    """`base` and `student-2`, each with its headline evaluation linked (metrics and dataset), files at
+    fixed paths; search_logged_models ordered by NFE finds the final student, the registered version; whose
+    description names the pipeline run, the steps and the metric with its ratio to the base model's."""
+    uri, run = pipeline
+    client = MlflowClient(uri)
+    exp = client.get_run(run.run_id).info.experiment_id
+    mlflow.set_tracking_uri(uri)
+    models = {m.name: m for m in mlflow.search_logged_models(experiment_ids=[exp], output_format="list")}
+    assert set(models) == {"base", "student-2"}
+    digest = run.outcomes["prepare_data"].result.digest[:36]
+    for name, stage in (("base", "evaluate_base"), ("student-2", "evaluate_2")):
+        sw = [m for m in models[name].metrics if m.key == "sw"]
+        assert [m.value for m in sw] == [run.outcomes[stage].result.metrics["quality"]], name  # headline only
+        assert (sw[0].dataset_name, sw[0].dataset_digest) == ("prepare_data", digest)
+    files = {f.path for f in mlflow.artifacts.list_artifacts(f"{models['base'].artifact_location}/artifacts")}
+    assert files == {"artifacts/weights"}
+    weights = mlflow.artifacts.list_artifacts(f"{models['base'].artifact_location}/artifacts/weights")
+    assert {"weights/model.json", "weights/weights.safetensors"} <= {f.path for f in weights}
+    (best,) = mlflow.search_logged_models(
+        experiment_ids=[exp],
+        filter_string="name LIKE 'student-%'",
+        datasets=[{"dataset_name": "prepare_data", "dataset_digest": digest}],
+        order_by=[{"field_name": "metrics.nfe", "ascending": True}],
+        max_results=1,
+        output_format="list",
+    )
+    assert best.model_id == models["student-2"].model_id
+    version = client.get_model_version_by_alias(NAME, "candidate")
+    assert version.source == f"models:/{best.model_id}"
+    ratio = client.get_run(run.run_id).data.metrics["sw_ratio_to_base"]
+    assert version.description.startswith(f"Final student of pipeline run {run.run_id}: stage `distill_4to2`")
+    assert (
+        "2 sampling steps" in version.description and f"{ratio:.2f}x the base model's" in version.description
+    )

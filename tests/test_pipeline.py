@@ -86,8 +86,10 @@ def test_mlflow_holds_parent_and_one_child_per_stage(first_run) -> None:
     assert tags["mlflow.user"] and tags["mlflow.source.name"].startswith("fdm run")
     assert len(tags["mlflow.source.git.commit"].removesuffix("+dirty")) == 40
     assert "Final student: distill_4to2, 2 sampling steps." in tags["mlflow.note.content"]
-    curve = client.get_metric_history(run.run_id, "sw")  # the parent's quality against sampling steps
-    assert sorted(m.step for m in curve) == [2, 4, 8]
+    curve = client.get_metric_history(run.run_id, "sw_by_sampling_steps")  # quality against sampling steps
+    assert sorted(m.step for m in curve) == [2, 4, 8]  # the base model's 8-step start, then each student
+    final = run.outcomes["evaluate_2"].result.metrics["quality"]
+    assert [m.value for m in client.get_metric_history(run.run_id, "sw")] == [final]  # the final model's
     parent_files = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"config.yaml", "summary.json", "quality_vs_steps.png"} <= parent_files
     children = {c.data.tags["stage"]: c for c in _children(client, run.run_id)}
