@@ -45,6 +45,7 @@ UPLOAD_EXCLUDES = [
     ".pytest_cache",
     ".ruff_cache",
 ]
+UI_LINE = re.compile(r"^MLflow UI: (.+)$", re.M)
 RUN_ID_LINE = re.compile(r"MLflow run id:\s*([0-9a-f]{32})(?:\s+\(tracking (\S+)\))?")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -150,6 +151,12 @@ def mlflow_run_id(logs: str) -> str | None:
     return m.group(1) if m else None
 
 
+def mlflow_ui_link(logs: str) -> str | None:
+    """Where to open the pipeline's run in the MLflow UI (in model-training mode), as `fdm run` printed it."""
+    found = UI_LINE.search(logs)
+    return found.group(1).strip() if found else None
+
+
 def mlflow_tracking_uri(logs: str) -> str | None:
     """The tracking URI the pipeline logs to, from the same line."""
     m = RUN_ID_LINE.search(logs)
@@ -202,6 +209,9 @@ def status(client: JobSubmissionClient, job_id: str, tracking_uri: str | None) -
     logs = client.get_job_logs(job_id)
     run_id = mlflow_run_id(logs)
     print(f"MLflow run id: {run_id or 'not yet known'}")
+    link = mlflow_ui_link(logs)
+    if link:
+        print(f"MLflow UI: {link}")
     tracking_uri = tracking_uri or mlflow_tracking_uri(logs)
     if run_id and tracking_uri:
         _stages(tracking_uri, run_id)

@@ -26,7 +26,7 @@ from ray.job_submission import JobSubmissionClient
 from pipelines import submit
 from pipelines.cli import main
 from pipelines.config import ConfigError
-from pipelines.submit import REPO_ROOT, entrypoint, mlflow_run_id, pipeline_job
+from pipelines.submit import REPO_ROOT, entrypoint, mlflow_run_id, mlflow_ui_link, pipeline_job
 
 CONFIG = "pipelines/configs/toy2d.yaml"
 # Smaller than test_pipeline.SMALL (which covers distillation): data, base model and its evaluation.
@@ -146,6 +146,8 @@ def test_job_entrypoint_and_upload() -> None:
         job["runtime_env"]["excludes"]
     )
     assert mlflow_run_id("x\nMLflow run id: " + "ab" * 16 + "  (tracking sqlite:///m.db)\n") == "ab" * 16
+    link = "http://h:5000/#/experiments/1/runs/ab?workflowType=machine_learning"
+    assert mlflow_ui_link(f"x\nMLflow UI: {link}\n12:00:00 stage a started\n") == link
 
 
 def test_bad_config_or_config_outside_the_repo_exit_2_before_connecting(
@@ -214,6 +216,7 @@ def test_submit_runs_the_pipeline_as_a_ray_job(
     assert main(["status", job_id, "--address", ray_head]) == 0
     out = capsys.readouterr().out
     assert "SUCCEEDED" in out and run_id in out
+    assert f"/runs/{run_id}?workflowType=machine_learning" in out  # the link opens the run in model training
     table = out[out.index(f"pipeline run {run_id}") :]  # the stage table, read from MLflow
     assert all(name in table for name in TINY_STAGES) and "finished" in table
 
