@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= pipelines/configs/digits.yaml
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test lint format clean ui-check
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,9 +25,19 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest
 
+# The MLflow UI in headless Chromium (not part of `make test`): npm's @sparticuz/chromium ships the browser
+# binary in its package (no vendor download), puppeteer-core drives it; both go into tests/ui/node_modules.
+UI_NODE := tests/ui/node_modules/.package-lock.json
+
+$(UI_NODE): tests/ui/package.json tests/ui/package-lock.json
+	cd tests/ui && npm ci --no-audit --no-fund --loglevel=error
+
+ui-check: $(STAMP) $(UI_NODE)
+	$(PY) tests/ui/ui_check.py --out .ui-check
+
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache tests/ui/node_modules .ui-check
