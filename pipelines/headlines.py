@@ -31,6 +31,8 @@ UNITS = {
     "steps": "optimizer steps",
     "resumed_from": "optimizer step the stage resumed at (0: from scratch)",
     "workers": "data-parallel workers",
+    "final_sampling_steps": "sampling steps of the final model",
+    "*_ratio_to_base": "x: the final model's distance / the base model's (lower is better)",
     "*_seconds": "seconds",
     "*/loss": "training loss (per batch)",
     "*/lr": "learning rate",

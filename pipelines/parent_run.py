@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from infra.tracking import Tracking
 from pipelines.config import PipelineConfig
 from pipelines.executor import gate_failure, model_name
-from pipelines.headlines import CURVE, format_headline, headline_value, lost
+from pipelines.headlines import CURVE, format_headline, headline_value, lost, units_note
 from pipelines.plan import Gate, round_stages
 from pipelines.quality_plot import QualityCurves
 
@@ -164,18 +164,19 @@ def describe(run: PipelineRun, cfg: PipelineConfig, command: str, h: Halving) ->
             f"starting point through every student."
         )
     text += headlines_text(run)
+    final = final_evaluation(run, h)
+    if final is not None and final.result is not None:
+        metric = final.result.info.get("metric_name", "quality")
+        shown = [*final.result.metrics, f"{metric}_ratio_to_base", "final_sampling_steps", "wall_seconds"]
+        text += units_note(dict.fromkeys(shown, 0.0))
     return text + f"\n\nReproduce: `{command}` at the commit in the `mlflow.source.git.commit` tag."
 
 
 def parent_params(cfg: PipelineConfig) -> dict[str, Any]:
-    """The config as the parent's params, with each resource setting marked as the request it is
-    (`resources.train.num_gpus.requested`); `log_resolved` adds what the stages got."""
+    """The config as the parent's params, the resources named as the requests they are
+    (`requested.resources.train.num_gpus`); `log_resolved` adds what the stages got (`resolved.*`)."""
     params = cfg.model_dump(mode="json")
-    resources = params.pop("resources")
-    params["resources"] = {
-        group: {k: {"requested": v} for k, v in req.items()} if isinstance(req, dict) else req
-        for group, req in resources.items()
-    }
+    params["requested"] = {"resources": params.pop("resources")}
     return params
 
 
@@ -184,19 +185,20 @@ def log_resolved(
 ) -> None:
     """Params that say what ran: the device the computed stages used, each resource group's CPUs and GPUs
     as given to its Ray tasks, and where Ray ran (nothing, when every stage came from the cache)."""
-    ray = (address or "local") if computed else "not started: every stage cached"
-    resolved: dict[str, Any] = {"resolved": {"device": ("cuda" if gpus else "cpu") if computed else "none"}}
-    resolved["resolved"]["ray"] = ray
     groups = cfg.model_dump(mode="json")["resources"]
-    resolved["resources"] = {
-        group: {
-            "num_cpus": {"resolved": req["num_cpus"] if computed else 0},
-            "num_gpus": {"resolved": req["num_gpus"] if computed and gpus else 0},
-        }
-        for group, req in groups.items()
-        if isinstance(req, dict) and {"num_cpus", "num_gpus"} <= set(req)
+    resolved = {
+        "device": ("cuda" if gpus else "cpu") if computed else "none",
+        "ray": (address or "local") if computed else "not started: every stage cached",
+        "resources": {
+            group: {
+                "num_cpus": req["num_cpus"] if computed else 0,
+                "num_gpus": req["num_gpus"] if computed and gpus else 0,
+            }
+            for group, req in groups.items()
+            if isinstance(req, dict) and {"num_cpus", "num_gpus"} <= set(req)
+        },
     }
-    tracking.log_params(run_id, resolved)
+    tracking.log_params(run_id, {"resolved": resolved})
 
 
 def final_evaluation(run: PipelineRun, h: Halving) -> StageOutcome | None:

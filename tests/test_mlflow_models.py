@@ -152,8 +152,9 @@ def test_the_parent_run_carries_the_final_models_numbers_and_what_ran(pipeline) 
     curve = {m.step: m.value for m in client.get_metric_history(run.run_id, "sw_by_sampling_steps")}
     assert curve == {4: teacher, 2: final.metrics["quality"]}
     params = parent.data.params
-    assert params["resources.train.num_cpus.requested"] == "1.0"
-    assert params["resolved.device"] == "cpu" and params["resources.train.num_gpus.resolved"] == "0"
+    assert params["requested.resources.train.num_cpus"] == "1.0"
+    assert params["resolved.device"] == "cpu" and params["resolved.resources.train.num_gpus"] == "0"
+    assert params["resolved.ray"] == "local" and params["resolved.resources.train.num_cpus"] == "1.0"
     assert "resources.train.num_gpus" not in params  # a request is named as one
     started = datetime.fromisoformat(parent.data.tags["fdm.driver_started"])
     assert abs(started.timestamp() - parent.info.start_time / 1000) < 600
