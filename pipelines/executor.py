@@ -356,6 +356,15 @@ def model_name(spec: StageSpec) -> str:
     return "base" if spec.kind == "train_base" else spec.name
 
 
+def model_note(spec: StageSpec, pipeline_run: str) -> str:
+    """A logged model's description: what it is and which stage of which pipeline run made it."""
+    made = f"stage `{spec.name}` of pipeline run {pipeline_run}"
+    if spec.kind == "distill_round":
+        teacher = spec.config.get("teacher_steps")
+        return f"Student sampling in {spec.steps} steps, distilled from the {teacher}-step teacher by {made}."
+    return f"Base model (the distillation's first teacher), trained by {made}."
+
+
 def _log_model(env: RunEnv, run_id: str, store: ArtifactStore, prefix: str, spec: StageSpec) -> str:
     """The stage's model artifact as an MLflow pyfunc model on its run (weights, model.json, a sampler),
     named by its role and steps; its files sit at fixed paths in the model (`artifacts/weights/...`)."""
@@ -365,7 +374,14 @@ def _log_model(env: RunEnv, run_id: str, store: ArtifactStore, prefix: str, spec
     with tempfile.TemporaryDirectory(prefix="fdm-mlflow-model-") as tmp:
         files = Path(tmp, "weights")
         store.download_dir(prefix, str(files))
-        tags = {"fdm.stage": spec.name, "fdm.key": spec.key, "fdm.steps": str(spec.steps or "")}
+        tags = {
+            "fdm.stage": spec.name,
+            "fdm.key": spec.key,
+            "fdm.steps": str(spec.steps or ""),
+            "fdm.pipeline_run": env.parent_run_id,
+            "mlflow.source.name": f"fdm stage {spec.name}",  # "Logged from" in the UI
+            "mlflow.note.content": model_note(spec, env.parent_run_id),  # the model's description
+        }
         return log_sampler_model(
             env.tracking, run_id, str(files), sample_rows, CODE_PATHS, tags, name=model_name(spec)
         )

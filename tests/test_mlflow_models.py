@@ -174,6 +174,9 @@ def test_logged_models_are_named_by_role_and_carry_their_evaluation(pipeline) ->
     mlflow.set_tracking_uri(uri)
     models = {m.name: m for m in mlflow.search_logged_models(experiment_ids=[exp], output_format="list")}
     assert set(models) == {"base", "student-2"}
+    student = models["student-2"].tags
+    assert student["mlflow.source.name"] == "fdm stage distill_4to2"  # "Logged from", not a worker script
+    assert student["mlflow.note.content"].startswith("Student sampling in 2 steps, distilled from the 4-step")
     digest = run.outcomes["prepare_data"].result.digest[:36]
     for name, stage in (("base", "evaluate_base"), ("student-2", "evaluate_2")):
         sw = [m for m in models[name].metrics if m.key == "sw"]
