@@ -192,7 +192,7 @@ def test_an_edited_result_in_a_manifest_is_recomputed(runs: dict, project: Path,
     parent = client.get_run(runs["cached"]["run_id"])
     child = client.search_runs(
         [parent.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'evaluate_1'",
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'evaluate_2'",
     )[0]
     prefix = Path(child.data.tags["output_uri"]).relative_to(runs["work"] / "store").as_posix()
     out_root = prefix.rsplit("/", 1)[0]
@@ -204,7 +204,7 @@ def test_an_edited_result_in_a_manifest_is_recomputed(runs: dict, project: Path,
         read_manifest(store, prefix)
 
     status = _run(project, work)["status"]
-    assert {n for n, s in status.items() if s == "done"} == {"evaluate_1"}, sorted(status.items())
+    assert {n for n, s in status.items() if s == "done"} == {"evaluate_2"}, sorted(status.items())
     again = f"{out_root}/{store.read_bytes(f'{out_root}/CURRENT').decode()}"
     assert again != prefix
     assert read_manifest(store, again).result["metrics"]["quality"] == pytest.approx(true_quality)
