@@ -2,7 +2,9 @@
 
 Every read goes through the dataset's manifest: dataset.json and each shard are checked against their
 sha256 before use, so a corrupt or partial dataset is refused with the offending file's URI. Shards are
-verified as they are streamed (one shard's bytes in memory at a time), not all up front.
+verified as they are streamed (one shard's bytes in memory at a time), not all up front. uint8 shards are
+mapped to float32 model space as they are read (`DatasetMeta.to_model_space`), after shuffling, so the
+shuffle buffer holds a quarter of the bytes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ class DatasetMeta:
     normalization: dict[str, Any] | None
     source: dict[str, Any]
     splits: dict[str, dict[str, Any]]
+    x_dtype: str = "float32"  # datasets from stage version 3 stored float32 only
+
+    def to_model_space(self, x: np.ndarray) -> np.ndarray:
+        """Stored values as float32 model space: uint8 through the recorded normalisation (a 256-entry table
+        computed as the stage computed it before it stored uint8), float32 as stored."""
+        if self.x_dtype != "uint8":
+            return x
+        lo, hi = self.normalization["from"] if self.normalization else (0.0, 255.0)
+        table = ((np.arange(256, dtype=np.float64) - lo) * (2.0 / (hi - lo)) - 1.0).astype(np.float32)
+        return table[x]
 
     def files(self, split: str) -> list[str]:
         """Shard names of `split`, in written order."""
@@ -60,6 +72,7 @@ def _open(dataset_uri: str, endpoint_url: str | None) -> tuple[ArtifactStore, Ma
         normalization=doc["normalization"],
         source=doc["source"],
         splits=doc["splits"],
+        x_dtype=doc.get("x_dtype", "float32"),
     )
     return store, manifest, meta
 
@@ -79,7 +92,8 @@ def _shard(store: ArtifactStore, manifest: Manifest, name: str) -> pq.ParquetFil
 
 
 def _row_group(shard: pq.ParquetFile, i: int, uri: str) -> tuple[np.ndarray, np.ndarray]:
-    """Row group `i` as x [n, D] (flat: numpy concatenates and permutes 2-D rows far faster) and labels."""
+    """Row group `i` as stored x [n, D] (flat: numpy concatenates and permutes 2-D rows far faster) and
+    labels."""
     try:
         # No Arrow thread pool: a row group is small, and pool threads alive at interpreter exit can abort
         # the process (apache/arrow#34314).
@@ -101,7 +115,7 @@ def load_split(
         shard = _shard(store, manifest, name)
         for i in range(shard.num_row_groups):
             x, y = _row_group(shard, i, store.uri(name))
-            xs.append(x)
+            xs.append(meta.to_model_space(x))
             ys.append(y)
     x = np.concatenate(xs).reshape(-1, *meta.shape)
     return torch.from_numpy(x), torch.from_numpy(np.concatenate(ys)), meta
@@ -136,7 +150,7 @@ class ParquetBatches:
         for epoch in count() if self.epochs is None else range(self.epochs):
             rng = np.random.default_rng([self.seed, epoch])
             chunks = self._chunks(store, manifest, files, rng)
-            yield from self._shuffled_batches(chunks, rng, meta.shape)
+            yield from self._shuffled_batches(chunks, rng, meta)
 
     @staticmethod
     def _chunks(
@@ -154,7 +168,7 @@ class ParquetBatches:
         self,
         chunks: Iterator[tuple[np.ndarray, np.ndarray]],
         rng: np.random.Generator,
-        shape: tuple[int, ...],
+        meta: DatasetMeta,
     ) -> Iterator[Batch]:
         # Let the buffer grow to twice its size, shuffle it, emit the first half as batches, keep the rest:
         # every row is copied a bounded number of times, and rows mix across row groups and shards.
@@ -169,12 +183,12 @@ class ParquetBatches:
             if held >= 2 * keep:
                 x_all, y_all = self._shuffle(xs, ys, rng)
                 n_out = (held - keep) // self.batch_size * self.batch_size
-                yield from self._batches(x_all[:n_out], y_all[:n_out], shape)
+                yield from self._batches(x_all[:n_out], y_all[:n_out], meta)
                 xs, ys, held = [x_all[n_out:]], [y_all[n_out:]], held - n_out
         if held:
             x_all, y_all = self._shuffle(xs, ys, rng)
             n_out = held // self.batch_size * self.batch_size if self.drop_last else held
-            yield from self._batches(x_all[:n_out], y_all[:n_out], shape)
+            yield from self._batches(x_all[:n_out], y_all[:n_out], meta)
 
     @staticmethod
     def _shuffle(
@@ -183,7 +197,8 @@ class ParquetBatches:
         perm = rng.permutation(sum(len(y) for y in ys))
         return np.concatenate(xs)[perm], np.concatenate(ys)[perm]
 
-    def _batches(self, x: np.ndarray, y: np.ndarray, shape: tuple[int, ...]) -> Iterator[Batch]:
+    def _batches(self, x: np.ndarray, y: np.ndarray, meta: DatasetMeta) -> Iterator[Batch]:
         for start in range(0, len(y), self.batch_size):
             end = start + self.batch_size
-            yield torch.from_numpy(x[start:end]).view(-1, *shape), torch.from_numpy(y[start:end])
+            x_batch = meta.to_model_space(x[start:end])
+            yield torch.from_numpy(x_batch).view(-1, *meta.shape), torch.from_numpy(y[start:end])

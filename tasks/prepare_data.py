@@ -9,279 +9,118 @@ Ray Data, DuckDB or Spark read a split directory (or the whole output, with its 
 
 Parquet schema of every shard:
 
-    x      fixed_size_list<float32>[D]   one sample flattened, D = prod(shape); images mapped to [-1, 1]
-    label  int64                         class index, -1 where the source has no labels
-    split  string                        "train" or "val"
+    x      fixed_size_list<uint8 | float32>[D]   one sample flattened, D = prod(shape)
+    label  int64                                 class index, -1 where the source has no labels
+    split  string                                "train" or "val"
 
-The schema metadata key ``fdm.dataset`` (and _dataset.json, which adds the file list per split) holds
-JSON with ``shape`` ([C, H, W] or [D]), ``num_classes``, ``class_names``, ``normalization``
-(``{"from": [lo, hi], "to": [-1, 1]}``, or null where values are stored as given) and ``source``.
-Rows are written in a seeded random order, so re-running with the same inputs and config reproduces
-every file byte for byte (Parquet stores no timestamps).
+Images (and other uint8 sources) are stored as uint8, their raw values: the loader maps them to [-1, 1]
+as it reads. Float sources are stored as float32, already in model space. The schema metadata key
+``fdm.dataset`` (and _dataset.json, which adds the file list per split) holds JSON with ``shape``
+([C, H, W] or [D]), ``x_dtype``, ``num_classes``, ``class_names``, ``normalization`` (``{"from": [lo, hi],
+"to": [-1, 1]}``, or null where values are stored as given) and ``source``.
+
+Split and row order follow a seeded hash of each sample's stable id (path, or index in the source): the
+``round(n * val_fraction)`` samples with the smallest hashes form val, each split is cut into shards in
+hash order, so rows within a shard are shuffled by the seed. No global permutation is held in memory
+(`tasks.hash_order`), and the same config gives the same shards byte for byte on one node or several
+(Parquet stores no timestamps).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import pickle
-import posixpath
-import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from infra.store import ArtifactStore, NotFoundError, open_store
-from tasks.stage import BadInputError, StageContext, StageResult
-from tasks.stages.prepare_data import (
-    Cifar10Source,
-    DataConfig,
-    DigitsSource,
-    ImageFolderSource,
-    NpySource,
-    Toy2DSource,
+from tasks.data_sources import (
+    DataError,
+    SourcePlan,
+    decode_unit,
+    digits,
+    in_model_space,
+    plan_source,
+    sample_hashes,
+    toy2d,
 )
+from tasks.hash_order import HashSpill
+from tasks.stage import StageContext, StageResult
+from tasks.stages.prepare_data import RAY_DATA_KINDS, DataConfig, DigitsSource, Toy2DSource
+
+__all__ = ["DATASET_META_NAME", "DataError", "prepare_data", "split_indices"]
 
 DATASET_META_NAME = "_dataset.json"
 SCHEMA_META_KEY = b"fdm.dataset"
 SPLITS = ("train", "val")
-IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-class DataError(BadInputError):
-    """Unusable input data; the message names the offending file or folder."""
-
-
-@dataclass
-class _Samples:
-    """A loaded source: samples in source order, before normalisation."""
-
-    x: np.ndarray  # [N, *shape]
-    labels: np.ndarray  # int64 [N], -1 where unlabelled
-    value_range: tuple[float, float] | None  # mapped to [-1, 1]; None: stored as given
-    class_names: list[str] = field(default_factory=list)
-    num_classes: int = 0
-
-
-def _read(store: ArtifactStore, path: str) -> bytes:
-    try:
-        return store.read_bytes(path)
-    except NotFoundError as err:
-        raise DataError(f"{store.uri(path)}: file not found") from err
-
-
-def _file_store(uri: str, endpoint_url: str | None) -> tuple[ArtifactStore, str]:
-    """The store holding a single file, and the file's name in it."""
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    return open_store(parent or ".", endpoint_url), name
-
-
-def _toy2d(src: Toy2DSource, seed: int) -> _Samples:
-    from sklearn import datasets  # imported here: sklearn adds ~1 s to every Ray worker's start otherwise
-
-    rng = np.random.default_rng([seed, 1])
-    n = src.n
-    if src.toy == "eight_gaussians":
-        angles = np.arange(8) * np.pi / 4
-        centers = 4 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-        x = (centers[rng.integers(0, 8, n)] + 0.5 * rng.standard_normal((n, 2))) / 1.414
-    elif src.toy == "two_moons":
-        x = datasets.make_moons(n, noise=0.1, random_state=seed)[0] * 2 + np.array([-1.0, -0.2])
-    elif src.toy == "checkerboard":
-        x1 = rng.random(n) * 4 - 2
-        x2 = rng.random(n) - rng.integers(0, 2, n) * 2 + np.floor(x1) % 2
-        x = np.stack([x1, x2], axis=1) * 2
-    else:
-        x = datasets.make_swiss_roll(n, noise=1.0, random_state=seed)[0][:, [0, 2]] / 5
-    return _Samples(x=x.astype(np.float32), labels=np.full(n, -1, np.int64), value_range=None)
-
-
-def _digits(src: DigitsSource) -> _Samples:
-    from sklearn.datasets import load_digits  # lazily, as in _toy2d
-
-    digits = load_digits()
-    x = digits.images.astype(np.float32)  # [N, 8, 8], background 0
-    if src.pad_to is not None:
-        lo = (src.pad_to - 8) // 2
-        x = np.pad(x, ((0, 0), (lo, src.pad_to - 8 - lo), (lo, src.pad_to - 8 - lo)))
-    if src.resize_to is not None:
-        size = (src.resize_to, src.resize_to)
-        x = np.stack([np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BILINEAR)) for im in x])
-    return _Samples(
-        x=x[:, None],
-        labels=digits.target.astype(np.int64),
-        value_range=(0.0, 16.0),
-        class_names=[str(i) for i in range(10)],
-        num_classes=10,
-    )
-
-
-def _decode_image(data: bytes, uri: str, mode: str) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert(mode)  # decodes fully, so truncated files fail here
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"{uri}: unreadable image ({err})") from err
-
-
-def _image_folder(src: ImageFolderSource, endpoint_url: str | None) -> _Samples:
-    store = open_store(src.path, endpoint_url)
-    files = [p for p in store.list() if posixpath.splitext(p)[1].lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise DataError(f"{store.uri()}: no image files found (folder missing or empty)")
-    with_classes = any("/" in p for p in files)
-    stray = next((p for p in files if with_classes and "/" not in p), None)
-    if stray is not None:
-        raise DataError(f"{store.uri(stray)}: image outside a class sub-folder next to class sub-folders")
-    class_names = sorted({p.split("/", 1)[0] for p in files}) if with_classes else []
-    class_index = {name: i for i, name in enumerate(class_names)}
-
-    images, first = [], None
-    with ThreadPoolExecutor(max_workers=8) as pool:  # hides per-object latency on S3
-        for path, data in zip(files, pool.map(lambda p: _read(store, p), files)):
-            img = _decode_image(data, store.uri(path), src.mode)
-            if src.resize_to is not None:
-                img = img.resize((src.resize_to, src.resize_to), Image.Resampling.BICUBIC)
-            elif first is None:
-                first = (path, img.size)
-            elif img.size != first[1]:
-                raise DataError(
-                    f"{store.uri(path)}: image is {img.size[0]}x{img.size[1]}, expected "
-                    f"{first[1][0]}x{first[1][1]} like {store.uri(first[0])} (or set resize_to)"
-                )
-            arr = np.asarray(img, dtype=np.uint8)
-            images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    labels = [class_index[p.split("/", 1)[0]] if with_classes else -1 for p in files]
-    return _Samples(
-        x=np.stack(images),
-        labels=np.asarray(labels, np.int64),
-        value_range=(0.0, 255.0),
-        class_names=class_names,
-        num_classes=len(class_names),
-    )
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays only: a batch file cannot run arbitrary code."""
-
-    ALLOWED = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "scalar"),
-            ("numpy.core.numeric", "_frombuffer"),
-            ("numpy._core.numeric", "_frombuffer"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("_codecs", "encode"),
-        }
-    )
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a data batch")
-        return super().find_class(module, name)
-
-
-def _cifar_batch(data: bytes, uri: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        batch = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
-        x, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise DataError(f"{uri}: not a readable CIFAR-10 batch ({type(err).__name__}: {err})") from err
-    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
-        raise DataError(f"{uri}: b'data' is {x.dtype} {list(x.shape)}, expected uint8 [N, 3072]")
-    if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{uri}: b'labels' has shape {list(labels.shape)}, expected {len(x)} integers")
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"{uri}: labels outside 0..9")
-    return x.reshape(-1, 3, 32, 32), labels.astype(np.int64)
-
-
-def _cifar10(src: Cifar10Source, endpoint_url: str | None) -> _Samples:
-    store = open_store(src.path, endpoint_url)
-    parts = [_cifar_batch(_read(store, name), store.uri(name)) for name in src.batches]
-    return _Samples(
-        x=np.concatenate([p[0] for p in parts]),
-        labels=np.concatenate([p[1] for p in parts]),
-        value_range=(0.0, 255.0),
-        class_names=list(CIFAR10_CLASSES),
-        num_classes=10,
-    )
-
-
-def _npy(src: NpySource, endpoint_url: str | None) -> _Samples:
-    store, name = _file_store(src.path, endpoint_url)
-    uri = store.uri(name)
-    try:
-        loaded = np.load(io.BytesIO(_read(store, name)), allow_pickle=False)
-        arrays = loaded if isinstance(loaded, np.ndarray) else {k: loaded[k] for k in loaded.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(f"{uri}: unreadable array file ({err})") from err
-    if isinstance(arrays, np.ndarray):
-        if src.labels_key is not None:
-            raise DataError(f"{uri}: labels_key needs an .npz file")
-        x, labels = arrays, None
-    else:
-        missing = [k for k in (src.x_key, src.labels_key) if k is not None and k not in arrays]
-        if missing:
-            raise DataError(f"{uri}: no array {missing[0]!r} (has {sorted(arrays)})")
-        x, labels = arrays[src.x_key], arrays.get(src.labels_key or "")
-    if x.ndim not in (2, 3, 4) or len(x) == 0 or not np.issubdtype(x.dtype, np.number):
-        raise DataError(
-            f"{uri}: array is {x.dtype} {list(x.shape)}, expected [N, D], [N, H, W] or [N, C, H, W]"
-        )
-    if np.issubdtype(x.dtype, np.complexfloating) or not np.isfinite(x).all():
-        raise DataError(f"{uri}: array holds complex or non-finite values")
-    if labels is None:
-        labels = np.full(len(x), -1, np.int64)
-    elif labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < -1:
-        raise DataError(
-            f"{uri}: labels are {labels.dtype} {list(labels.shape)}, expected {len(x)} ints >= -1"
-        )
-    value_range = src.value_range or ((0.0, 255.0) if x.dtype == np.uint8 else None)
-    return _Samples(
-        x=x[:, None] if x.ndim == 3 else x,
-        labels=labels.astype(np.int64),
-        value_range=value_range,
-        num_classes=int(labels.max()) + 1 if labels.size else 0,
-    )
-
-
-def _load_source(cfg: DataConfig, endpoint_url: str | None) -> _Samples:
-    """Read the configured source into memory (in source order)."""
-    src = cfg.source
-    if isinstance(src, Toy2DSource):
-        return _toy2d(src, cfg.seed)
-    if isinstance(src, DigitsSource):
-        return _digits(src)
-    if isinstance(src, ImageFolderSource):
-        return _image_folder(src, endpoint_url)
-    if isinstance(src, Cifar10Source):
-        return _cifar10(src, endpoint_url)
-    return _npy(src, endpoint_url)
+_CHUNK = 4096  # rows of an in-memory source spilled at a time
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Seeded train/val split; each split's indices are in random order (the order rows are written)."""
-    perm = np.random.default_rng([seed, 0]).permutation(n)
+    """The split rule for a source of `n` indexed samples, each split's indices in stored (hash) order."""
+    h = sample_hashes([str(i) for i in range(n)], seed)
+    order = np.lexsort((h[:, 1], h[:, 0]))
     n_val = round(n * val_fraction)
-    return {"train": perm[n_val:], "val": perm[:n_val]}
+    return {"train": order[n_val:], "val": order[:n_val]}
 
 
-def _normalise(x: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
-    if value_range is None:
-        return x.astype(np.float32)
-    lo, hi = value_range
-    return ((x.astype(np.float64) - lo) * (2.0 / (hi - lo)) - 1.0).astype(np.float32)
+def _in_memory(cfg: DataConfig, spill_dir: str) -> tuple[SourcePlan, HashSpill]:
+    """The generated toy2d and the packaged digits sources, spilled in the stage's own process."""
+    src = cfg.source
+    if isinstance(src, Toy2DSource):
+        x, labels = toy2d(src, cfg.seed), np.full(src.n, -1, np.int64)
+        plan = SourcePlan([], [2], "float32", None)
+    else:
+        assert isinstance(src, DigitsSource)
+        x, labels = digits(src)
+        if x.dtype != np.uint8:  # resized: no longer whole numbers
+            x = in_model_space(x, (0.0, 16.0))
+        plan = SourcePlan([], list(x.shape[1:]), x.dtype.name, (0.0, 16.0), [str(i) for i in range(10)], 10)
+    spill = HashSpill(spill_dir, plan.dtype, math.prod(plan.shape))
+    for start in range(0, len(x), _CHUNK):
+        stop = min(start + _CHUNK, len(x))
+        h = sample_hashes([str(i) for i in range(start, stop)], cfg.seed)
+        spill.add(h[:, 0], h[:, 1], labels[start:stop], x[start:stop].reshape(stop - start, -1))
+    return plan, spill
+
+
+def _streamed(cfg: DataConfig, endpoint_url: str | None, spill_dir: str) -> tuple[SourcePlan, HashSpill, int]:
+    """A file source through Ray Data: units read, decoded and validated by tasks spread over the nodes,
+    rows spilled here as blocks arrive. Returns the plan, the spill and how many nodes decoded."""
+    import ray
+    import ray.data
+    from infra.ray_runtime import init_ray
+
+    plan = plan_source(cfg, endpoint_url)
+    spill = HashSpill(spill_dir, plan.dtype, math.prod(plan.shape))
+    nodes: set[str] = set()
+    started = init_ray()
+    try:
+        data_ctx = ray.data.DataContext.get_current()
+        data_ctx.enable_progress_bars = False
+        limits = data_ctx.execution_options.resource_limits
+        data_ctx.execution_options.resource_limits = limits.copy(object_store_memory=cfg.memory_budget_mb << 20)
+        units = ray.data.from_items(
+            [{"unit": json.dumps(u)} for u in plan.units], override_num_blocks=len(plan.units)
+        )
+        rows = units.map_batches(
+            decode_unit,
+            batch_size=1,
+            fn_kwargs={"endpoint_url": endpoint_url, "seed": cfg.seed},
+        )  # Ray Data's default scheduling strategy, SPREAD, places the tasks across the nodes
+        for block in rows.iter_batches(batch_size=None, batch_format="numpy"):
+            if "error" in block:
+                raise DataError(str(block["error"][0]))
+            spill.add(block["h1"], block["h2"], block["label"], block["x"])
+            nodes.update(np.unique(block["node"]).tolist())
+    finally:
+        if started:
+            ray.shutdown()
+    return plan, spill, len(nodes)
 
 
 def _shard_bytes(
@@ -302,48 +141,80 @@ def _shard_bytes(
     return sink.getvalue().to_pybytes()
 
 
-def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
-    """Read the source, split it by seed, and stage shuffled Parquet shards and _dataset.json."""
-    samples = _load_source(cfg, ctx.endpoint_url)
-    shape = list(samples.x.shape[1:])
-    splits = split_indices(len(samples.x), cfg.val_fraction, cfg.seed)
-    if len(splits["train"]) == 0:
-        raise DataError(f"{getattr(cfg.source, 'path', cfg.source.kind)}: no samples left for training")
+def _write_shards(
+    rows: Iterator[np.ndarray], n_val: int, cfg: DataConfig, schema: pa.Schema, ctx: StageContext
+) -> dict[str, list[str]]:
+    """Cut the hash-ordered records into val (the first n_val) and train, and each into shards of
+    `shard_rows`; holds at most one bucket and one unfinished shard per split."""
+    files: dict[str, list[str]] = {s: [] for s in SPLITS}
+    pending: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
 
-    vr = samples.value_range
-    meta: dict[str, Any] = {
-        "shape": shape,
-        "num_classes": samples.num_classes,
-        "class_names": samples.class_names,
-        "normalization": None if vr is None else {"from": list(vr), "to": [-1, 1]},
-        "source": cfg.source.model_dump(),
-    }
-    schema = pa.schema(
-        [("x", pa.list_(pa.float32(), math.prod(shape))), ("label", pa.int64()), ("split", pa.string())],
-        metadata={SCHEMA_META_KEY: json.dumps(meta, sort_keys=True)},
-    )
-    files: dict[str, list[str]] = {}
-    for split in SPLITS:
-        idx = splits[split]
-        files[split] = []
-        for i, start in enumerate(range(0, len(idx), cfg.shard_rows)):
-            take = idx[start : start + cfg.shard_rows]
-            name = f"{split}/part-{i:05d}.parquet"
-            x = _normalise(samples.x[take], samples.value_range)
-            data = _shard_bytes(x, samples.labels[take], split, schema, cfg.row_group_rows)
+    def flush(split: str, final: bool) -> None:
+        held = np.concatenate(pending[split]) if pending[split] else None
+        while held is not None and (len(held) >= cfg.shard_rows or (final and len(held))):
+            shard, held = held[: cfg.shard_rows], held[cfg.shard_rows :]
+            name = f"{split}/part-{len(files[split]):05d}.parquet"
+            data = _shard_bytes(shard["x"], shard["label"], split, schema, cfg.row_group_rows)
             ctx.output_path(name).write_bytes(data)
             files[split].append(name)
-    meta["splits"] = {s: {"rows": len(splits[s]), "files": files[s]} for s in SPLITS}
+        pending[split] = [] if held is None or not len(held) else [held]
+
+    seen = 0
+    for rec in rows:
+        cut = min(max(n_val - seen, 0), len(rec))
+        seen += len(rec)
+        for split, part in (("val", rec[:cut]), ("train", rec[cut:])):
+            if len(part):
+                pending[split].append(part)
+                if sum(len(p) for p in pending[split]) >= cfg.shard_rows:
+                    flush(split, final=False)
+    for split in SPLITS:
+        flush(split, final=True)
+    return files
+
+
+def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
+    """Read the source (through Ray Data for files), split it by seeded hash, and stage shuffled Parquet
+    shards and _dataset.json."""
+    with tempfile.TemporaryDirectory(prefix="fdm-prepare-") as spill_dir:
+        n_nodes = 1
+        if cfg.source.kind in RAY_DATA_KINDS:
+            plan, spill, n_nodes = _streamed(cfg, ctx.endpoint_url, spill_dir)
+        else:
+            plan, spill = _in_memory(cfg, spill_dir)
+        n = spill.rows
+        n_val = round(n * cfg.val_fraction)
+        if n - n_val == 0:
+            raise DataError(f"{getattr(cfg.source, 'path', cfg.source.kind)}: no samples left for training")
+
+        vr = plan.value_range
+        meta: dict[str, Any] = {
+            "shape": plan.shape,
+            "x_dtype": plan.dtype,
+            "num_classes": plan.num_classes,
+            "class_names": plan.class_names,
+            "normalization": None if vr is None else {"from": list(vr), "to": [-1, 1]},
+            "source": cfg.source.model_dump(),
+        }
+        x_type = pa.uint8() if plan.dtype == "uint8" else pa.float32()
+        schema = pa.schema(
+            [("x", pa.list_(x_type, math.prod(plan.shape))), ("label", pa.int64()), ("split", pa.string())],
+            metadata={SCHEMA_META_KEY: json.dumps(meta, sort_keys=True)},
+        )
+        files = _write_shards(spill.rows_in_order(), n_val, cfg, schema, ctx)
+    rows = {"train": n - n_val, "val": n_val}
+    meta["splits"] = {s: {"rows": rows[s], "files": files[s]} for s in SPLITS}
     ctx.output_path(DATASET_META_NAME).write_bytes(json.dumps(meta, indent=2, sort_keys=True).encode())
     metrics = {
-        "n_train": float(len(splits["train"])),
-        "n_val": float(len(splits["val"])),
-        "num_classes": float(samples.num_classes),
+        "n_train": float(rows["train"]),
+        "n_val": float(n_val),
+        "num_classes": float(plan.num_classes),
         "n_shards": float(sum(len(f) for f in files.values())),
+        "n_nodes": float(n_nodes),
     }
     return StageResult(
         stage="prepare_data",
         key=ctx.key,
         metrics=metrics,
-        info={"shape": shape, "num_classes": samples.num_classes, "source": cfg.source.kind},
+        info={"shape": plan.shape, "num_classes": plan.num_classes, "source": cfg.source.kind},
     )

@@ -51,6 +51,12 @@ def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
     return run_stage(STAGES["prepare_data"], cfg, ctx)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _ray_for_data(s3_server, ray_local):
+    """One local Ray for the module's Ray Data stages, started once the fake S3 credentials are set, so its
+    workers inherit them."""
+
+
 @pytest.fixture
 def local(tmp_path) -> Place:
     return Place(str(tmp_path / "store"), None)
@@ -362,7 +368,7 @@ def test_bad_arrays(local):
         ({"source": {"kind": "digits"}, "shards": 3}, "shards"),
         ({"source": {"kind": "cifar10", "path": "x", "colour": True}}, "colour"),
         ({"source": {"kind": "npy", "path": "x", "value_range": [1, 0]}}, "value_range"),
-        ({"source": {"kind": "parquet"}}, "kind"),
+        ({"source": {"kind": "tfrecord"}}, "kind"),
     ],
 )
 def test_config_errors_name_the_field(config, field):

@@ -1,14 +1,32 @@
-"""The prepare_data stage's declaration and config: a source dataset -> split, shuffled Parquet shards."""
+"""The prepare_data stage's declaration and config: a source dataset -> split, shuffled Parquet shards.
+
+Image folders, CIFAR batches, .npy/.npz arrays and Parquet sources stream through Ray Data (read, decode
+and validate on the cluster's nodes, memory bounded by `memory_budget_mb` and a spill to local disk);
+the generated toy2d and the packaged digits sources are built in the stage's own process."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 from tasks.stage import STRICT, StageKind
 
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+def _pair(v: object) -> object:
+    """YAML and JSON give a list; strict mode takes only a tuple."""
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _ordered(v: tuple[float, float] | None) -> tuple[float, float] | None:
+    if v is not None and not v[0] < v[1]:
+        raise ValueError("value_range must be (lo, hi) with lo < hi")
+    return v
+
+
+ValueRange = Annotated[tuple[float, float] | None, BeforeValidator(_pair), AfterValidator(_ordered)]
 
 
 class _Source(BaseModel):
@@ -56,25 +74,30 @@ class NpySource(_Source):
     x_key: str = "x"
     labels_key: str | None = None
     # Mapped to [-1, 1]; None keeps floats as given and maps uint8 from [0, 255].
-    value_range: tuple[float, float] | None = None
+    value_range: ValueRange = None
 
-    @field_validator("value_range", mode="before")
-    @classmethod
-    def _pair(cls, v: object) -> object:
-        """YAML and JSON give a list; strict mode takes only a tuple."""
-        return tuple(v) if isinstance(v, list) else v
 
-    @field_validator("value_range")
-    @classmethod
-    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and not v[0] < v[1]:
-            raise ValueError("value_range must be (lo, hi) with lo < hi")
-        return v
+class ParquetSource(_Source):
+    """A .parquet file, or a folder of them (`_`/`.` sidecars skipped), with one sample per row: column
+    `x_column` holds encoded images (binary, or a struct with `bytes` as Hugging Face writes) decoded like an
+    image folder's, or a list of numbers reshaped to `shape`; `label_column` (optional) holds int labels."""
+
+    kind: Literal["parquet"] = "parquet"
+    path: str = Field(min_length=1)
+    x_column: str = "x"
+    label_column: str | None = None
+    mode: Literal["RGB", "L"] = Field("RGB", description="encoded images only")
+    resize_to: int | None = Field(None, ge=1, description="encoded images only")
+    shape: list[int] | None = Field(None, min_length=1, description="numbers only; default [len(row)]")
+    # Mapped to [-1, 1]; None keeps floats as given and maps uint8 from [0, 255] (numbers only).
+    value_range: ValueRange = None
 
 
 Source = Annotated[
-    Toy2DSource | DigitsSource | ImageFolderSource | Cifar10Source | NpySource, Field(discriminator="kind")
+    Toy2DSource | DigitsSource | ImageFolderSource | Cifar10Source | NpySource | ParquetSource,
+    Field(discriminator="kind"),
 ]
+RAY_DATA_KINDS = frozenset({"image_folder", "cifar10", "npy", "parquet"})
 
 
 class DataConfig(BaseModel):
@@ -87,6 +110,12 @@ class DataConfig(BaseModel):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     shard_rows: int = Field(8192, ge=1)
     row_group_rows: int = Field(1024, ge=1)
+    block_rows: int = Field(
+        256, ge=1, description="samples per Ray Data read task (files of an image folder, rows of an array)"
+    )
+    memory_budget_mb: int = Field(
+        256, ge=16, description="Ray Data's object-store budget for decoded blocks in flight, in MiB"
+    )
 
 
 STAGE = StageKind(
@@ -97,5 +126,7 @@ STAGE = StageKind(
     output="dataset",
     resources="prepare_data",
     headline="n_train",
-    version="3",
+    version="4",
+    # Ray Data's tasks hold the CPUs; the stage's own task only coordinates them and writes the shards.
+    coordinates=lambda cfg: cfg.source.kind in RAY_DATA_KINDS,
 )
