@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -184,7 +185,10 @@ def _array_header(f: Any, uri: str) -> tuple[tuple[int, ...], np.dtype, bool, in
     """(shape, dtype, fortran_order, offset of the data) of an .npy stream positioned at its start."""
     try:
         version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
         shape, fortran, dtype = read_header.get(version, np.lib.format.read_array_header_2_0)(f)
     except (ValueError, OSError, EOFError) as err:
         raise DataError(f"{uri}: unreadable array file ({err})") from err
@@ -310,14 +314,18 @@ def _parquet_plan(src: ParquetSource, endpoint_url: str | None) -> SourcePlan:
         common |= {"images": True, "size": list(size), "reference": ref}
         shape = [CHANNELS[src.mode], size[1], size[0]]
         return SourcePlan([{**common, **u} for u in units], shape, "uint8", (0.0, 255.0), [], num_classes)
-    if not isinstance(first_x, pa.BaseListScalar):
-        raise DataError(f"{store.uri(units[0]['name'])}: column {src.x_column!r} is {first_x.type}, "
-                        "expected encoded images (binary) or a list of numbers")
+    if not isinstance(first_x, pa.ListScalar | pa.LargeListScalar | pa.FixedSizeListScalar):
+        raise DataError(
+            f"{store.uri(units[0]['name'])}: column {src.x_column!r} is {first_x.type}, "
+            "expected encoded images (binary) or a list of numbers"
+        )
     width = len(first_x.values)
     shape = list(src.shape) if src.shape is not None else [width]
     if int(np.prod(shape)) != width:
-        raise DataError(f"{store.uri(units[0]['name'])}: rows hold {width} values, shape {shape} needs "
-                        f"{int(np.prod(shape))}")
+        raise DataError(
+            f"{store.uri(units[0]['name'])}: rows hold {width} values, shape {shape} needs "
+            f"{int(np.prod(shape))}"
+        )
     uint8 = first_x.type.value_type == pa.uint8()
     value_range = src.value_range or ((0.0, 255.0) if uint8 else None)
     common |= {"images": False, "width": width, "uint8": uint8, "value_range": value_range}
@@ -365,7 +373,10 @@ def _image_unit(unit: dict[str, Any], endpoint_url: str | None) -> tuple[list[st
     with ThreadPoolExecutor(max_workers=8) as pool:  # hides per-object latency on S3
         blobs = list(pool.map(lambda p: _read(store, p), unit["paths"]))
     x = np.stack(
-        [_fit(_decode_image(b, store.uri(p), unit["mode"]), unit, store.uri(p)) for p, b in zip(unit["paths"], blobs)]
+        [
+            _fit(_decode_image(b, store.uri(p), unit["mode"]), unit, store.uri(p))
+            for p, b in zip(unit["paths"], blobs)
+        ]
     )
     return unit["paths"], x, np.asarray(unit["labels"], np.int64)
 
@@ -447,14 +458,18 @@ def _parquet_unit(unit: dict[str, Any], endpoint_url: str | None) -> tuple[list[
     if unit["images"]:
         blobs = (col.field("bytes") if pa.types.is_struct(col.type) else col).to_pylist()
         x = np.stack(
-            [_fit(_decode_image(b, f"{uri}:{first + i}", unit["mode"]), unit, f"{uri}:{first + i}")
-             for i, b in enumerate(blobs)]
+            [
+                _fit(_decode_image(b, f"{uri}:{first + i}", unit["mode"]), unit, f"{uri}:{first + i}")
+                for i, b in enumerate(blobs)
+            ]
         )
     else:
-        lengths = pc_lengths(col)
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
         bad = np.flatnonzero(lengths != unit["width"])
         if bad.size:
-            raise DataError(f"{uri}:{first + bad[0]}: row holds {lengths[bad[0]]} values, expected {unit['width']}")
+            raise DataError(
+                f"{uri}:{first + bad[0]}: row holds {lengths[bad[0]]} values, expected {unit['width']}"
+            )
         values = col.flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
         if not unit["uint8"]:
             if not np.isfinite(values.astype(np.float64)).all():
@@ -469,28 +484,21 @@ def _parquet_unit(unit: dict[str, Any], endpoint_url: str | None) -> tuple[list[
     return ids, x, labels
 
 
-def pc_lengths(col: pa.Array) -> np.ndarray:
-    """Number of values in each row of a list column."""
-    import pyarrow.compute as pc
-
-    return pc.list_value_length(col).to_numpy(zero_copy_only=False)
-
-
 _READERS = {"image_folder": _image_unit, "cifar10": _cifar_unit, "npy": _npy_unit, "parquet": _parquet_unit}
 
 
 def decode_unit(batch: dict[str, np.ndarray], endpoint_url: str | None, seed: int) -> dict[str, np.ndarray]:
     """Ray Data `map_batches` function: read, decode and validate one unit (a JSON row from `plan_source`)
-    into rows (hash, label, x [n, D], node). A DataError comes back as a one-row block {"error": message}, so the driver raises it as is."""
+    into rows (hash, label, x [n, D], node). A DataError, or a store's error naming the object, comes back
+    as a one-row block {"error": message, "error_type": name}, so the driver raises the same error."""
     import ray
 
     unit = json.loads(batch["unit"][0])
     try:
         ids, x, labels = _READERS[unit["kind"]](unit, endpoint_url)
-    except DataError as err:
-        return {"error": np.asarray([str(err)])}
-    except StoreError as err:  # an unreachable or refusing store, named by the store
-        return {"error": np.asarray([str(err)])}
+    except (DataError, StoreError) as err:
+        kind = "DataError" if isinstance(err, DataError) else "StoreError"
+        return {"error": np.asarray([str(err)]), "error_type": np.asarray([kind])}
     h = sample_hashes(ids, seed)
     node = ray.get_runtime_context().get_node_id()
     return {

@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from infra.store import StoreError
 from tasks.data_sources import (
     DataError,
     SourcePlan,
@@ -93,6 +94,7 @@ def _streamed(cfg: DataConfig, endpoint_url: str | None, spill_dir: str) -> tupl
     rows spilled here as blocks arrive. Returns the plan, the spill and how many nodes decoded."""
     import ray
     import ray.data
+
     from infra.ray_runtime import init_ray
 
     plan = plan_source(cfg, endpoint_url)
@@ -103,7 +105,9 @@ def _streamed(cfg: DataConfig, endpoint_url: str | None, spill_dir: str) -> tupl
         data_ctx = ray.data.DataContext.get_current()
         data_ctx.enable_progress_bars = False
         limits = data_ctx.execution_options.resource_limits
-        data_ctx.execution_options.resource_limits = limits.copy(object_store_memory=cfg.memory_budget_mb << 20)
+        data_ctx.execution_options.resource_limits = limits.copy(
+            object_store_memory=cfg.memory_budget_mb << 20
+        )
         units = ray.data.from_items(
             [{"unit": json.dumps(u)} for u in plan.units], override_num_blocks=len(plan.units)
         )
@@ -113,8 +117,9 @@ def _streamed(cfg: DataConfig, endpoint_url: str | None, spill_dir: str) -> tupl
             fn_kwargs={"endpoint_url": endpoint_url, "seed": cfg.seed},
         )  # Ray Data's default scheduling strategy, SPREAD, places the tasks across the nodes
         for block in rows.iter_batches(batch_size=None, batch_format="numpy"):
-            if "error" in block:
-                raise DataError(str(block["error"][0]))
+            if "error" in block:  # a worker's DataError or StoreError, raised here as itself
+                error = DataError if block["error_type"][0] == "DataError" else StoreError
+                raise error(str(block["error"][0]))
             spill.add(block["h1"], block["h2"], block["label"], block["x"])
             nodes.update(np.unique(block["node"]).tolist())
     finally:
@@ -125,9 +130,9 @@ def _streamed(cfg: DataConfig, endpoint_url: str | None, spill_dir: str) -> tupl
 
 def _shard_bytes(
     x: np.ndarray, labels: np.ndarray, split: str, schema: pa.Schema, row_group_rows: int
-) -> bytes:
+) -> pa.Buffer:
     """One shard as Parquet bytes; nothing in it depends on time, so equal inputs give equal bytes."""
-    flat = pa.array(x.reshape(len(x), -1).ravel())
+    flat = pa.array(np.ascontiguousarray(x).reshape(-1))  # wraps the numpy buffer: no copy
     table = pa.Table.from_arrays(
         [
             pa.FixedSizeListArray.from_arrays(flat, schema.field("x").type.list_size),
@@ -138,7 +143,7 @@ def _shard_bytes(
     )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=row_group_rows)
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
 def _write_shards(
@@ -155,7 +160,9 @@ def _write_shards(
             shard, held = held[: cfg.shard_rows], held[cfg.shard_rows :]
             name = f"{split}/part-{len(files[split]):05d}.parquet"
             data = _shard_bytes(shard["x"], shard["label"], split, schema, cfg.row_group_rows)
-            ctx.output_path(name).write_bytes(data)
+            ctx.output_path(name).write_bytes(memoryview(data))
+            del data
+            pa.default_memory_pool().release_unused()  # hand the shard's pages back between shards
             files[split].append(name)
         pending[split] = [] if held is None or not len(held) else [held]
 

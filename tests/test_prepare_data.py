@@ -379,3 +379,88 @@ def test_config_errors_name_the_field(config, field):
 def test_refuses_to_clear_the_store_root(local):
     with pytest.raises(ValueError, match="out_prefix"):
         prepare_data(DataConfig(source={"kind": "digits"}), local.ctx(out="/"))
+
+
+def shard_digests(place: Place, prefix: str) -> dict[str, str]:
+    return {name: f.sha256 for name, f in read_manifest(place.store, prefix).files.items() if "/" in name}
+
+
+def test_same_shards_whatever_the_partitioning(place):
+    """Two runs, with different Ray Data blocks (so different tasks and arrival order), give the same
+    shard bytes: split and row order follow the seeded hash of each file's path, not the partitioning."""
+    write_image_folder(place.store, "src/images")
+    src = {"kind": "image_folder", "path": place.store.uri("src/images")}
+    cfg = DataConfig(source=src, val_fraction=0.3, shard_rows=2, row_group_rows=1, block_rows=1)
+    prepare_data(cfg, place.ctx("a"))
+    prepare_data(cfg.model_copy(update={"block_rows": 4}), place.ctx("b"))
+    assert shard_digests(place, "a") == shard_digests(place, "b")
+    assert len(shard_digests(place, "a")) == 3  # 4 train rows in 2 shards, 2 val rows in 1
+    meta = dataset_meta(place.store.uri("a"), place.endpoint)
+    assert meta.x_dtype == "uint8" and meta.normalization == {"from": [0.0, 255.0], "to": [-1, 1]}
+
+
+def test_images_are_stored_as_uint8(local):
+    """The shards hold the raw bytes (uint8); the loader maps them to [-1, 1]."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x, _ = write_image_folder(local.store, "src/images")
+    cfg = DataConfig(source={"kind": "image_folder", "path": local.store.uri("src/images")}, val_fraction=0)
+    uri = prepare_data(cfg, local.ctx()).outputs["dataset"]
+    shard = pq.read_table(f"{uri}/train/part-00000.parquet")
+    assert shard.schema.field("x").type == pa.list_(pa.uint8(), 3 * 6 * 8)
+    stored = np.stack(shard.column("x").to_numpy(zero_copy_only=False))
+    assert sorted(map(bytes, stored)) == sorted(bytes(im) for im in x)
+
+
+def test_loaded_digits_equal_todays_normalised_values(local):
+    """Digits are stored as uint8 now; a loaded batch equals the float32 values stage version 3 stored,
+    (x - 0) * (2 / 16) - 1 computed in float64, exactly."""
+    uri = prepare_data(DataConfig(source={"kind": "digits"}, val_fraction=0.1), local.ctx()).outputs[
+        "dataset"
+    ]
+    meta = dataset_meta(uri)
+    assert meta.x_dtype == "uint8"
+    todays = ((load_digits().images.astype(np.float64) - 0.0) * (2.0 / 16.0) - 1.0).astype(np.float32)
+    x, y = next(iter(ParquetBatches(uri, batch_size=64, seed=1)))
+    assert x.dtype == torch.float32 and x.shape == (64, 1, 8, 8)
+    by_image = {(int(label), bytes(im)): None for im, label in zip(todays, load_digits().target)}
+    assert all((int(label), bytes(im.numpy())) in by_image for im, label in zip(x[:, 0], y))
+    x_val, y_val, _ = load_split(uri, "val")
+    assert all((int(label), bytes(im.numpy())) in by_image for im, label in zip(x_val[:, 0], y_val))
+
+
+def test_parquet_source(place):
+    """A Parquet source: encoded images in a binary column (as image datasets ship) or numbers in a list
+    column, with labels; sidecars skipped, a stray file refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (9, 4, 5, 3), dtype=np.uint8)
+    labels = np.arange(9) % 3
+    table = pa.table({"image": [png_bytes(p) for p in pixels], "y": labels})
+    for i, part in enumerate((table.slice(0, 5), table.slice(5))):
+        sink = pa.BufferOutputStream()
+        pq.write_table(part, sink, row_group_size=2)
+        place.store.write_bytes(f"src/pq/part-{i}.parquet", sink.getvalue().to_pybytes())
+    place.store.write_bytes("src/pq/_SUCCESS", b"")
+    src = {"kind": "parquet", "path": place.store.uri("src/pq"), "x_column": "image", "label_column": "y"}
+    result = prepare_data(DataConfig(source=src, val_fraction=0), place.ctx("p"))
+    x, y, meta = load_split(result.outputs["dataset"], "train", place.endpoint)
+    assert meta.shape == (3, 4, 5) and meta.num_classes == 3
+    expected = to_model_space(pixels.transpose(0, 3, 1, 2), 255)
+    np.testing.assert_array_equal(sorted_rows(x, y), sorted_rows(expected, labels))
+
+    values = rng.standard_normal((6, 2)).astype(np.float32)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"x": pa.array(list(values), pa.list_(pa.float32()))}), sink)
+    place.store.write_bytes("src/vec.parquet", sink.getvalue().to_pybytes())
+    vec = {"kind": "parquet", "path": place.store.uri("src/vec.parquet")}
+    result = prepare_data(DataConfig(source=vec, val_fraction=0), place.ctx("v"))
+    x, y, meta = load_split(result.outputs["dataset"], "train", place.endpoint)
+    assert meta.x_dtype == "float32" and meta.shape == (2,) and (y == -1).all()
+    np.testing.assert_array_equal(sorted_rows(x, y), sorted_rows(values, -np.ones(6)))
+
+    place.store.write_bytes("src/pq/notes.txt", b"stray")
+    assert_refused(place, DataConfig(source=src), place.store.uri("src/pq/notes.txt"))
