@@ -373,6 +373,18 @@ def loader_throughput(results: Path) -> str:
     )
 
 
+def prepare(results: Path) -> str:
+    r = report("prepare", results)
+    runs, goals = r.table("images"), r.table("measure", under="Goals")
+    return "\n\n".join(
+        [
+            r.source(),
+            md_table(runs.header, runs.rows, "lrrrrrrr"),
+            md_table(goals.header, goals.rows, "lllll"),
+        ]
+    )
+
+
 # --- README block from the CLI ------------------------------------------------------------------------
 def cli_usage(results: Path) -> str:
     """Every `fdm` subcommand's usage line and help, as argparse prints them (fixed width)."""
@@ -418,6 +430,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "results:fdm_sampling": fdm_sampling,
     "results:pipeline": pipeline,
     "results:loader_throughput": loader_throughput,
+    "results:prepare": prepare,
     "cli:usage": cli_usage,
     "config:example": config_example,
 }

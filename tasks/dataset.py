@@ -98,7 +98,12 @@ def _row_group(shard: pq.ParquetFile, i: int, uri: str) -> tuple[np.ndarray, np.
         # No Arrow thread pool: a row group is small, and pool threads alive at interpreter exit can abort
         # the process (apache/arrow#34314).
         table = shard.read_row_group(i, columns=["x", "label"], use_threads=False)
-        x = table.column("x").combine_chunks().flatten().to_numpy()
+        col = table.column("x").combine_chunks()
+        if pa.types.is_fixed_size_binary(col.type):  # uint8 samples, one binary value each
+            width = col.type.byte_width
+            x = np.frombuffer(col.buffers()[1], np.uint8, len(col) * width, col.offset * width)
+        else:
+            x = col.flatten().to_numpy()
         labels = table.column("label").to_numpy()
     except (pa.ArrowInvalid, OSError, KeyError) as err:
         raise DataError(f"{uri}: unreadable row group {i} ({err})") from err

@@ -9,15 +9,16 @@ Ray Data, DuckDB or Spark read a split directory (or the whole output, with its 
 
 Parquet schema of every shard:
 
-    x      fixed_size_list<uint8 | float32>[D]   one sample flattened, D = prod(shape)
+    x      fixed_size_binary[D] (uint8)          one sample flattened, D = prod(shape)
+           or fixed_size_list<float32>[D]
     label  int64                                 class index, -1 where the source has no labels
     split  string                                "train" or "val"
 
-Images (and other uint8 sources) are stored as uint8, their raw values: the loader maps them to [-1, 1]
-as it reads. Float sources are stored as float32, already in model space. The schema metadata key
-``fdm.dataset`` (and _dataset.json, which adds the file list per split) holds JSON with ``shape``
-([C, H, W] or [D]), ``x_dtype``, ``num_classes``, ``class_names``, ``normalization`` (``{"from": [lo, hi],
-"to": [-1, 1]}``, or null where values are stored as given) and ``source``.
+Images (and other uint8 sources) are stored as their raw uint8 bytes, one binary value per sample: the
+loader maps them to [-1, 1] as it reads. Float sources are stored as float32, already in model space.
+The schema metadata key ``fdm.dataset`` (and _dataset.json, which adds the file list per split) holds
+JSON with ``shape`` ([C, H, W] or [D]), ``x_dtype``, ``num_classes``, ``class_names``, ``normalization``
+(``{"from": [lo, hi], "to": [-1, 1]}``, or null where values are stored as given) and ``source``.
 
 Split and row order follow a seeded hash of each sample's stable id (path, or index in the source): the
 ``round(n * val_fraction)`` samples with the smallest hashes form val, each split is cut into shards in
@@ -131,18 +132,20 @@ def _streamed(cfg: DataConfig, endpoint_url: str | None, spill_dir: str) -> tupl
 def _shard_bytes(
     x: np.ndarray, labels: np.ndarray, split: str, schema: pa.Schema, row_group_rows: int
 ) -> pa.Buffer:
-    """One shard as Parquet bytes; nothing in it depends on time, so equal inputs give equal bytes."""
-    flat = pa.array(np.ascontiguousarray(x).reshape(-1))  # wraps the numpy buffer: no copy
+    """One shard as Parquet bytes; nothing in it depends on time, so equal inputs give equal bytes.
+    uint8 samples are one fixed-size binary value each: no list levels to build, so writing a row group
+    costs about its own size in memory (a list<uint8> column costs several times that)."""
+    x_type = schema.field("x").type
+    x = np.ascontiguousarray(x).reshape(len(x), -1)
+    if pa.types.is_fixed_size_binary(x_type):
+        x_col = pa.FixedSizeBinaryArray.from_buffers(x_type, len(x), [None, pa.py_buffer(x)])
+    else:  # wraps the numpy buffer: no copy
+        x_col = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x_type.list_size)
     table = pa.Table.from_arrays(
-        [
-            pa.FixedSizeListArray.from_arrays(flat, schema.field("x").type.list_size),
-            pa.array(labels, pa.int64()),
-            pa.array([split] * len(x), pa.string()),
-        ],
-        schema=schema,
+        [x_col, pa.array(labels, pa.int64()), pa.array([split] * len(x), pa.string())], schema=schema
     )
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=row_group_rows)
+    pq.write_table(table, sink, row_group_size=row_group_rows, use_dictionary=["label", "split"])
     return sink.getvalue()
 
 
@@ -203,9 +206,10 @@ def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
             "normalization": None if vr is None else {"from": list(vr), "to": [-1, 1]},
             "source": cfg.source.model_dump(),
         }
-        x_type = pa.uint8() if plan.dtype == "uint8" else pa.float32()
+        width = math.prod(plan.shape)
+        x_type = pa.binary(width) if plan.dtype == "uint8" else pa.list_(pa.float32(), width)
         schema = pa.schema(
-            [("x", pa.list_(x_type, math.prod(plan.shape))), ("label", pa.int64()), ("split", pa.string())],
+            [("x", x_type), ("label", pa.int64()), ("split", pa.string())],
             metadata={SCHEMA_META_KEY: json.dumps(meta, sort_keys=True)},
         )
         files = _write_shards(spill.rows_in_order(), n_val, cfg, schema, ctx)
