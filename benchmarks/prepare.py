@@ -44,7 +44,7 @@ ctx = StageContext(store_uri=out, out_prefix="out", key="bench", out_dir=Path(ou
 if arm == "today":
     import importlib.util
     spec = importlib.util.spec_from_file_location("prepare_data_v3", sys.argv[4])
-    stage = importlib.util.module_from_spec(spec)
+    stage = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
 else:
     import ray

@@ -95,7 +95,12 @@ def _open(store: ArtifactStore, path: str) -> Any:
         raise DataError(f"{store.uri(path)}: file not found") from err
 
 
-def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+BLOCK_BYTES = 4 << 20  # decoded bytes per Ray Data block when block_rows is not set
+
+
+def _chunks(n: int, block_rows: int | None, sample_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges of one read task each: `block_rows`, or about BLOCK_BYTES of decoded samples."""
+    size = block_rows or min(max(BLOCK_BYTES // sample_bytes, 16), 8192)
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
@@ -151,7 +156,7 @@ def _decode_image(data: bytes, uri: str, mode: str) -> Image.Image:
         raise DataError(f"{uri}: unreadable image ({err})") from err
 
 
-def _image_plan(src: ImageFolderSource, block_rows: int, endpoint_url: str | None) -> SourcePlan:
+def _image_plan(src: ImageFolderSource, block_rows: int | None, endpoint_url: str | None) -> SourcePlan:
     store = open_store(src.path, endpoint_url)
     files = [p for p in store.list() if posixpath.splitext(p)[1].lower() in IMAGE_SUFFIXES]
     if not files:
@@ -170,7 +175,8 @@ def _image_plan(src: ImageFolderSource, block_rows: int, endpoint_url: str | Non
     common = {"kind": "image_folder", "root": src.path, "mode": src.mode, "resize_to": src.resize_to}
     common["size"], common["reference"] = list(size), store.uri(files[0])
     units = [
-        {**common, "paths": files[a:b], "labels": labels[a:b]} for a, b in _chunks(len(files), block_rows)
+        {**common, "paths": files[a:b], "labels": labels[a:b]}
+        for a, b in _chunks(len(files), block_rows, CHANNELS[src.mode] * size[0] * size[1])
     ]
     shape = [CHANNELS[src.mode], size[1], size[0]]
     return SourcePlan(units, shape, "uint8", (0.0, 255.0), class_names, len(class_names))
@@ -218,7 +224,7 @@ def _is_npz(store: ArtifactStore, name: str) -> bool:
         return f.read(2) == b"PK"
 
 
-def _npy_plan(src: NpySource, block_rows: int, endpoint_url: str | None) -> SourcePlan:
+def _npy_plan(src: NpySource, block_rows: int | None, endpoint_url: str | None) -> SourcePlan:
     parent, _, name = src.path.rstrip("/").rpartition("/")
     store = open_store(parent or ".", endpoint_url)
     uri = store.uri(name)
@@ -255,7 +261,7 @@ def _npy_plan(src: NpySource, block_rows: int, endpoint_url: str | None) -> Sour
     # A compressed member cannot be read from the middle: one unit reads it from the start.
     units = [
         {**common, "start": a, "stop": b, "labels": labels[a:b].tolist()}
-        for a, b in ([(0, n)] if compressed else _chunks(n, block_rows))
+        for a, b in ([(0, n)] if compressed else _chunks(n, block_rows, int(np.prod(shape[1:])) * 4))
     ]
     sample_shape = [1, *shape[1:]] if len(shape) == 3 else list(shape[1:])
     num_classes = int(labels.max()) + 1 if n else 0

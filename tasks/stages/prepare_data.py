@@ -110,8 +110,11 @@ class DataConfig(BaseModel):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     shard_rows: int = Field(8192, ge=1)
     row_group_rows: int = Field(1024, ge=1)
-    block_rows: int = Field(
-        256, ge=1, description="samples per Ray Data read task (files of an image folder, rows of an array)"
+    block_rows: int | None = Field(
+        None,
+        ge=1,
+        description="samples per Ray Data read task (files of an image folder, rows of an array); "
+        "default: about 4 MiB of decoded samples, 16 to 8192",
     )
     memory_budget_mb: int = Field(
         256, ge=16, description="Ray Data's object-store budget for decoded blocks in flight, in MiB"
