@@ -101,15 +101,26 @@ RAY_DATA_KINDS = frozenset({"image_folder", "cifar10", "npy", "parquet"})
 
 
 class DataConfig(BaseModel):
-    """Configuration of the prepare_data stage."""
+    """Configuration of the prepare_data stage.
+
+    File sources (image_folder, cifar10, npy, parquet; a local path or an s3:// URI) stream through Ray
+    Data: read, decoded and validated by tasks spread over the cluster's nodes, with at most
+    `memory_budget_mb` of decoded blocks in flight. The stage spills the rows to local disk (about the
+    dataset's stored size) by a seeded hash of each sample's id and writes each split in hash order, so
+    besides Ray Data's own processes (about 1 GB of imports on 2 CPUs, whatever the data) it holds one
+    spill bucket (1/256 of the dataset) and about four shards of `shard_rows` samples at a time. Images
+    are stored as uint8 and normalised by the loader as it reads; float sources as float32. toy2d and
+    digits are built in the stage's own process."""
 
     model_config = STRICT
 
     source: Source
-    seed: int = 0
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    shard_rows: int = Field(8192, ge=1)
-    row_group_rows: int = Field(1024, ge=1)
+    seed: int = Field(0, description="seeds the hash of each sample's path or index: split and row order")
+    val_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="val: the round(n * val_fraction) samples with the smallest hashes"
+    )
+    shard_rows: int = Field(8192, ge=1, description="samples per Parquet shard")
+    row_group_rows: int = Field(1024, ge=1, description="samples per Parquet row group")
     block_rows: int | None = Field(
         None,
         ge=1,
