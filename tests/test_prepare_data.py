@@ -481,10 +481,18 @@ from tasks.stage import StageContext, run_stage
 from tasks.stages.prepare_data import DataConfig
 
 ray_constants.ENABLE_RAY_CLUSTER = False  # loopback only, as infra.ray_runtime starts it
-ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+# A small object store: each process's RSS counts the store's pages it has touched.
+ray.init(
+    address="local",
+    num_cpus=1,
+    object_store_memory=150 * 2**20,
+    include_dashboard=False,
+    logging_level="ERROR",
+    log_to_driver=False,
+)
 folder, store = sys.argv[1:3]
 source = {"kind": "image_folder", "path": folder}
-cfg = DataConfig(source=source, shard_rows=256, block_rows=64, memory_budget_mb=64)
+cfg = DataConfig(source=source, shard_rows=64, block_rows=64, memory_budget_mb=64)
 result = run_stage(STAGES["prepare_data"], cfg, StageContext(store_uri=store, out_prefix="out", key="k"))
 
 

@@ -108,7 +108,7 @@ class DataConfig(BaseModel):
     `memory_budget_mb` of decoded blocks in flight. The stage spills the rows to local disk (about the
     dataset's stored size) by a seeded hash of each sample's id and writes each split in hash order, so
     besides Ray Data's own processes (about 1 GB of imports on 2 CPUs, whatever the data) it holds one
-    spill bucket (1/256 of the dataset) and about four shards of `shard_rows` samples at a time. Images
+    spill bucket (1/256 of the dataset) and about six shards' worth of `shard_rows` samples at a time. Images
     are stored as uint8 and normalised by the loader as it reads; float sources as float32. toy2d and
     digits are built in the stage's own process."""
 
