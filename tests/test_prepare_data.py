@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -557,3 +558,52 @@ def test_large_image_folder_is_prepared_under_a_memory_cap(tmp_path):
     total = sum(report["peaks"].values())
     assert total < cap, {k: v >> 20 for k, v in report["peaks"].items()}
     print(f"peak RSS, MiB: {total >> 20} in all;", {k: v >> 20 for k, v in report["peaks"].items()})
+
+
+# A head with no CPUs and two one-CPU worker nodes (the shape of ray_cluster.yaml), in a fresh process.
+THREE_NODES_RUN = r"""
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from tasks.registry import STAGES
+from tasks.stage import StageContext, run_stage
+from tasks.stages.prepare_data import DataConfig
+
+folder, store = sys.argv[1:3]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+for _ in range(2):
+    cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+cfg = DataConfig(source={"kind": "image_folder", "path": folder}, block_rows=100, shard_rows=500)
+result = run_stage(STAGES["prepare_data"], cfg, StageContext(store_uri=store, out_prefix="three", key="k"))
+ray.shutdown()
+cluster.shutdown()
+print(json.dumps(result.metrics))
+"""
+
+
+@pytest.mark.slow
+def test_three_nodes_give_the_shards_of_one(local, tmp_path):
+    """The same folder on a 3-node cluster (both worker nodes decode) and on this module's one-node Ray
+    gives identical shards."""
+    rng = np.random.default_rng(0)
+    for i in range(2_000):
+        local.store.write_bytes(
+            f"src/images/{i:04d}.png", png_bytes(rng.integers(0, 256, (8, 8, 3), np.uint8))
+        )
+    folder = local.store.uri("src/images")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # every node on 127.0.0.1
+    run = subprocess.run(
+        [sys.executable, "-c", THREE_NODES_RUN, folder, local.root],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["n_nodes"] == 2
+    cfg = DataConfig(source={"kind": "image_folder", "path": folder}, block_rows=100, shard_rows=500)
+    assert prepare_data(cfg, local.ctx("one")).metrics["n_nodes"] == 1
+    assert shard_digests(local, "three") == shard_digests(local, "one")
+    assert len(shard_digests(local, "one")) == 5  # 1,900 train rows in 4 shards, 100 val rows in 1
