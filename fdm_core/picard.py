@@ -11,8 +11,8 @@ point, error test and window, but the states the window keeps get a better next 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
