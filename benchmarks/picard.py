@@ -1,11 +1,9 @@
-"""ParaDiGMS single-sample latency: the sequential sampler vs Picard windows, local and on Ray actors.
+"""ParaDiGMS single-sample latency on the digits U-Net: the sequential sampler vs Picard windows, evaluated
+locally in one batched call or by 1 and 2 Ray actors, with plain Picard or ParaTAA's triangular Anderson
+solver; where an iteration's time goes; and the goals of issue 26 with today's value beside ours.
 
-Two briefly trained VP-FDM models (a toy 2-D MLP on two moons, the digits U-Net on scikit-learn digits)
-sample one image with DDPM-1000, Euler (= DDIM) 100 and Euler 200, sequentially and by Picard iteration with
-tolerance 0.1: windows evaluated in one local batched call, or split across 1 and 2 Ray actors that load
-the model artifact from the store. Anchors (DESIGN.md §5): SD-v2 DDPM-1000 in 44 parallel iterations,
-3.1x faster on 8 A100s; DiffusionPolicy DDPM-100 3.4x. Goal here: >= 3x for DDPM-1000 on the digits U-Net
-on this 2-core CPU with <= 50 parallel iterations.
+A briefly trained VP-FDM digits U-Net samples one image with DDPM-1000 and Euler (= DDIM) 100, sequentially
+and by Picard iteration. Every row times the sequential and the Picard sampler alternately, after a warm-up.
 
     python -m benchmarks.picard [--quick]
 
@@ -21,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -30,11 +28,11 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FormatStrFormatter
-from sklearn.datasets import load_digits, make_moons
+from sklearn.datasets import load_digits
 from torch import Tensor
 
 from benchmarks.common import DIGITS_UNET, command, machine, png, write_report
-from fdm_core.networks import MLP, UNet, count_parameters
+from fdm_core.networks import UNet, count_parameters
 from fdm_core.picard import PicardStats, picard_sample
 from fdm_core.precond import Denoiser
 from fdm_core.processes import make_process
@@ -44,105 +42,125 @@ from infra.ray_evaluator import RayEvaluator
 from infra.ray_runtime import init_ray
 from infra.store import open_store
 from tasks.checkpoints import model_spec, write_model
-from tasks.sample import StepFactory
+from tasks.sample import SampleConfig, StepFactory, generate
 
 SEED = 0
-TOL = 0.1
 THREADS = 1
-CONFIGS = (("ddpm", 1000), ("euler", 100), ("euler", 200))
+MODEL = "digits U-Net"
+# Published figures beside ours (DESIGN.md §5; the papers' GPUs, not this CPU).
+ANCHORS = (
+    "ParaDiGMS (Shih et al. 2023): SD-v2 DDPM-1000 in 44 parallel iterations (2040 model evaluations), "
+    "3.1x faster on 8 A100s; LSUN DDPM-1000 in 42, 2.9x; DDIM-200 in 16; DiffusionPolicy DDPM-100 in 25, "
+    "3.4x; on one GPU about 0.7x. ParaTAA (Tang et al., ICML 2024): Stable Diffusion DDIM-100 in 7 "
+    "parallel steps with the same images. ParaSolver (ICLR 2025): up to 12.1x wall-clock."
+)
 
-
-@dataclass
-class Model:
-    name: str
-    denoiser: Denoiser
-    uri: str
-    shape: tuple[int, ...]
-    train_note: str
-
-
-@dataclass
-class Row:
-    model: str
-    config: str
-    evaluator: str
-    window: int
-    tol: float
-    seq_seconds: float
-    seconds: float
-    iterations: int
-    evaluations: int
-    deviation: float
-
-    @property
-    def speedup(self) -> float:
-        return self.seq_seconds / self.seconds
-
-
-Runs = tuple[tuple[int, float], ...]  # (window, tol) pairs
-Evaluators = tuple[tuple[str, int, Runs], ...]  # (name, Ray actors or 0 for local batched, runs)
+Case = tuple[str, int, float, str]  # evaluator name, window, tol, solver
 
 
 @dataclass(frozen=True)
 class Mode:
-    """Training steps of the toy MLP and the digits U-Net, the samplers (the first, a DDPM one, is the
-    goal's), each evaluator's (window, tol) runs, and how many timed pairs each row takes the median of."""
+    """Training steps of the U-Net, each sampler's Picard cases, timed pairs per case, and the stage's
+    settings (those of digits.yaml's picard section) for the headline row."""
 
     name: str
-    train_steps: tuple[int, int]
-    configs: tuple[tuple[str, int], ...]
-    evaluators: Evaluators
-    repeats: int
+    train_steps: int
+    configs: dict[str, tuple[str, int, tuple[Case, ...]]]
+    pairs: int
+    stage: dict[str, Any] = field(default_factory=dict)
 
 
-MODES = {
-    "full": Mode(
-        "full",
-        (1000, 600),
-        CONFIGS,
+def _both(evaluator: str, window: int, tol: float) -> tuple[Case, ...]:
+    return ((evaluator, window, tol, "picard"), (evaluator, window, tol, "anderson"))
+
+
+FULL = {
+    "DDPM-1000": (
+        "ddpm",
+        1000,
         (
-            ("local batched", 0, ((16, TOL), (32, TOL), (64, TOL), (128, TOL), (64, 0.03), (64, 0.01))),
-            ("Ray x1", 1, ((32, TOL), (64, TOL))),
-            ("Ray x2", 2, ((32, TOL), (64, TOL), (128, TOL))),
+            *_both("local batched", 64, 0.1),
+            *_both("local batched", 128, 0.03),
+            *_both("local batched", 128, 0.01),
+            *_both("Ray x1", 64, 0.1),
+            *_both("Ray x2", 64, 0.1),
+            *_both("Ray x2", 128, 0.01),
         ),
-        3,
     ),
+    "Euler-100": (
+        "euler",
+        100,
+        (
+            *_both("local batched", 32, 0.1),
+            *_both("local batched", 100, 0.01),
+            *_both("local batched", 100, 0.003),
+            *_both("Ray x1", 100, 0.003),
+            *_both("Ray x2", 100, 0.003),
+        ),
+    ),
+}
+# digits.yaml's picard section (the stage's driver holds resources.sample's 1 CPU, its actors 0.5 each).
+STAGE = {"sampler": "ddpm", "steps": 1000, "window": 64, "tol": 0.1, "solver": "anderson", "num": 1}
+MODES = {
+    "full": Mode("full", 600, FULL, 3, {**STAGE, "actors": 2, "actor_cpus": 0.5}),
     "quick": Mode(
         "quick",
-        (300, 150),
-        CONFIGS,
-        (
-            ("local batched", 0, ((32, TOL), (64, TOL), (64, 0.01))),
-            ("Ray x1", 1, ((64, TOL),)),
-            ("Ray x2", 2, ((64, TOL),)),
-        ),
+        200,
+        {
+            "DDPM-1000": ("ddpm", 1000, (*_both("local batched", 64, 0.1), *_both("Ray x2", 64, 0.1))),
+            "Euler-100": ("euler", 100, (*_both("local batched", 100, 0.003), *_both("Ray x1", 100, 0.003))),
+        },
         1,
     ),
     # The CI smoke test's: short samplers, one window per evaluator and at most one actor.
     "tiny": Mode(
         "tiny",
-        (2, 2),
-        (("ddpm", 20), ("euler", 10)),
-        (("local batched", 0, ((8, TOL),)), ("Ray x1", 1, ((8, TOL),))),
+        2,
+        {
+            "DDPM-20": ("ddpm", 20, (("local batched", 8, 0.1, "picard"), ("Ray x1", 8, 0.1, "anderson"))),
+            "Euler-10": ("euler", 10, (("local batched", 8, 0.1, "anderson"),)),
+        },
         1,
     ),
 }
 
 
-def two_moons(n: int = 8192) -> Tensor:
-    x = make_moons(n, noise=0.05, random_state=SEED)[0] * [1.0, 2.0] + [-0.5, -0.25]
-    return torch.tensor(x / 1.5, dtype=torch.float32)  # roughly within [-1, 1]
+@dataclass
+class Row:
+    config: str
+    evaluator: str
+    window: int
+    tol: float
+    solver: str
+    seq_seconds: list[float]
+    seconds: list[float]
+    stats: PicardStats
+    deviation: float
+    actor_ms: dict[str, float]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [a / b for a, b in zip(self.seq_seconds, self.seconds)]
+
+    @property
+    def speedup(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def ms_per_iteration(self) -> float:
+        return 1e3 * statistics.median(self.seconds) / self.stats.parallel_iterations
 
 
 def digits() -> Tensor:
     return torch.tensor(load_digits().images[:, None] / 8.0 - 1.0, dtype=torch.float32)  # [-1, 1]
 
 
-def train(build: Callable[[], torch.nn.Module], data: Tensor, steps: int, batch: int) -> tuple[Denoiser, str]:
-    """VP-FDM denoising training (Adam, EMA 0.99) from seeded initial weights: brief, but enough for a
-    non-trivial denoiser."""
+def train(steps: int, batch: int = 128) -> tuple[Denoiser, str]:
+    """VP-FDM denoising training of the digits U-Net (Adam, EMA 0.99) from seeded initial weights: brief,
+    but enough for a non-trivial denoiser."""
     torch.manual_seed(SEED)
-    model = Denoiser(build(), make_process("vp", fdm=True))
+    data = digits()
+    model = Denoiser(UNet(**DIGITS_UNET), make_process("vp", fdm=True))
     ema, opt, state = EMA(model, 0.99), torch.optim.Adam(model.parameters(), lr=2e-3), TrainState()
     gen = torch.Generator().manual_seed(SEED)
     t0, losses = time.perf_counter(), []
@@ -151,31 +169,11 @@ def train(build: Callable[[], torch.nn.Module], data: Tensor, steps: int, batch:
         loss_fn = partial(denoising_loss, model, xb, state.warmup_step, gen)
         losses.append(train_step(model, opt, loss_fn, state, ema))
     note = (
-        f"{steps} steps at batch {batch} in {time.perf_counter() - t0:.0f} s, "
-        f"final loss {statistics.mean(losses[-20:]):.3f}"
+        f"{count_parameters(model.net):,} parameters, {steps} steps at batch {batch} in "
+        f"{time.perf_counter() - t0:.0f} s, final loss {statistics.mean(losses[-20:]):.3f}"
     )
     print(f"trained: {note}", file=sys.stderr, flush=True)
     return ema.model, note
-
-
-def build_models(store_root: str, train_steps: tuple[int, int]) -> list[Model]:
-    """Train the toy MLP and the digits U-Net for `train_steps` and save them where Ray actors load them."""
-    store = open_store(store_root)
-    mlp_steps, unet_steps = train_steps
-    specs = [
-        ("toy MLP", partial(MLP, dim=2), two_moons(), mlp_steps, 256),
-        ("digits U-Net", partial(UNet, **DIGITS_UNET), digits(), unet_steps, 128),
-    ]
-    models = []
-    for name, build, data, steps, batch in specs:
-        denoiser, note = train(build, data, steps, batch)
-        prefix = f"models/{name.split()[-1].lower()}"
-        n_params = count_parameters(denoiser.net)
-        spec = model_spec(denoiser, data_shape=list(data.shape[1:]), parameters=n_params)
-        write_model(store, prefix, denoiser, spec, {"stage": "benchmark"})
-        note = f"{n_params:,} parameters, {note}"
-        models.append(Model(name, denoiser, store.uri(prefix), tuple(data.shape[1:]), note))
-    return models
 
 
 def noise() -> torch.Generator:
@@ -183,221 +181,334 @@ def noise() -> torch.Generator:
     return torch.Generator().manual_seed(SEED + 1)
 
 
-def sequential(denoiser: Denoiser, x: Tensor, sigmas: Tensor, method: str) -> Tensor:
-    return sample(denoiser, x, sigmas, method, noise())
-
-
-def picard(
-    denoiser: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    method: str,
-    window: int,
-    tol: float,
-    evaluator: RayEvaluator | None,
-) -> tuple[Tensor, PicardStats]:
-    return picard_sample(denoiser, x, sigmas, method, window, tol, noise(), evaluator)
-
-
-def paired(seq: Callable[[], Any], par: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
-    """Median wall seconds of the sequential and the Picard run, timed alternately so that a change in the
-    (shared) machine's load hits both alike; one warm-up Picard run first. Returns the last Picard result."""
+def paired(
+    seq: Callable[[], Any], par: Callable[[], Any], pairs: int
+) -> tuple[list[float], list[float], Any]:
+    """Wall seconds of the sequential and the Picard run, timed alternately so that a change in the machine's
+    load hits both alike; one warm-up Picard run first. Returns the last Picard result."""
     result = par()
     seq_s, par_s = [], []
-    for _ in range(repeats):
+    for _ in range(pairs):
         t0 = time.perf_counter()
         seq()
         t1 = time.perf_counter()
         result = par()
         seq_s.append(t1 - t0)
         par_s.append(time.perf_counter() - t1)
-    return statistics.median(seq_s), statistics.median(par_s), result
+    return seq_s, par_s, result
 
 
-def bench_model(model: Model, mode: Mode) -> list[Row]:
-    """Every (window, tol) of each evaluator against the sequential sampler, evaluator by evaluator: the
-    actors of two Ray evaluators would not fit on the machine together."""
+def ray_floor(evaluator: RayEvaluator, calls: int = 50) -> float:
+    """Median ms of one no-op call to every actor at once (Ray's own cost of a round trip)."""
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        evaluator.pids()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def bench(denoiser: Denoiser, uri: str, mode: Mode) -> tuple[list[Row], dict[str, Any]]:
+    """Every case against the sequential sampler, evaluator by evaluator (the actors of two Ray evaluators
+    would not fit on the machine together); the actors' processes and Ray's floor go into `actors`."""
     cases = []
-    for method, steps in mode.configs:
-        sigmas = process_grid(model.denoiser.process, steps)
-        x = torch.randn((1, *model.shape), generator=torch.Generator().manual_seed(SEED)) * sigmas[0]
-        cases.append((f"{method} {steps}", method, sigmas, x, sequential(model.denoiser, x, sigmas, method)))
-    rows = []
-    for name, actors, runs in mode.evaluators:
-        evaluator = RayEvaluator(StepFactory(model.uri), actors=actors) if actors else None
+    for config, (method, steps, runs) in mode.configs.items():
+        sigmas = process_grid(denoiser.process, steps)
+        x = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(SEED)) * sigmas[0]
+        ref = sample(denoiser, x, sigmas, method, noise())
+        cases.extend((config, method, sigmas, x, ref, run) for run in runs)
+    rows: list[Row] = []
+    actors: dict[str, Any] = {}
+    for name in dict.fromkeys(case[-1][0] for case in cases):
+        count = int(name.split("x")[1]) if name.startswith("Ray") else 0
+        evaluator = RayEvaluator(StepFactory(uri), actors=count) if count else None
         try:
-            for config, method, sigmas, x, ref in cases:
-                for window, tol in runs:
-                    seq_s, par_s, (out, st) = paired(
-                        partial(sequential, model.denoiser, x, sigmas, method),
-                        partial(picard, model.denoiser, x, sigmas, method, window, tol, evaluator),
-                        mode.repeats,
-                    )
-                    rows.append(
-                        Row(
-                            model.name,
-                            config,
-                            name,
-                            window,
-                            tol,
-                            seq_s,
-                            par_s,
-                            st.parallel_iterations,
-                            st.model_evaluations,
-                            float((out - ref).abs().max()),
-                        )
-                    )
-                    log(rows[-1])
+            if evaluator is not None:
+                actors[name] = {"floor_ms": ray_floor(evaluator), "info": evaluator.replica_info}
+            for config, method, sigmas, x, ref, (_, window, tol, solver) in cases:
+                if _ != name:
+                    continue
+                if evaluator is not None:
+                    evaluator.times = type(evaluator.times)()
+                seq_s, par_s, (out, st) = paired(
+                    partial(sample, denoiser, x, sigmas, method, noise()),
+                    partial(
+                        picard_sample, denoiser, x, sigmas, method, window, tol, noise(), evaluator, solver
+                    ),
+                    mode.pairs,
+                )
+                actor_ms = evaluator.times.per_call_ms() if evaluator is not None else {}
+                dev = float((out - ref).abs().max())
+                rows.append(Row(config, name, window, tol, solver, seq_s, par_s, st, dev, actor_ms))
+                log(rows[-1])
         finally:
             if evaluator is not None:
                 evaluator.close()
-    order = [c[0] for c in cases]
-    return sorted(rows, key=lambda r: order.index(r.config))
+    order = list(mode.configs)
+    return sorted(rows, key=lambda r: order.index(r.config)), actors
+
+
+def stage_row(uri: str, mode: Mode) -> dict[str, Any] | None:
+    """The picard_sample stage's own measurement (tasks.sample.generate, as the stage calls it) with
+    digits.yaml's picard settings on this model: median of its pairs, with their min and max."""
+    if not mode.stage:
+        return None
+    cfg = SampleConfig(picard=True, compare=True, pairs=mode.pairs, seed=SEED, **mode.stage)
+    _, stats = generate(cfg, uri)
+    print(
+        f"stage: {stats['speedup']:.2f}x ({stats['speedup_min']:.2f}-{stats['speedup_max']:.2f})",
+        file=sys.stderr,
+    )
+    return stats
 
 
 def log(row: Row) -> None:
     print(
-        f"{row.model} | {row.config} | {row.evaluator} p={row.window} tol={row.tol} | "
-        f"{row.seq_seconds * 1e3:.0f} -> {row.seconds * 1e3:.0f} ms | "
-        f"{row.speedup:.2f}x | {row.iterations} it | {row.evaluations} evals | dev {row.deviation:.2g}",
+        f"{row.config} | {row.evaluator} {row.solver} p={row.window} tol={row.tol} | "
+        f"{statistics.median(row.seq_seconds) * 1e3:.0f} -> {statistics.median(row.seconds) * 1e3:.0f} ms | "
+        f"{row.speedup:.2f}x | {row.stats.parallel_iterations} it | {row.ms_per_iteration:.1f} ms/it | "
+        f"dev {row.deviation:.2g}",
         file=sys.stderr,
         flush=True,
     )
 
 
 def plot(rows: list[Row]) -> bytes:
-    """PNG of speed-up bars per model (rows) and sampler (columns), coloured by evaluator, labelled by
-    parallel iterations."""
-    models = list(dict.fromkeys(r.model for r in rows))
+    """PNG of median speed-up bars (whiskers: min-max of the pairs) per sampler, coloured by evaluator,
+    hatched for the Anderson solver, labelled by parallel iterations."""
     configs = list(dict.fromkeys(r.config for r in rows))
-    evaluators = dict.fromkeys(r.evaluator for r in rows)
-    colours = dict(zip(evaluators, ["tab:blue", "tab:orange", "tab:green", "tab:purple"]))
-    fig = Figure(figsize=(4 * len(configs), 3.6 * len(models)))
-    axes = fig.subplots(len(models), len(configs), squeeze=False)
-    for ax, (model, config) in zip(axes.flat, [(m, c) for m in models for c in configs]):
-        runs = [r for r in rows if (r.model, r.config) == (model, config)]
-        ax.bar(range(len(runs)), [r.speedup for r in runs], color=[colours[r.evaluator] for r in runs])
+    colours = dict(zip(dict.fromkeys(r.evaluator for r in rows), ["tab:blue", "tab:orange", "tab:green"]))
+    fig = Figure(figsize=(6 * len(configs), 4))
+    axes = fig.subplots(1, len(configs), squeeze=False)[0]
+    for ax, config in zip(axes, configs):
+        runs = [r for r in rows if r.config == config]
+        med = [r.speedup for r in runs]
+        err = [[m - min(r.ratios) for m, r in zip(med, runs)], [max(r.ratios) - m for m, r in zip(med, runs)]]
+        bars = ax.bar(range(len(runs)), med, yerr=err, color=[colours[r.evaluator] for r in runs], capsize=2)
+        for bar, r in zip(bars, runs):
+            bar.set_hatch("//" if r.solver == "anderson" else "")
         ax.set_xticks(range(len(runs)), [f"p={r.window} tau={r.tol}" for r in runs], fontsize=6, rotation=90)
         for i, r in enumerate(runs):
-            ax.text(i, r.speedup, str(r.iterations), ha="center", va="bottom", fontsize=6)
+            ax.text(i, r.speedup, str(r.stats.parallel_iterations), ha="center", va="bottom", fontsize=6)
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.axhline(3.0, color="tab:red", lw=0.8, ls="--")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FormatStrFormatter("%gx"))
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%gx"))
         ax.tick_params(axis="y", which="both", labelsize=7)
-        ax.set_title(f"{model}, {config}", fontsize=9)
+        ax.set_title(f"{MODEL}, {config}", fontsize=9)
         ax.set_ylabel("speed-up vs sequential", fontsize=8)
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    fig.legend(handles, list(colours), loc="upper right", ncol=3, fontsize=8)
-    fig.suptitle("ParaDiGMS single-sample latency speed-up (bar labels: parallel iterations; red: 3x)", x=0.4)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    handles.append(Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch="//"))
+    fig.legend(handles, [*colours, "anderson"], loc="upper right", ncol=4, fontsize=8)
+    fig.suptitle(
+        "Picard single-sample speed-up (median, whiskers min-max; labels: parallel iterations)", x=0.4
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     return png(fig)
 
 
-def report(rows: list[Row], models: list[Model], mode: Mode, timing: dict[str, Any], png_name: str) -> str:
-    """The Markdown report: set-up, one row per timed configuration, and the DDPM goal's verdict."""
-    method, steps = mode.configs[0]
-    goal = f"{method.upper()}-{steps}"
-    ddpm_unet = [r for r in rows if r.model == "digits U-Net" and r.config == f"{method} {steps}"]
-    within = [r for r in ddpm_unet if r.iterations <= 50]
-    best = max(within, key=lambda r: r.speedup) if within else None
-    fastest = max(ddpm_unet, key=lambda r: r.speedup)
-    met = best is not None and best.speedup >= 3.0
+def _fmt_ms(parts: dict[str, float]) -> str:
+    if not parts:
+        return ""
+    keys = ("submit", "compute", "overhead", "gather")
+    return " / ".join(f"{parts[k]:.1f}" for k in keys)
+
+
+def goals(rows: list[Row], stage: dict[str, Any] | None) -> list[tuple[str, str, str, str, str]]:
+    """Issue 26's goal rows: (goal, today, target, ours, verdict)."""
+
+    def pick(config: str, evaluator: str, window: int, tol: float, solver: str) -> Row | None:
+        key = (config, evaluator, window, tol, solver)
+        return next((r for r in rows if (r.config, r.evaluator, r.window, r.tol, r.solver) == key), None)
+
+    out = []
+    local, ray1 = (
+        pick("DDPM-1000", "local batched", 64, 0.1, "picard"),
+        pick("DDPM-1000", "Ray x1", 64, 0.1, "picard"),
+    )
+    if local and ray1:
+        extra = ray1.ms_per_iteration - local.ms_per_iteration
+        own = sum(ray1.actor_ms[k] for k in ("submit", "overhead", "gather"))
+        ours = (
+            f"{extra:.1f} ms ({ray1.ms_per_iteration:.1f} vs {local.ms_per_iteration:.1f} ms per iteration; "
+            f"Ray's part of the call {own:.1f} ms)"
+        )
+        out.append(
+            (
+                "actor cost per iteration above the local batched call, same CPUs (DDPM-1000, p=64, 1 actor)",
+                "about 9-10 ms",
+                "<= 2 ms",
+                ours,
+                extra <= 2,
+            )
+        )
+    ratios = []
+    for r in rows:
+        if r.config == "DDPM-1000" and r.evaluator == "Ray x2":
+            mate = pick(r.config, "local batched", r.window, r.tol, r.solver)
+            if mate:
+                ratios.append((r.speedup / mate.speedup, r, mate))
+    if ratios:
+        best, r, mate = max(ratios, key=lambda t: t[0])
+        ours = f"{best:.2f} ({r.speedup:.2f}x / {mate.speedup:.2f}x, p={r.window} tau={r.tol} {r.solver})"
+        out.append(
+            (
+                "2 actors' speed-up / the local evaluator's, DDPM-1000",
+                "about 0.6",
+                ">= 0.9",
+                ours,
+                best >= 0.9,
+            )
+        )
+    tight = [r for r in rows if r.config == "DDPM-1000" and r.deviation <= 1e-3]
+    local_tight = [r for r in tight if r.evaluator == "local batched"]
+    if local_tight:
+        r = max(local_tight, key=lambda r: r.speedup)
+        ours = (
+            f"{r.speedup:.2f}x ({min(r.ratios):.2f}-{max(r.ratios):.2f}; p={r.window} tau={r.tol} "
+            f"{r.solver}, dev {r.deviation:.1g})"
+        )
+        out.append(
+            (
+                "DDPM-1000 latency speed-up, local, max deviation <= 1e-3",
+                "3.4-3.7x (median)",
+                ">= 4x",
+                ours,
+                r.speedup >= 4,
+            )
+        )
+    if tight:
+        r = min(tight, key=lambda r: r.stats.parallel_iterations)
+        ours = f"{r.stats.parallel_iterations} ({r.solver}, p={r.window} tau={r.tol}, dev {r.deviation:.1g})"
+        out.append(
+            (
+                "DDPM-1000 parallel iterations at deviation <= 1e-3",
+                "56-62",
+                "<= 30",
+                ours,
+                r.stats.parallel_iterations <= 30,
+            )
+        )
+    euler = [r for r in rows if r.config == "Euler-100" and r.deviation <= 1e-2]
+    if euler:
+        r = min(euler, key=lambda r: r.stats.parallel_iterations)
+        ours = f"{r.stats.parallel_iterations} ({r.solver}, p={r.window} tau={r.tol}, dev {r.deviation:.1g})"
+        out.append(
+            (
+                "Euler-100 parallel iterations, deviation <= 1e-2",
+                "12-14",
+                "<= 8",
+                ours,
+                r.stats.parallel_iterations <= 8,
+            )
+        )
+    if stage is not None:
+        ours = (
+            f"{stage['speedup']:.2f}x, median of {stage['pairs']} pairs ({stage['speedup_min']:.2f}-"
+            f"{stage['speedup_max']:.2f}x); the stage's code with digits.yaml's picard settings on this model"
+        )
+        out.append(
+            (
+                "`make run` picard_sample headline",
+                "0.42x, unrepeated, contended",
+                ">= 1.5x, median of >= 3 pairs",
+                ours,
+                stage["speedup"] >= 1.5,
+            )
+        )
+    return [(g, today, target, ours, "met" if ok else "**not met**") for g, today, target, ours, ok in out]
+
+
+def report(
+    rows: list[Row], actors: dict[str, Any], stage: dict[str, Any] | None, note: str, mode: Mode, timing: dict
+) -> str:
+    """The Markdown report: set-up, one row per case with its breakdown, the goal table, the anchors."""
     load = ", ".join(f"{a:.1f}" for a in timing["load_before"])
+    floors = "; ".join(
+        f"{name}: {a['floor_ms']:.2f} ms per no-op round trip, actors at niceness "
+        f"{sorted({i['niceness'] for i in a['info']})} with "
+        f"{sorted({i['threads'] for i in a['info']})} torch thread(s) each"
+        for name, a in actors.items()
+    )
     lines = [
-        "# ParaDiGMS: single-sample latency, sequential vs Picard",
+        "# ParaDiGMS: single-sample latency, sequential vs Picard (plain and Anderson), local vs Ray actors",
         "",
         f"Command: `{command('picard', mode.name)}` ({timing['seconds']:.0f} s)  ",
-        f"Machine: {machine()}, Ray {ray.__version__}. The machine was shared with other "
-        f"work: load average {load} (1/5/15 min) at the start, "
+        f"Machine: {machine()}, Ray {ray.__version__}. Load average {load} (1/5/15 min) at the start, "
         f"{timing['load_after'][0]:.1f} (1 min) at the end.  ",
-        f"Threads: the driver (sequential sampler, local batched Picard) samples on the CPU with {THREADS} "
-        "torch thread; each "
-        "Ray actor holds 1 CPU and 1 thread, so Ray x2 uses both cores. (Two threads in the driver collapsed "
-        "under the shared load: OpenMP spin-waits when more threads than cores are runnable.)  ",
+        f"Threads: the driver (sequential sampler, local batched Picard) uses {THREADS} torch thread; each "
+        "Ray actor holds 1 CPU and sets its own torch threads to it, so Ray x2 computes on both cores.  ",
+        f"Ray: {floors}.  ",
         f"Seeds: training {SEED}, initial noise x_T {SEED}, sampler noise {SEED + 1} (the same draw for the "
-        "sequential and the Picard sampler); batch 1 (single-sample latency).  ",
-        f"Timing: each row times the sequential and the Picard sampler alternately, median of {mode.repeats} "
-        "pairs after a warm-up run, so both see the same machine load; sampling only (model loading and "
-        "actor start-up excluded).  ",
-        "Paper anchors (DESIGN.md §5): SD-v2 DDPM-1000 in 44 parallel iterations, 3.1x faster on 8 A100s; "
-        "DiffusionPolicy DDPM-100 in 25 iterations, 3.4x; on a single GPU Picard is slower (about 0.7x).  ",
-        "Models: VP-FDM (m = 2), sampled on the process's default grid (uniform in t), briefly trained on "
-        "this CPU:  ",
-    ]
-    lines += [f"- {m.name}: {m.train_note}" for m in models]
-    lines += [
+        "sequential and every Picard run); batch 1 (single-sample latency).  ",
+        f"Timing: each row alternates the sequential and the Picard sampler, {mode.pairs} pairs after a "
+        "warm-up run; speed-up = median of the pairs' ratios (min-max beside it); sampling only (model "
+        "loading and actor start-up excluded).  ",
+        f"Model: {MODEL}, VP-FDM (m = 2), the process's default grid (uniform in t): {note}.  ",
+        f"Published figures: {ANCHORS}",
         "",
-        "Deviation: max |x_picard - x_sequential| over the sample's elements (data in [-1, 1]).",
+        "Deviation: max |x_picard - x_sequential| over the sample's elements (data in [-1, 1]). Breakdown "
+        "per iteration (ms): `evaluate` is the evaluator's call, `update` Picard's prefix sums, error test "
+        "and solver; on actors the call splits into submit (split + serialise + one task per actor) / "
+        "compute (the slowest actor's own) / overhead (the rest of the wait: Ray's scheduling, transfer, "
+        "object store, wake-up) / gather.",
         "",
-        "| model | sampler | evaluator | window | tol | sequential ms | Picard ms | speed-up "
-        "| parallel iterations | model evaluations | ms per step / per iteration | deviation |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| sampler | evaluator | solver | window | tol | sequential ms | Picard ms | speed-up | min-max "
+        "| parallel iterations | model evaluations | ms per iteration | evaluate / update | "
+        "actor submit / compute / overhead / gather | deviation |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|---:|",
     ]
     for r in rows:
-        steps = int(r.config.split()[1])
+        n = r.stats.parallel_iterations
         lines.append(
-            f"| {r.model} | {r.config} | {r.evaluator} | {r.window} | {r.tol} | {r.seq_seconds * 1e3:.0f} | "
-            f"{r.seconds * 1e3:.0f} | {r.speedup:.2f}x | {r.iterations} | {r.evaluations} | "
-            f"{r.seq_seconds / steps * 1e3:.2f} / {r.seconds / r.iterations * 1e3:.1f} | {r.deviation:.2g} |"
+            f"| {r.config} | {r.evaluator} | {r.solver} | {r.window} | {r.tol} | "
+            f"{statistics.median(r.seq_seconds) * 1e3:.0f} | {statistics.median(r.seconds) * 1e3:.0f} | "
+            f"{r.speedup:.2f}x | {min(r.ratios):.2f}-{max(r.ratios):.2f} | {n} | "
+            f"{r.stats.model_evaluations} | "
+            f"{r.ms_per_iteration:.1f} | {1e3 * r.stats.evaluate_seconds / n:.1f} / "
+            f"{1e3 * r.stats.update_seconds / n:.1f} | {_fmt_ms(r.actor_ms)} | {r.deviation:.2g} |"
         )
     lines += [
         "",
-        "Speed-up = (steps / parallel iterations) x (ms per sequential step / ms per Picard iteration). On a "
-        "CPU a batched window is not free: it costs several sequential steps (the last column), and what "
-        "it buys is that one U-Net call at batch 1 is mostly per-layer overhead, which a batch of p states "
-        "shares. A Ray actor adds an RPC round trip per chunk, and on 2 cores the two actors compete with "
-        "the driver (and here with other work) for the same cores: they are built for machines with spare "
-        "devices, one GPU per replica, where the paper's speed-ups come from.",
+        "## Goals of issue 26 (this machine, this run)",
+        "",
+        "| goal | today (issue 26) | target | ours | verdict |",
+        "|---|---|---|---|---|",
     ]
+    lines += [f"| {' | '.join(g)} |" for g in goals(rows, stage)]
     lines += [
         "",
-        f"## Goal: >= 3x lower latency for {goal} on the digits U-Net with <= 50 parallel iterations",
-        "",
-    ]
-    if best is None:
-        lines.append("**Not met**: no configuration converged within 50 parallel iterations.")
-    else:
-        how = (
-            f"{best.speedup:.2f}x ({best.evaluator}, window {best.window}, tol {best.tol}, "
-            f"{best.iterations} parallel iterations, {best.evaluations} model evaluations)"
-        )
-        lines.append(f"**{'Met' if met else 'Not met'}**: best within 50 parallel iterations {how}.")
-    lines += [
-        f"Fastest {goal} configuration: {fastest.speedup:.2f}x ({fastest.evaluator}, window "
-        f"{fastest.window}, tol {fastest.tol}, {fastest.iterations} iterations).",
-        "",
-        f"![speed-ups]({png_name})",
+        "![speed-ups](picard.png)" if mode.name == "full" else f"![speed-ups](picard_{mode.name}.png)",
         "",
     ]
     return "\n".join(lines)
 
 
 def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
-    """Train both models, time every configuration (starting Ray unless it is up), build the report and
-    its plot as {file name: PNG bytes}."""
+    """Train the U-Net, time every case (starting Ray unless it is up) and the stage's settings, build the
+    report and its plot as {file name: PNG bytes}."""
     torch.set_num_threads(THREADS)
     timing: dict[str, Any] = {"load_before": os.getloadavg()}
     t0 = time.perf_counter()
     started = init_ray(num_cpus=os.cpu_count())
     try:
         with tempfile.TemporaryDirectory() as root:
-            models = build_models(root, mode.train_steps)
-            rows = [row for m in models for row in bench_model(m, mode)]
+            denoiser, note = train(mode.train_steps)
+            spec = model_spec(denoiser, data_shape=[1, 8, 8], parameters=count_parameters(denoiser.net))
+            uri = write_model(open_store(root), "models/unet", denoiser, spec, {"stage": "benchmark"})
+            rows, actors = bench(denoiser, uri, mode)
+            stage = stage_row(uri, mode)
     finally:
         if started:
             ray.shutdown()
     timing.update(seconds=time.perf_counter() - t0, load_after=os.getloadavg())
     name = "picard" if mode.name == "full" else f"picard_{mode.name}"
-    return report(rows, models, mode, timing, f"{name}.png"), {f"{name}.png": plot(rows)}
+    return report(rows, actors, stage, note, mode, timing), {f"{name}.png": plot(rows)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="shorter training, fewer windows, one timed pair"
-    )
+    parser.add_argument("--quick", action="store_true", help="shorter training, fewer cases, one timed pair")
     args = parser.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
     text, files = run(mode)

@@ -11,6 +11,7 @@ point, error test and window, but the states the window keeps get a better next 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class PicardStats:
     model_evaluations: int = 0
     strides: list[int] = field(default_factory=list)
     errors: list[float] = field(default_factory=list)
+    evaluate_seconds: float = 0.0  # in the evaluator's calls
+    update_seconds: float = 0.0  # in the prefix sums, the error test and the solver's update
 
 
 @torch.no_grad()
@@ -124,12 +127,14 @@ def picard_sample(
         e = min(b + window, n)
         p = e - b
         # 1. Δ of the p states B[b..e-1] in one batched call.
+        t0 = time.perf_counter()
         delta = evaluator(
             buf[b:e].reshape(p * batch, *x.shape[1:]),
             sig_t[b:e].repeat_interleave(batch),
             sig_s[b:e].repeat_interleave(batch),
             method,
         )
+        t1 = time.perf_counter()
         # 2. new_j = B[b] + Σ_{k<=j} Δ_{b+k} + Σ_{k<=j} σ_up,b+k z_{b+k}, for B[b+1..e].
         new = buf[b].double() + delta.reshape(p, *x.shape).double().cumsum(0)
         if kicks is not None:
@@ -151,6 +156,8 @@ def picard_sample(
         buf[e : new_e + 1] = buf[e]
         b += stride
 
+        stats.evaluate_seconds += t1 - t0
+        stats.update_seconds += time.perf_counter() - t1
         stats.parallel_iterations += 1
         stats.model_evaluations += p * evals_per_step(method) - int(method == "heun" and e == n)
         stats.strides.append(stride)

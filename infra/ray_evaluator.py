@@ -8,10 +8,14 @@ window chunk it was evaluating is retried; the result is the same as without the
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -24,20 +28,59 @@ Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 class ModelReplica:
-    """One actor's model: built by `factory()` in the constructor, so weights load once per (re)start."""
+    """One actor's model: built by `factory()` in the constructor, so weights load once per (re)start.
 
-    def __init__(self, factory: StepFactory) -> None:
+    The actor owns its torch thread count (one per CPU it holds: Ray sets OMP_NUM_THREADS, not torch's
+    intra-op pool) and takes its window chunk as numpy arrays, which Ray deserialises without a copy.
+    """
+
+    def __init__(self, factory: StepFactory, num_threads: int = 1) -> None:
         self._step = factory()
+        torch.set_num_threads(num_threads)
 
-    def evaluate(self, x: Tensor, sigma_t: Tensor, sigma_s: Tensor, method: str) -> Tensor:
-        return self._step(x, sigma_t, sigma_s, method)
+    def evaluate(self, x: np.ndarray, sigmas: np.ndarray, method: str) -> tuple[np.ndarray, float]:
+        """Δ of the chunk (`sigmas` stacks σ_t and σ_s) and the seconds its computation took."""
+        t0 = time.perf_counter()
+        delta = self._step(
+            torch.from_numpy(x), torch.from_numpy(sigmas[0]), torch.from_numpy(sigmas[1]), method
+        )
+        return delta.numpy(), time.perf_counter() - t0
 
-    def pid(self) -> int:
-        return os.getpid()
+    def info(self) -> dict[str, int]:
+        """Process id (changes when the actor restarts), niceness and torch threads."""
+        return {
+            "pid": os.getpid(),
+            "niceness": os.getpriority(os.PRIO_PROCESS, 0),
+            "threads": torch.get_num_threads(),
+        }
+
+
+@dataclass
+class CallTimes:
+    """Where the evaluator's time went, summed over its calls (seconds): splitting the window and submitting
+    one task per actor (serialisation included), waiting for the results (the actors' compute plus Ray's
+    scheduling, transfer and object store), the slowest actor's own compute, and gathering the chunks."""
+
+    calls: int = 0
+    submit: float = 0.0
+    wait: float = 0.0
+    compute: float = 0.0
+    gather: float = 0.0
+
+    def per_call_ms(self) -> dict[str, float]:
+        """Each part per call in ms, with `overhead` = wait - compute (Ray's share of the wait)."""
+        n = max(self.calls, 1)
+        parts = {"submit": self.submit, "wait": self.wait, "compute": self.compute, "gather": self.gather}
+        out = {k: 1e3 * v / n for k, v in parts.items()}
+        out["overhead"] = out["wait"] - out["compute"]
+        out["total"] = out["submit"] + out["wait"] + out["gather"]
+        return out
 
 
 class RayEvaluator:
-    """Splits each window batch into `actors` contiguous chunks, one per actor, and gathers them in order.
+    """Splits each window batch into `actors` contiguous chunks, one per actor, and gathers them in order:
+    one actor call per actor per iteration and one `ray.get` for all of them; `times` records where the time
+    went.
 
     The actors are gang-scheduled in one placement group (`strategy`: PACK or SPREAD on one machine,
     STRICT_SPREAD for one node per replica on a cluster) with one GPU each when the cluster has GPUs.
@@ -77,30 +120,43 @@ class RayEvaluator:
                 max_restarts=max_restarts,
                 max_task_retries=max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
-            ).remote(factory)
+            ).remote(factory, max(1, math.floor(num_cpus)))
             for i in range(actors)
         ]
+        self.times = CallTimes()
         try:
             # Returns once every replica has loaded its weights.
-            ray.get([a.pid.remote() for a in self.actors], timeout=ready_timeout_s)
+            self.replica_info = ray.get([a.info.remote() for a in self.actors], timeout=ready_timeout_s)
         except BaseException:
             self.close()
             raise
 
     def __call__(self, x: Tensor, sigma_t: Tensor, sigma_s: Tensor, method: str) -> Tensor:
-        chunks = zip(
-            *(t.cpu().tensor_split(len(self.actors)) for t in (x, sigma_t, sigma_s)),
-        )
+        t0 = time.perf_counter()
+        xs = x.detach().cpu().numpy()  # a view, no copy, on the CPU
+        sig = torch.stack([sigma_t, sigma_s]).cpu().numpy()
+        bounds = np.linspace(0, len(xs), len(self.actors) + 1).round().astype(int)
         refs = [
-            actor.evaluate.remote(xc, tc, sc, method)
-            for actor, (xc, tc, sc) in zip(self.actors, chunks)
-            if len(xc)
+            actor.evaluate.remote(xs[lo:hi], sig[:, lo:hi], method)
+            for actor, lo, hi in zip(self.actors, bounds[:-1], bounds[1:])
+            if hi > lo
         ]
-        return torch.cat(ray.get(refs)).to(x.device)
+        t1 = time.perf_counter()
+        results = ray.get(refs)
+        t2 = time.perf_counter()
+        out = torch.from_numpy(np.concatenate([r[0] for r in results])).to(x.device)
+        t3 = time.perf_counter()
+        times = self.times
+        times.calls += 1
+        times.submit += t1 - t0
+        times.wait += t2 - t1
+        times.compute += max(r[1] for r in results)
+        times.gather += t3 - t2
+        return out
 
     def pids(self) -> list[int]:
         """The process id of every actor (changes when an actor restarts)."""
-        return ray.get([a.pid.remote() for a in self.actors])
+        return [i["pid"] for i in ray.get([a.info.remote() for a in self.actors])]
 
     def close(self) -> None:
         for actor in self.actors:

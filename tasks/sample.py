@@ -9,6 +9,8 @@ DDPM noise to both samplers, so their results are directly comparable.
 from __future__ import annotations
 
 import io
+import os
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from fdm_core.picard import picard_sample
+from fdm_core.picard import PicardStats, Solver, picard_sample
 from fdm_core.precond import Denoiser
 from fdm_core.samplers import Method, nfe, process_grid, sample, step_delta
 from infra.ray_evaluator import RayEvaluator, StepFn, Strategy
@@ -40,10 +42,12 @@ class SampleConfig(BaseModel):
     picard: bool = False
     window: int = Field(64, ge=1)
     tol: float = Field(0.1, gt=0)
+    solver: Solver = Field("picard", description="Picard's fixed-point solver: plain, or ParaTAA's Anderson")
     actors: int = Field(0, ge=0, description="Ray actors evaluating Picard windows; 0 = local batched call")
     actor_cpus: float = Field(1.0, gt=0, description="logical CPUs per actor")
     strategy: Strategy = "PACK"
     compare: bool = Field(False, description="also run the sequential sampler and report the deviation")
+    pairs: int = Field(1, ge=1, description="with compare: timed (sequential, Picard) pairs, alternating")
 
     @model_validator(mode="after")
     def _picard_options(self) -> SampleConfig:
@@ -97,7 +101,11 @@ def generate(
     endpoint_url: str | None = None,
     device: str = "cpu",
 ) -> tuple[Tensor, dict[str, Any]]:
-    """Samples (unclipped) and stats: cost (parallel iterations, model evaluations), wall and setup time."""
+    """Samples (unclipped) and stats: cost (parallel iterations, model evaluations), wall and setup time.
+
+    With `compare`, the first Picard run warms up (actors, caches) and is not timed; then `pairs` pairs of
+    (sequential, Picard) runs alternate on the same CPUs, with the actors kept up, so a change of load hits
+    both arms alike: the speed-up is the median of the pairs' ratios, with their min and max."""
     t_setup = time.perf_counter()
     model, spec = load_model(open_store(model_uri, endpoint_url), "", device)
     sigmas = sampling_grid(spec, model, cfg.steps)
@@ -117,33 +125,72 @@ def generate(
             StepFactory(model_uri, endpoint_url), cfg.actors, cfg.strategy, num_cpus=cfg.actor_cpus
         )
     stats["setup_seconds"] = time.perf_counter() - t_setup
+
+    def sequential() -> Tensor:
+        return sample(model, x, sigmas, method, draw())
+
+    def parallel() -> tuple[Tensor, PicardStats]:
+        return picard_sample(model, x, sigmas, method, cfg.window, cfg.tol, draw(), evaluator, cfg.solver)
+
     try:
         t0 = time.perf_counter()
-        if cfg.picard:
-            out, ps = picard_sample(model, x, sigmas, method, cfg.window, cfg.tol, draw(), evaluator)
-            stats.update(
-                window=cfg.window,
-                tol=cfg.tol,
-                actors=cfg.actors,
-                parallel_iterations=ps.parallel_iterations,
-                model_evaluations=ps.model_evaluations,
-                strides=ps.strides,
-                errors=ps.errors,
-            )
-        else:
-            out = sample(model, x, sigmas, method, draw())
+        if not cfg.picard:
+            out = sequential()
             stats.update(parallel_iterations=steps, model_evaluations=nfe(method, steps))
+            stats["wall_seconds"] = time.perf_counter() - t0
+            return out, stats
+        out, ps = parallel()
         stats["wall_seconds"] = time.perf_counter() - t0
+        if cfg.compare:
+            stats["load_before"] = os.getloadavg()[0]
+            if evaluator is not None:
+                evaluator.times = type(evaluator.times)()
+            seq_s, par_s = [], []
+            for _ in range(cfg.pairs):
+                t0 = time.perf_counter()
+                ref = sequential()
+                t1 = time.perf_counter()
+                out, ps = parallel()
+                seq_s.append(t1 - t0)
+                par_s.append(time.perf_counter() - t1)
+            ratios = [a / b for a, b in zip(seq_s, par_s)]
+            stats.update(
+                load_after=os.getloadavg()[0],
+                pairs=cfg.pairs,
+                sequential_seconds=statistics.median(seq_s),
+                wall_seconds=statistics.median(par_s),
+                speedup=statistics.median(ratios),
+                speedup_min=min(ratios),
+                speedup_max=max(ratios),
+                max_deviation=float((out - ref).abs().max()),
+            )
+        stats.update(
+            window=cfg.window,
+            tol=cfg.tol,
+            solver=cfg.solver,
+            actors=cfg.actors,
+            parallel_iterations=ps.parallel_iterations,
+            model_evaluations=ps.model_evaluations,
+            strides=ps.strides,
+            errors=ps.errors,
+            **iteration_breakdown(ps, evaluator),
+        )
     finally:
         if evaluator is not None:
             evaluator.close()
-    if cfg.picard and cfg.compare:
-        t0 = time.perf_counter()
-        ref = sample(model, x, sigmas, method, draw())
-        stats["sequential_seconds"] = time.perf_counter() - t0
-        stats["speedup"] = stats["sequential_seconds"] / stats["wall_seconds"]
-        stats["max_deviation"] = float((out - ref).abs().max())
     return out, stats
+
+
+def iteration_breakdown(ps: PicardStats, evaluator: RayEvaluator | None) -> dict[str, float]:
+    """Milliseconds per parallel iteration of the last Picard run: in the evaluator and in Picard's update;
+    on actors, the evaluator's share split as `CallTimes` (averaged over the timed runs)."""
+    n = max(ps.parallel_iterations, 1)
+    out = {"ms_per_iteration": 1e3 * (ps.evaluate_seconds + ps.update_seconds) / n}
+    out["ms_evaluate"] = 1e3 * ps.evaluate_seconds / n
+    out["ms_update"] = 1e3 * ps.update_seconds / n
+    if evaluator is not None:
+        out.update({f"ms_actor_{k}": v for k, v in evaluator.times.per_call_ms().items()})
+    return out
 
 
 def samples_npz(samples: Tensor, stats: dict[str, Any]) -> bytes:

@@ -127,10 +127,10 @@ def test_fdm_bench_passes_options_and_exit_codes(
 
 def test_picard_tiny_builds_report_and_plot(ray_local: None) -> None:
     report, files = picard.run(picard.MODES["tiny"])
-    table = "| model | sampler | evaluator | window | tol | sequential ms | Picard ms | speed-up "
-    anchors = ["Paper anchors (DESIGN.md §5)", "## Goal: >= 3x lower latency for DDPM-20"]
+    table = "| sampler | evaluator | solver | window | tol | sequential ms | Picard ms | speed-up | min-max "
+    anchors = ["Published figures: ParaDiGMS", "## Goals of issue 26"]
     check_report(report, files, [table], anchors)
-    assert list(files) == ["picard_tiny.png"] and "| digits U-Net | ddpm 20 | Ray x1 |" in report
+    assert list(files) == ["picard_tiny.png"] and "| DDPM-20 | Ray x1 | anderson |" in report
 
 
 def test_busy_seconds_is_the_union_of_intervals() -> None:

@@ -1,5 +1,6 @@
 """The picard_sample stage's declaration and config: ParaDiGMS sampling of a pipeline model on a pool of
-Ray actors that each hold the model, against the sequential sampler with the same noise."""
+Ray actors that each hold the model, against the sequential sampler with the same noise, timed in
+alternating pairs."""
 
 from __future__ import annotations
 
@@ -26,8 +27,21 @@ class PicardSampleConfig(BaseModel):
     seed: int = 0
     window: int = Field(32, ge=1, description="Picard window p: steps evaluated in parallel")
     tol: float = Field(0.1, gt=0, description="Picard tolerance tau on the per-step error")
+    solver: Literal["picard", "anderson"] = Field(
+        "picard",
+        description="the fixed-point solver: plain Picard (ParaDiGMS) or ParaTAA's triangular Anderson "
+        "acceleration (same fixed point, error test and window; fewer iterations)",
+    )
+    pairs: int = Field(
+        3, ge=3, description="timed (sequential, Picard) pairs, alternating; the headline is their median"
+    )
     actors: int = Field(2, ge=0, description="Ray actors holding the model; 0 = one local batched call")
-    actor_cpus: float = Field(0.5, gt=0, description="logical CPUs per actor (each also takes a GPU if any)")
+    actor_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="logical CPUs per actor (each also takes a GPU if any); with resources.sample.num_cpus "
+        "they should add up to the machine's CPUs, so that no other stage computes while the stage times",
+    )
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="placement of the actors; STRICT_SPREAD puts one per node on a cluster"
     )
@@ -41,5 +55,5 @@ STAGE = StageKind(
     output="samples",
     resources="sample",
     headline="speedup",
-    version="1",
+    version="2",
 )
