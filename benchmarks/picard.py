@@ -182,17 +182,19 @@ def noise() -> torch.Generator:
 
 
 def paired(
-    seq: Callable[[], Any], par: Callable[[], Any], pairs: int
+    seq: Callable[..., Any], par: Callable[..., Any], pairs: int
 ) -> tuple[list[float], list[float], Any]:
-    """Wall seconds of the sequential and the Picard run, timed alternately so that a change in the machine's
-    load hits both alike; one warm-up Picard run first. Returns the last Picard result."""
-    result = par()
+    """Wall seconds of the sequential and the Picard run, each given the same fresh noise generator, timed
+    alternately so that a change in the machine's load hits both alike; one warm-up Picard run first.
+    Returns the last Picard result."""
+    result = par(generator=noise())
     seq_s, par_s = [], []
     for _ in range(pairs):
+        gen_seq, gen_par = noise(), noise()
         t0 = time.perf_counter()
-        seq()
+        seq(generator=gen_seq)
         t1 = time.perf_counter()
-        result = par()
+        result = par(generator=gen_par)
         seq_s.append(t1 - t0)
         par_s.append(time.perf_counter() - t1)
     return seq_s, par_s, result
@@ -231,9 +233,17 @@ def bench(denoiser: Denoiser, uri: str, mode: Mode) -> tuple[list[Row], dict[str
                 if evaluator is not None:
                     evaluator.times = type(evaluator.times)()
                 seq_s, par_s, (out, st) = paired(
-                    partial(sample, denoiser, x, sigmas, method, noise()),
+                    partial(sample, denoiser, x, sigmas, method),
                     partial(
-                        picard_sample, denoiser, x, sigmas, method, window, tol, noise(), evaluator, solver
+                        picard_sample,
+                        denoiser,
+                        x,
+                        sigmas,
+                        method,
+                        window,
+                        tol,
+                        evaluator=evaluator,
+                        solver=solver,
                     ),
                     mode.pairs,
                 )

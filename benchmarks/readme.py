@@ -171,106 +171,78 @@ def make_run(results: Path) -> str:
 
 
 def _picard_rows(r: Report) -> list[dict[str, str]]:
-    return r.table("model").records()
-
-
-def _sampler_name(s: str) -> str:
-    method, steps = s.split()
-    return f"{'DDPM' if method == 'ddpm' else method.capitalize()}-{steps}"
+    return r.table("sampler").records()
 
 
 def _evaluator_name(e: str) -> str:
     m = re.fullmatch(r"Ray x(\d+)", e)
-    return f"Ray ×{m.group(1)} actors" if m else e
+    return f"Ray ×{m.group(1)} actor{'s' if m.group(1) != '1' else ''}" if m else e
 
 
 def _ms_range(rows: list[dict[str, str]]) -> str:
-    per_iteration = [num(row["ms per step / per iteration"].split("/")[1]) for row in rows]
+    per_iteration = [num(row["ms per iteration"]) for row in rows]
     return f"{min(per_iteration):g}–{max(per_iteration):g} ms"
 
 
 def picard(results: Path) -> str:
-    """Per sampler on the digits U-Net: the fastest local batched row, the best within the goal's iteration
-    limit, the fastest at the tightest tolerance, and the fastest on 2 Ray actors."""
+    """Per sampler on the digits U-Net: the fastest row of each (evaluator, solver), then the report's goal
+    table (issue 26's goals with today's value and this run's) and the published figures."""
     r = report("picard", results)
-    goal = r.find(r"^## Goal: (.+?<= (\d+) parallel iterations)\s*$", "## Goal: heading", re.MULTILINE)
-    limit = int(goal.group(2))
-    verdict = r.find(r"^## Goal: .*\n\n(.+)\n(.+)$", "goal verdict lines", re.MULTILINE)
-    rows = [row for row in _picard_rows(r) if row["model"] == "digits U-Net"]
-
-    def speed(i: int) -> float:
-        return num(rows[i]["speed-up"])
-
-    picked: dict[int, bool] = {}  # row index -> is the goal row
-    for sampler in dict.fromkeys(row["sampler"] for row in rows):
-        mine = [i for i, row in enumerate(rows) if row["sampler"] == sampler]
-        local = [i for i in mine if rows[i]["evaluator"] == "local batched"]
-        tightest = min(num(rows[i]["tol"]) for i in local)
-        within = [i for i in local if num(rows[i]["parallel iterations"]) <= limit]
-        goal_row = max(within, key=speed) if within and sampler == "ddpm 1000" else None
-        for i in [
-            max(local, key=speed),
-            goal_row,
-            max((i for i in local if num(rows[i]["tol"]) == tightest), key=speed),
-            max((i for i in mine if rows[i]["evaluator"] == "Ray x2"), key=speed, default=None),
-        ]:
-            if i is not None:
-                picked[i] = picked.get(i, False) or i == goal_row
-    out = []
-    for i in sorted(picked):
-        row = rows[i]
-        cells = [
-            _sampler_name(row["sampler"]),
+    rows = _picard_rows(r)
+    best: dict[tuple[str, str, str], dict[str, str]] = {}
+    for row in rows:
+        key = (row["sampler"], row["evaluator"], row["solver"])
+        if key not in best or num(row["speed-up"]) > num(best[key]["speed-up"]):
+            best[key] = row
+    out = [
+        [
+            row["sampler"],
             _evaluator_name(row["evaluator"]),
+            row["solver"],
             row["window"],
             row["tol"],
-            row["speed-up"].replace("x", "×"),
+            f"{row['speed-up'].replace('x', '×')} ({row['min-max']})",
             row["parallel iterations"],
-            row["model evaluations"],
+            row["ms per iteration"],
             row["deviation"],
         ]
-        if picked[i]:
-            cells[4], cells[5] = bold(cells[4]), bold(cells[5])
-        out.append(cells)
-    header = ["sampler", "evaluator", "window", "tolerance", "speed-up", "parallel iterations"]
-    header += ["model evaluations", "max deviation"]
-    ddpm = [row for row in rows if row["sampler"] == "ddpm 1000"]
-    per_evaluator = ", ".join(
-        f"{_evaluator_name(e)} {_ms_range([row for row in ddpm if row['evaluator'] == e])}"
-        for e in dict.fromkeys(row["evaluator"] for row in ddpm)
-    )
+        for row in best.values()
+    ]
+    header = ["sampler", "evaluator", "solver", "window", "tolerance", "speed-up (min–max)"]
+    header += ["parallel iterations", "ms per iteration", "max deviation"]
+    goal = r.table("goal", under="Goals")
     return "\n\n".join(
         [
             r.source(),
-            md_table(header, out, "llrrrrrr"),
-            f"Goal: {goal.group(1)}. {verdict.group(1)} {verdict.group(2)}",
-            f"Time per Picard iteration, digits U-Net, DDPM-1000: {per_evaluator}.",
-            r.line("Paper anchors"),
+            md_table(header, out, "lllrrrrrr"),
+            md_table(goal.header, goal.rows, "lllll"),
+            r.line("Published figures"),
         ]
     )
 
 
 def picard_cluster(results: Path) -> str:
-    """The toy-MLP rows behind "Picard actors on a cluster": local batched vs Ray actors on one machine."""
+    """The digits U-Net rows behind "Picard actors on a cluster": local batched vs Ray actors on one
+    machine, and what an actor call adds to an iteration."""
     r = report("picard", results)
-    rows = [row for row in _picard_rows(r) if row["model"] == "toy MLP"]
+    rows = [row for row in _picard_rows(r) if row["sampler"] == "DDPM-1000"]
 
-    def pick(sampler: str, evaluator: str) -> dict[str, str]:
-        mine = [row for row in rows if row["sampler"] == sampler and row["evaluator"] == evaluator]
+    def pick(evaluator: str) -> dict[str, str]:
+        mine = [row for row in rows if row["evaluator"] == evaluator]
         if not mine:
-            raise ReportError(f"{r.path}: no toy MLP row for {sampler}, {evaluator}")
+            raise ReportError(f"{r.path}: no DDPM-1000 row for {evaluator}")
         return max(mine, key=lambda row: num(row["speed-up"]))
 
-    local, ray2 = pick("ddpm 1000", "local batched"), pick("ddpm 1000", "Ray x2")
-    euler = pick("euler 100", "Ray x2")
-    ray_rows = [row for row in rows if row["evaluator"].startswith("Ray")]
-    local_rows = [row for row in rows if row["evaluator"] == "local batched"]
+    local, ray1, ray2 = pick("local batched"), pick("Ray x1"), pick("Ray x2")
+    parts = ray1["actor submit / compute / overhead / gather"].split(" / ")
     return (
-        f"In `{r.path}` ({r.machine().split(',')[0]}), toy MLP, DDPM-1000: best {local['speed-up']} local "
-        f"batched (window {local['window']}), best {ray2['speed-up']} on 2 Ray actors "
-        f"(window {ray2['window']}); "
-        f"Euler-100 on 2 Ray actors: at best {euler['speed-up']}, slower than sequential. A Picard iteration "
-        f"took {_ms_range(local_rows)} local batched and {_ms_range(ray_rows)} on Ray actors."
+        f"In `{r.path}` ({r.machine().split(',')[0]}), digits U-Net, DDPM-1000, one sample: best "
+        f"{local['speed-up']} local batched (window {local['window']}, {local['solver']}), "
+        f"{ray1['speed-up']} on 1 Ray actor and {ray2['speed-up']} on 2 (window {ray2['window']}, "
+        f"{ray2['solver']}). A Picard iteration took {_ms_range([local])} local batched, "
+        f"{_ms_range([ray1])} on 1 actor and {_ms_range([ray2])} on 2; of the 1-actor call, "
+        f"{parts[1]} ms was the actor's compute and {float(parts[0]) + float(parts[2]) + float(parts[3]):.1f} ms "
+        "Ray's (submit, scheduling and transfer, gather)."
     )
 
 

@@ -44,21 +44,30 @@ def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(4, 2, generator=torch.Generator().manual_seed(seed)) * 80.0, sigmas
 
 
-def _picard(model_uri: str, evaluator=None):
+def _picard(model_uri: str, evaluator=None, solver: str = "picard"):
     model, _ = load_model(open_store(model_uri), "")
     x, sigmas = _inputs()
-    return picard_sample(model, x, sigmas, "ddpm", 16, 0.1, torch.Generator().manual_seed(1), evaluator)
+    gen = torch.Generator().manual_seed(1)
+    return picard_sample(model, x, sigmas, "ddpm", 16, 0.1, gen, evaluator, solver)  # type: ignore[arg-type]
 
 
-def test_two_actors_give_the_local_result(ray_local: None, model_uri: str) -> None:
-    local, local_stats = _picard(model_uri)
-    with RayEvaluator(StepFactory(model_uri), actors=2) as evaluator:
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_two_actors_give_the_local_result(ray_local: None, model_uri: str, solver: str) -> None:
+    local, local_stats = _picard(model_uri, solver=solver)
+    with RayEvaluator(StepFactory(model_uri), actors=2, num_cpus=1) as evaluator:
         assert len(set(evaluator.pids())) == 2
-        out, stats = _picard(model_uri, evaluator)
+        # Each actor sets torch's threads to the CPUs it holds; Ray runs its workers at a lower priority.
+        assert all(i["threads"] == 1 and i["niceness"] >= 0 for i in evaluator.replica_info)
+        out, stats = _picard(model_uri, evaluator, solver)
+        times = evaluator.times
     # Chunked batches may round differently in fp32; the trajectory of windows is the same.
     torch.testing.assert_close(out, local, rtol=1e-5, atol=1e-5)
     assert stats.strides == local_stats.strides
     assert stats.model_evaluations == local_stats.model_evaluations
+    # One call (one task per actor, one ray.get) per iteration; the actors' compute is part of the wait.
+    assert times.calls == stats.parallel_iterations
+    ms = times.per_call_ms()
+    assert 0 < ms["compute"] <= ms["wait"] and ms["total"] >= ms["wait"]
 
 
 def test_killed_actor_restarts_reloads_weights_and_the_result_is_unchanged(
@@ -149,6 +158,9 @@ def test_picard_sample_stage_on_actors_matches_sequential(
     m = result.metrics
     assert m["parallel_iterations"] == int(npz["parallel_iterations"]) < STEPS
     assert m["model_evaluations"] >= STEPS and m["speedup"] > 0
+    # The headline is the median of 3 alternating pairs, logged with its spread and where an iteration went.
+    assert m["pairs"] == 3 and m["speedup_min"] <= m["speedup"] <= m["speedup_max"]
+    assert m["ms_per_iteration"] > 0 and m["ms_actor_compute"] > 0 and "ms_actor_overhead" in m
     assert m["max_deviation"] < 0.1  # tolerance 0.1 on data of scale ~1
     assert (Path(result.outputs["samples"]) / "samples.png").stat().st_size > 0
 
