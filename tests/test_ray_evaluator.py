@@ -56,8 +56,10 @@ def test_two_actors_give_the_local_result(ray_local: None, model_uri: str, solve
     local, local_stats = _picard(model_uri, solver=solver)
     with RayEvaluator(StepFactory(model_uri), actors=2, num_cpus=1) as evaluator:
         assert len(set(evaluator.pids())) == 2
-        # Each actor sets torch's threads to the CPUs it holds; Ray runs its workers at a lower priority.
-        assert all(i["threads"] == 1 and i["niceness"] >= 0 for i in evaluator.replica_info)
+        # Each actor sets torch's threads to the CPUs it holds, and runs at the caller's priority where the
+        # OS lets it (Ray starts workers at nice 15).
+        me = os.getpriority(os.PRIO_PROCESS, 0)
+        assert all(i["threads"] == 1 and me <= i["niceness"] <= 15 for i in evaluator.replica_info)
         out, stats = _picard(model_uri, evaluator, solver)
         times = evaluator.times
     # Chunked batches may round differently in fp32; the trajectory of windows is the same.
