@@ -179,11 +179,6 @@ def _evaluator_name(e: str) -> str:
     return f"Ray ×{m.group(1)} actor{'s' if m.group(1) != '1' else ''}" if m else e
 
 
-def _ms_range(rows: list[dict[str, str]]) -> str:
-    per_iteration = [num(row["ms per iteration"]) for row in rows]
-    return f"{min(per_iteration):g}–{max(per_iteration):g} ms"
-
-
 def picard(results: Path) -> str:
     """Per sampler on the digits U-Net: the fastest row of each (evaluator, solver), then the report's goal
     table (issue 26's goals with today's value and this run's) and the published figures."""
@@ -235,14 +230,15 @@ def picard_cluster(results: Path) -> str:
 
     local, ray1, ray2 = pick("local batched"), pick("Ray x1"), pick("Ray x2")
     parts = ray1["actor submit / compute / overhead / gather"].split(" / ")
+    ray_ms = float(parts[0]) + float(parts[2]) + float(parts[3])
     return (
         f"In `{r.path}` ({r.machine().split(',')[0]}), digits U-Net, DDPM-1000, one sample: best "
         f"{local['speed-up']} local batched (window {local['window']}, {local['solver']}), "
         f"{ray1['speed-up']} on 1 Ray actor and {ray2['speed-up']} on 2 (window {ray2['window']}, "
-        f"{ray2['solver']}). A Picard iteration took {_ms_range([local])} local batched, "
-        f"{_ms_range([ray1])} on 1 actor and {_ms_range([ray2])} on 2; of the 1-actor call, "
-        f"{parts[1]} ms was the actor's compute and {float(parts[0]) + float(parts[2]) + float(parts[3]):.1f} ms "
-        "Ray's (submit, scheduling and transfer, gather)."
+        f"{ray2['solver']}). A Picard iteration took {local['ms per iteration']} ms local batched, "
+        f"{ray1['ms per iteration']} ms on 1 actor and {ray2['ms per iteration']} ms on 2; of the 1-actor "
+        f"call, {parts[1]} ms was the actor's compute and {ray_ms:.1f} ms Ray's (submit, scheduling and "
+        "transfer, gather)."
     )
 
 
