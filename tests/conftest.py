@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -70,3 +73,110 @@ def ray_worker_pid(task_name: str) -> int | None:
             if cmd.startswith(f"ray::{task_name}"):
                 return int(proc.name)
     return None
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Set before Ray starts and for every process a multi-node test launches: every node stays on 127.0.0.1.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@dataclass
+class MultiNode:
+    """The running multi-node cluster: `cluster` (ray.cluster_utils.Cluster), its `workers` by custom
+    resource name ("node_w1", "node_w2"), `gcs` (host:port for `--address`/RAY_ADDRESS), `job_api`
+    (http:// for `fdm submit`), `s3` (moto endpoint), `tracking` (the `fdm tracking-server` URL) and
+    `overrides` (the `--set`s that point a pipeline at the S3 store and the tracking server)."""
+
+    cluster: Any
+    workers: dict[str, Any]
+    gcs: str
+    job_api: str
+    s3: str
+    tracking: str
+    store_root: str
+
+    @property
+    def overrides(self) -> list[str]:
+        return [
+            f"tracking.uri={self.tracking}",
+            f"store.root={self.store_root}",
+            f"store.endpoint_url={self.s3}",
+        ]
+
+    def add_worker(self, name: str) -> Any:
+        """Start a worker node with 2 CPUs and the custom resource `name` (e.g. to replace a removed one)."""
+        node = self.cluster.add_node(num_cpus=2, resources={name: 1})
+        self.cluster.wait_for_nodes()
+        self.workers[name] = node
+        return node
+
+    def remove_worker(self, name: str) -> None:
+        """Kill the worker node `name` like a lost machine (no graceful drain)."""
+        self.cluster.remove_node(self.workers.pop(name), allow_graceful=False)
+
+
+@pytest.fixture(scope="module")
+def multinode(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNode]:
+    """A 3-node Ray cluster on 127.0.0.1, shaped like ray_cluster.yaml, for one test module (issue 25).
+
+    `ray.cluster_utils.Cluster`: a head with num_cpus=0 and the job API (dashboard) on, and 2 worker nodes
+    with 2 CPUs each and the custom resources {"node_w1": 1} and {"node_w2": 1}, so a test can aim a task at
+    a node (`resources={"node_w1": 0.01}`) or kill one (`remove_worker`). Its store is a fresh prefix in
+    the moto S3 bucket, its MLflow `fdm tracking-server` (sqlite runs, artifacts proxied to S3). The
+    environment (LOOPBACK_ENV, the fake AWS settings) holds for the module and every process it launches.
+    Nothing is left running: the tracking server and every Ray node are stopped at the end. Tests that
+    remove a node should add its replacement (`add_worker`) if later tests in the module need two."""
+    from ray.cluster_utils import Cluster
+
+    from infra.mlflow_server import start_tracking_server, stop_tracking_server
+
+    root = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
+    tmp = tmp_path_factory.mktemp("multinode")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in LOOPBACK_ENV.items():
+            mp.setenv(name, value)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        from ray._private import ray_constants
+
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # if Ray was imported before the env var
+        port = free_port()
+        proc = start_tracking_server(
+            f"sqlite:///{tmp / 'mlflow.db'}",
+            f"{root}/mlflow",
+            port=port,
+            env={"MLFLOW_S3_ENDPOINT_URL": s3_server},
+        )
+        dashboard = free_port()
+        cluster = Cluster(
+            initialize_head=True,
+            connect=False,
+            head_node_args={
+                "num_cpus": 0,
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": dashboard,
+            },
+        )
+        try:
+            workers = {
+                name: cluster.add_node(num_cpus=2, resources={name: 1}) for name in ("node_w1", "node_w2")
+            }
+            cluster.wait_for_nodes()
+            yield MultiNode(
+                cluster,
+                workers,
+                cluster.address,
+                f"http://127.0.0.1:{dashboard}",
+                s3_server,
+                f"http://127.0.0.1:{port}",
+                f"{root}/store",
+            )
+        finally:
+            cluster.shutdown()
+            stop_tracking_server(proc)
