@@ -25,9 +25,12 @@ class ClusterError(ConnectionError):
 
 
 def cluster_address(address: str | None) -> str | None:
-    """The cluster to join: `address`, else RAY_ADDRESS; None (or "local") means start one here."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    return None if address == "local" else address
+    """The cluster to join, by Ray's own rule: RAY_ADDRESS when `address` is None or "auto", else
+    `address`; None (or "local") means start one here. "auto" is left only when RAY_ADDRESS is unset (the
+    cluster is then found through the `ray_current_cluster` file in Ray's temp directory)."""
+    if address in (None, "auto"):
+        address = os.environ.get("RAY_ADDRESS") or address
+    return None if address in (None, "", "local") else address
 
 
 @contextlib.contextmanager
@@ -43,11 +46,15 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def probe_cluster(address: str, timeout: float = PROBE_SECONDS, found: bool = False) -> None:
+def probe_cluster(address: str, timeout: float = PROBE_SECONDS) -> None:
     """Raise ClusterError unless the Ray cluster at `address` (host:port of its GCS, "auto", or a
     ray://host:port client address) accepts a TCP connection within `timeout` seconds and, for a GCS,
-    this client's authentication. `found`: the address was not given but found (RAY_ADDRESS, "auto"), where
-    ray.init turns token authentication on by itself if a token file exists; so does the probe."""
+    this client's authentication.
+
+    Token authentication is turned on in this process only for "auto" (a local cluster found through Ray's
+    temp directory, where ray.init does the same), never for a given address or RAY_ADDRESS: a driver in
+    token mode refuses the unauthenticated calls of a token-less cluster's workers, so the first actor it
+    creates dies before it runs (the `fdm submit` failure of issue 25, where ~/.ray/auth_token existed)."""
     import ray
     from ray._private.services import canonicalize_bootstrap_address
 
@@ -81,7 +88,7 @@ def probe_cluster(address: str, timeout: float = PROBE_SECONDS, found: bool = Fa
     )
     from ray._raylet import GcsClient
 
-    if found or address == "auto":
+    if address == "auto":
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     try:
         with _quiet_stderr():

@@ -1,6 +1,7 @@
 """Ray start-up and the small shared actor that stages report their progress to.
 
-Locally Ray starts embedded and listens on loopback only; with an address (`--address` or RAY_ADDRESS, as
+Without an address Ray starts embedded (`address="local"`, even when another cluster runs on this machine)
+and listens on loopback only; with an address (`--address` or RAY_ADDRESS, as
 Ray Jobs set it for their driver) it joins an existing cluster, without resource arguments (those describe
 a cluster being started), after `infra.ray_join.probe_cluster` has checked it can.
 """
@@ -31,9 +32,9 @@ def init_ray(
         return False
     join = cluster_address(address)
     if join:
-        probe_cluster(join, found=address in (None, "auto"))
-        try:  # address None: Ray reads RAY_ADDRESS itself, as it would without this project
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        probe_cluster(join)
+        try:  # Ray itself would read RAY_ADDRESS for None or "auto": join is what it would join
+            ray.init(address=join, logging_level="ERROR", log_to_driver=False)
         except ray.exceptions.AuthenticationError:
             raise ClusterError(f"the Ray cluster at {join} refused this client: {AUTH_HINT}") from None
     else:
@@ -41,6 +42,7 @@ def init_ray(
         # single-node switch is off (as on macOS/Windows): off, the embedded cluster stays on loopback.
         ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(
+            address="local",  # always a new one: never a cluster found running on this machine
             num_cpus=num_cpus or os.cpu_count(),
             runtime_env={"worker_process_setup_hook": setup_hook} if setup_hook else None,
             include_dashboard=False,
