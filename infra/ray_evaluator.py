@@ -23,6 +23,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
+from infra.placement import check, placement_timeout, wait_ready
+
 StepFn = Callable[[Tensor, Tensor, Tensor, str], Tensor]
 StepFactory = Callable[[], StepFn]
 Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
@@ -91,7 +93,10 @@ class RayEvaluator:
     went.
 
     The actors are gang-scheduled in one placement group (`strategy`: PACK or SPREAD on one machine,
-    STRICT_SPREAD for one node per replica on a cluster) with one GPU each when the cluster has GPUs.
+    STRICT_SPREAD for one node per replica on a cluster) with one GPU each when the cluster has GPUs; a
+    group the cluster can never hold fails at once, one not placed within `ready_timeout_s` (default
+    infra.placement.placement_timeout(), 60 s) fails then, both naming the request and the cluster's nodes.
+    An actor whose node is lost restarts where its bundle is placed again (Ray reschedules it).
     Use as a context manager, or call `close()`, to free the actors and their placement group.
     """
 
@@ -104,22 +109,22 @@ class RayEvaluator:
         num_gpus: float | None = None,
         max_restarts: int = 3,
         max_task_retries: int = 3,
-        ready_timeout_s: float = 300.0,
+        ready_timeout_s: float | None = None,
     ) -> None:
         if actors < 1:
             raise ValueError(f"actors: must be >= 1 (got {actors})")
         if num_gpus is None:
             num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        self.placement_group = placement_group([bundle] * actors, strategy=strategy)
+        ready_timeout_s = placement_timeout() if ready_timeout_s is None else ready_timeout_s
+        bundles = [bundle] * actors
+        check("Picard placement group", bundles, strategy)  # one that can never be placed fails at once
+        self.placement_group = placement_group(bundles, strategy=strategy)
         try:
-            ray.get(self.placement_group.ready(), timeout=ready_timeout_s)
-        except ray.exceptions.GetTimeoutError as err:
+            wait_ready(self.placement_group, "Picard placement group", bundles, strategy, ready_timeout_s)
+        except BaseException:
             remove_placement_group(self.placement_group)
-            raise RuntimeError(
-                f"placement group: {actors} x {bundle} with strategy {strategy} could not be placed within "
-                f"{ready_timeout_s:.0f} s; cluster resources are {ray.cluster_resources()}"
-            ) from err
+            raise
         replica = ray.remote(ModelReplica)
         self.actors = [
             replica.options(

@@ -56,9 +56,12 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ProgressBoard:
-    """Latest status of each stage (state, step, total, start), written by workers, read by the driver."""
+    """Latest status of each stage (state, step, total, start), written by workers, read by the driver.
+
+    In memory, never on a disk; `new_board()` puts it on the driver's own node, so losing a worker node
+    never loses it (and if it restarts anyway, calls wait for it)."""
 
     def __init__(self) -> None:
         self.stages: dict[str, dict[str, Any]] = {}
@@ -71,3 +74,11 @@ class ProgressBoard:
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return self.stages
+
+
+def new_board() -> Any:
+    """A ProgressBoard on the driver's node (soft: anywhere if that node cannot take it)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return ProgressBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()

@@ -213,9 +213,12 @@ class Tracking:
         dataset = MetaDataset(source, name=name, digest=digest[:36])._to_mlflow_entity()
         self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
-    def close_stale(self, parent_run_id: str, stage: str | None = None, status: str = "KILLED") -> int:
+    def close_stale(
+        self, parent_run_id: str, stage: str | None = None, status: str = "KILLED", reason: str = ""
+    ) -> int:
         """Mark child runs (of `stage`, or all) still RUNNING as `status`: KILLED when their worker died
-        before a retry or the run was interrupted, FAILED when the stage's retries are used up."""
+        before a retry or the run was interrupted, FAILED when the stage's retries are used up; `reason`
+        goes to their `fdm.end_reason` tag, "{node}" in it replaced by the node the run was on."""
         only = f" and tags.stage = '{stage}'" if stage else ""
         stale = self.client.search_runs(
             [self.experiment_id],
@@ -223,8 +226,22 @@ class Tracking:
             "and attributes.status = 'RUNNING'",
         )
         for run in stale:
+            if reason:
+                tags = run.data.tags
+                node = f"{tags.get('fdm.node_id', '?')[:8]} ({tags.get('fdm.node_ip', '?')})"
+                self.set_tags(run.info.run_id, {"fdm.end_reason": reason.replace("{node}", node)})
             self.end(run.info.run_id, status)
         return len(stale)
+
+    def attempts(self, parent_run_id: str, stage: str) -> int:
+        """How many computing attempts of `stage` (child runs tagged `fdm.attempt`) the parent run has."""
+        return len(
+            self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}' "
+                "and tags.`fdm.attempt` LIKE '%'",
+            )
+        )
 
     def fail_orphans(self, host: str, alive: Callable[[int, float], bool]) -> list[str]:
         """Mark RUNNING parent runs of this experiment whose driver (tags fdm.driver_host/pid/started) ran on

@@ -30,6 +30,10 @@ from tasks.stage import BadInputError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # The modules of benchmarks/ that `fdm bench NAME` runs, each with a `main(argv)`.
+ALLOW_LOCAL = (
+    "on a cluster of several nodes, accept a local store.root or sqlite tracking.uri (the path is on a "
+    "filesystem every node shares)"
+)
 BENCHMARKS = ("fdm_training", "fdm_sampling", "distillation", "picard", "pipeline", "loader_throughput")
 
 
@@ -48,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set train.steps=500 (repeatable)",
     )
     run.add_argument("--address", default=None, help="join this Ray cluster instead of starting one locally")
+    run.add_argument("--allow-local", action="store_true", help=ALLOW_LOCAL)
 
     stages = sub.add_parser("stages", help="the stage table of a past pipeline run")
     stages.add_argument("run_id", help="the pipeline's (parent) MLflow run id, as `fdm run` prints it")
@@ -73,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     rerun.add_argument(
         "--address", default=None, help="join this Ray cluster instead of starting one locally"
     )
+    rerun.add_argument("--allow-local", action="store_true", help=ALLOW_LOCAL)
 
     bench = sub.add_parser(
         "bench",
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             command = shlex.join(["fdm", *(argv if argv is not None else sys.argv[1:])])
             with interruptible():
-                return _exit_code(run_pipeline(cfg, args.address, console, command))
+                return _exit_code(run_pipeline(cfg, args.address, console, command, args.allow_local))
         if args.command == "stages":
             from pipelines.stages_cmd import past_stages
 
@@ -172,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.address,
                         console,
                         args.overrides,
+                        args.allow_local,
                     )
                 )
     except ConfigError as err:

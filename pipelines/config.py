@@ -154,6 +154,13 @@ class Resources(BaseModel):
         description="the picard_sample stage's driver; its actors take picard.actor_cpus each",
     )
     max_retries: int = Field(2, ge=0, description="Ray retries of a stage after a worker or node dies")
+    placement_timeout: float = Field(
+        60,
+        gt=0,
+        description="seconds a stage or a Picard placement group may wait for resources that exist but are "
+        "in use; one the cluster can never hold fails at once (an autoscaling cluster that can add nodes "
+        "for it waits)",
+    )
 
 
 class StoreConfig(BaseModel):

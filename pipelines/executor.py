@@ -19,6 +19,7 @@ import json
 import os
 import posixpath
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -167,6 +168,17 @@ def stage_tags(spec: StageSpec, env: RunEnv, state: str) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 
+def node_tags() -> dict[str, str]:
+    """The Ray node this process runs on (`fdm.node_id`, `fdm.node_ip`); empty outside Ray."""
+    ray = sys.modules.get("ray")  # imported by every Ray worker; never imported here just to ask
+    if ray is None or not ray.is_initialized():
+        return {}
+    return {
+        "fdm.node_id": ray.get_runtime_context().get_node_id(),
+        "fdm.node_ip": ray.util.get_node_ip_address(),
+    }
+
+
 def log_inputs(env: RunEnv, run_id: str, spec: StageSpec, ups: dict[str, StageResult]) -> None:
     """What a stage consumed, on its run: every input as tags (`fdm.input.<name>`: the output's digest and
     URI); the dataset as an MLflow dataset input; a model input as an MLflow model input when that model
@@ -272,14 +284,19 @@ def _compute(
     if fresh:
         store.delete_prefix(checkpoints)
     previous = current_output(store, spec)
-    retried = tracking.close_stale(env.parent_run_id, spec.name)
-    _report(env, spec.name, state="running", pid=os.getpid(), attempt=retried + 1)
+    attempt = tracking.attempts(env.parent_run_id, spec.name) + 1
+    where = node_tags()
+    lost = f"its worker or node {{node}} was lost; the stage was retried as attempt {attempt}"
+    tracking.close_stale(env.parent_run_id, spec.name, reason=lost)
+    node = where.get("fdm.node_id", "")[:8]
+    _report(env, spec.name, state="running", pid=os.getpid(), attempt=attempt, node=node)
     num_cpus = max(1, int(spec.resources.get("num_cpus", 1)))
     cfg = decl.config.model_validate(spec.config)
     total = decl.total_steps(cfg) if decl.total_steps else None
     version = new_version()
     device = "cuda" if env.use_gpu and spec.resources.get("num_gpus", 0) > 0 else "cpu"
-    with tracking.child_run(env.parent_run_id, spec.name, stage_tags(spec, env, "computed")) as run_id:
+    tags = {**stage_tags(spec, env, "computed"), **where, "fdm.attempt": str(attempt)}
+    with tracking.child_run(env.parent_run_id, spec.name, tags) as run_id:
         tracking.log_params(run_id, {**params(spec), "resolved": {"device": device, "num_threads": num_cpus}})
         log_inputs(env, run_id, spec, ups)
         logged: dict[str, int] = {}  # metric key -> last step the stage logged it at
@@ -319,6 +336,7 @@ def _compute(
                 err = quarantine(store, spec, ups, corrupt) or err
                 tracking.set_tags(run_id, {"corrupt_input": corrupt.uri})
             _report(env, spec.name, state="failed", error=f"{type(err).__name__}: {err}")
+            tracking.set_tags(run_id, {"fdm.end_reason": f"{type(err).__name__}: {err}"[:5000]})
             if isinstance(err, CorruptInputError):
                 raise err from corrupt
             raise

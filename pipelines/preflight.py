@@ -6,7 +6,8 @@ the config field and the path or value at fault (the CLI exits 2):
 - the store root is writable (a probe file is written and deleted) and, when local, has
   `store.min_free_mb` free;
 - every stage still to compute asks for no more CPUs or GPUs than the embedded local cluster has, so a
-  stage never waits forever for resources that cannot appear.
+  stage never waits forever for resources that cannot appear;
+- on a multi-node cluster, no store or tracking path is local to this machine (`node_local`).
 
 It imports neither Ray nor MLflow.
 """
@@ -140,3 +141,15 @@ def check_resources(stages: list[StageSpec], cpus: float, gpus: float) -> None:
 def check_local_resources(stages: list[StageSpec]) -> None:
     """check_resources against the embedded cluster `init_ray` starts: every CPU, every visible GPU."""
     check_resources(stages, float(os.cpu_count() or 1), float(local_gpus()))
+
+
+def node_local(cfg: PipelineConfig) -> list[str]:
+    """The settings of `cfg` that name paths on a machine's own disk (absolute or not): the store root, a
+    sqlite or file tracking store. On a multi-node cluster each node would read and write its own."""
+    found = []
+    uri = cfg.tracking.uri
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        found.append(f"tracking.uri={uri}")
+    if "://" not in cfg.store.root or cfg.store.root.startswith("file://"):
+        found.append(f"store.root={cfg.store.root}")
+    return found

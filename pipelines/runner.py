@@ -74,6 +74,7 @@ class PipelineRun:
     outcomes: dict[str, StageOutcome] = field(default_factory=dict)
     wall_seconds: float = 0.0
     used_ray: bool = False
+    board: dict[str, dict[str, Any]] = field(default_factory=dict)  # the last progress board seen
 
     @property
     def failed(self) -> list[StageOutcome]:
@@ -92,10 +93,10 @@ def headline(spec: StageSpec, result: StageResult | None, error: str | None = No
 
 def stage_table(run: PipelineRun, board: dict[str, dict[str, Any]] | None = None) -> Table:
     table = Table(title=f"pipeline run {run.run_id}")
-    for col in ("stage", "key", "status", "progress", "seconds", "headline"):
+    for col in ("stage", "key", "status", "attempt", "node", "progress", "seconds", "headline"):
         table.add_column(col)
     for name, o in run.outcomes.items():
-        live = (board or {}).get(name, {})
+        live = (board or run.board).get(name, {})
         status = o.status if o.status != "pending" else live.get("state", "pending")
         progress = ""
         if live.get("total") and status == "running":
@@ -109,6 +110,8 @@ def stage_table(run: PipelineRun, board: dict[str, dict[str, Any]] | None = None
             name,
             o.spec.key[:10],
             status,
+            str(live.get("attempt", "")),
+            live.get("node", ""),
             progress,
             f"{secs:.1f}" if secs is not None else "",
             headline(o.spec, o.result, o.error),
@@ -235,8 +238,9 @@ def _wait(
                     o.cause = getattr(err, "cause", None) or err
                     o.error = f"{type(o.cause).__name__}: {o.cause}"
                     # a worker that died on its last retry left its child run RUNNING
-                    env.tracking.close_stale(run.run_id, name, status="FAILED")
-            live.update(ray.get(board.snapshot.remote()))
+                    env.tracking.close_stale(run.run_id, name, status="FAILED", reason=o.error[:5000])
+            run.board = ray.get(board.snapshot.remote())
+            live.update(run.board)
     # Results arrive in any order; in plan (topological) order, a failure below a failure is "not run".
     for o in run.outcomes.values():
         if o.status == "failed" and any(
@@ -325,11 +329,13 @@ def _execute(
     cached_only: set[str] = frozenset(),
     rerun: bool = False,
     command: str = "fdm run",
+    allow_local: bool = False,
 ) -> PipelineRun:
     """Check the tracking URI and the store, resolve the cached stages, check what the rest ask for; if
     any remain, start Ray first, so its prestarted workers warm up while `open_run` sets up the MLflow
     parent run, then submit them and follow them to the end. SIGINT or SIGTERM cancels the Ray tasks,
-    marks the run and its running children KILLED and raises Interrupted."""
+    marks the run and its running children KILLED and raises Interrupted. Joined to a multi-node cluster,
+    a node-local store or tracking path is refused (PreflightError) unless `allow_local`."""
     t0 = time.perf_counter()
     root = cfg.store.root if "://" in cfg.store.root else str(Path(cfg.store.root).resolve())
     store_env = cfg.store.s3_settings().env()
@@ -351,10 +357,15 @@ def _execute(
     with interrupt.interruptible():
         try:
             if pending:
-                from infra.ray_runtime import ProgressBoard, cluster_gpus, init_ray
+                from infra.placement import PLACEMENT_ENV
+                from infra.ray_join import cluster_address
+                from infra.ray_runtime import cluster_gpus, init_ray, new_board
 
                 started = init_ray(address, setup_hook=warm_worker)
                 interrupt.arm()  # after ray.init, which sets its own SIGTERM handler
+                if cluster_address(address):  # joined, not started here
+                    check_joined(cfg, pending, allow_local)
+                store_env[PLACEMENT_ENV] = str(cfg.resources.placement_timeout)
             tracking, run_id = open_run()
             env = RunEnv(
                 store_root=root,
@@ -362,7 +373,7 @@ def _execute(
                 tracking=tracking,
                 parent_run_id=run_id,
                 use_gpu=bool(pending) and cluster_gpus() > 0,
-                board=ProgressBoard.remote() if pending else None,
+                board=new_board() if pending else None,
                 rerun=rerun,
                 lease_timeout=cfg.store.lease_timeout,
                 store_env=store_env,
@@ -392,6 +403,39 @@ def _execute(
                 import ray
 
                 ray.shutdown()
+
+
+def check_joined(cfg: PipelineConfig, pending: list[StageSpec], allow_local: bool) -> None:
+    """On a joined cluster, before anything runs: with more than one node, every node must reach the store
+    and the tracking store (no local path, unless `allow_local`: the user knows it is shared); every stage
+    still to compute must ask for resources some node has (or an autoscaler can add). PreflightError
+    (exit 2) names what is wrong."""
+    from infra.placement import Unplaceable, alive_nodes, check
+
+    nodes = alive_nodes()
+    local = preflight.node_local(cfg)
+    if len(nodes) > 1 and local and not allow_local:
+        raise preflight.PreflightError(
+            f"{' and '.join(local)}: a path on this machine's disk, but the cluster has {len(nodes)} nodes, "
+            "whose workers would each write their own copy. Store in S3 (--set store.root=s3://BUCKET/fdm) "
+            "or on a filesystem every node mounts at the same path, and track to a server (`fdm "
+            "tracking-server`, then --set tracking.uri=http://HEAD:5000); --allow-local runs anyway when "
+            "the path is shared"
+        )
+    gpus = any(n.get("GPU", 0) > 0 for n in nodes)
+    for spec in pending:
+        coordinates = spec.decl.coordinates and spec.decl.coordinates(
+            spec.decl.config.model_validate(spec.config)
+        )
+        if coordinates:
+            continue  # its workers ask for the stage's resources, through Ray Train
+        bundle = {"CPU": spec.resources["num_cpus"]}
+        if gpus and spec.resources["num_gpus"]:
+            bundle["GPU"] = spec.resources["num_gpus"]
+        try:
+            check(f"stage {spec.name} (resources.{spec.decl.resources})", [bundle])
+        except Unplaceable as err:
+            raise preflight.PreflightError(str(err)) from None
 
 
 def _recompute_corrupt(
@@ -440,7 +484,9 @@ def _interrupted(
         return
     stop.finished = [n for n, o in run.outcomes.items() if o.status in ("done", "cached", "skipped")]
     tracking = env.tracking
-    tracking.close_stale(run.run_id, status="KILLED")
+    tracking.close_stale(
+        run.run_id, status="KILLED", reason=f"the pipeline run was interrupted ({stop.signal_name})"
+    )
     tracking.set_tags(run.run_id, {"fdm.interrupted": stop.signal_name})
     tracking.end(run.run_id, "KILLED")
 
@@ -463,9 +509,11 @@ def run_pipeline(
     address: str | None = None,
     console: Console | None = None,
     command: str | None = None,
+    allow_local: bool = False,
 ) -> PipelineRun:
     """Run the full DAG as a new MLflow parent run; stages whose outputs are in the store are cached.
-    `command` is how the run was started (its MLflow source), e.g. the `fdm run ...` command line."""
+    `command` is how the run was started (its MLflow source), e.g. the `fdm run ...` command line;
+    `allow_local` accepts local store and tracking paths on a multi-node cluster (see check_joined)."""
     console = console or Console()
     command = command or f"fdm run ({cfg.name})"
 
@@ -476,7 +524,7 @@ def run_pipeline(
         tags = {**interrupt.driver_tags(), **provenance_tags(command, REPO)}
         return tracking, open_parent(cfg, tracking, console, tags)
 
-    return _execute(cfg, plan(cfg), open_run, address, console, command=command)
+    return _execute(cfg, plan(cfg), open_run, address, console, command=command, allow_local=allow_local)
 
 
 def load_run_config(tracking_uri: str, run_id: str) -> tuple[PipelineConfig, Tracking]:
@@ -495,6 +543,7 @@ def rerun_stage(
     address: str | None = None,
     console: Console | None = None,
     overrides: list[str] | None = None,
+    allow_local: bool = False,
 ) -> PipelineRun:
     """Re-run `stage` (and its downstream if asked) of a past run as a new pipeline run.
 
@@ -542,4 +591,5 @@ def rerun_stage(
         cached_only=(needed - set(targets)) & unchanged,
         rerun=True,
         command=command,
+        allow_local=allow_local,
     )

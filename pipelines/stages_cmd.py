@@ -1,7 +1,8 @@
 """`fdm stages RUN_ID`: the stage table of a past pipeline run, read from its MLflow child runs.
 
 It imports neither torch nor Ray: the child runs' tags (stage, kind, key, headline metric, cached,
-skipped) record everything the table shows.
+skipped, attempt, node) record everything the table shows; a retried stage has a row per attempt, the
+failed ones with the reason they ended (`fdm.end_reason`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ def pipeline_run(client: MlflowClient, run_id: str, uri: str) -> Run:
     return run
 
 
+def node(tags: dict[str, str]) -> str:
+    """Where a stage's attempt ran: its Ray node id (short) and IP, from the child run's tags."""
+    if "fdm.node_id" not in tags:
+        return ""
+    return f"{tags['fdm.node_id'][:8]} {tags.get('fdm.node_ip', '')}".strip()
+
+
 def past_stages(tracking_uri: str, run_id: str) -> Table:
     """The stage table of a past run, from its MLflow child runs."""
     uri = existing_store(tracking_uri)
@@ -44,7 +52,7 @@ def past_stages(tracking_uri: str, run_id: str) -> Table:
         order_by=["start_time ASC"],
     )
     table = Table(title=f"pipeline run {run_id} ({parent.info.status})")
-    for col in ("stage", "key", "status", "seconds", "headline", "child run"):
+    for col in ("stage", "key", "status", "attempt", "node", "seconds", "headline", "child run"):
         table.add_column(col)
     for c in children:
         tags = c.data.tags
@@ -60,10 +68,14 @@ def past_stages(tracking_uri: str, run_id: str) -> Table:
         secs = (c.info.end_time - c.info.start_time) / 1000 if c.info.end_time else None
         m, key = c.data.metrics, tags.get("headline", "")
         head = tags.get("skip_reason", "")[:60] or (format_headline(key, m[key]) if key in m else "")
+        if c.info.status in ("FAILED", "KILLED") and "fdm.end_reason" in tags:
+            head = tags["fdm.end_reason"][:80]
         table.add_row(
             tags.get("stage", c.info.run_name),
             tags.get("key", "")[:10],
             status,
+            tags.get("fdm.attempt", ""),
+            node(tags),
             f"{secs:.1f}" if secs is not None else "",
             head,
             c.info.run_id,

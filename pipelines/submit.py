@@ -65,7 +65,7 @@ def add_parser(subparsers: Any) -> None:
         "--allow-local",
         action="store_true",
         help="submit even with a relative tracking.uri or store.root (they end up in the job's temporary "
-        "working directory on the cluster)",
+        "working directory on the cluster); the job's `fdm run` gets --allow-local too",
     )
     s = subparsers.add_parser(
         "status", help="status, MLflow run id and stage table of a submitted pipeline job"
@@ -90,15 +90,17 @@ def job_client(address: str) -> JobSubmissionClient:
     return JobSubmissionClient(address, headers=headers)
 
 
-def entrypoint(config: str | Path, overrides: list[str]) -> str:
-    """The job's shell command: `fdm run` on the uploaded copy of `config`; it joins the job's cluster
-    through RAY_ADDRESS, which Ray Jobs set for the driver."""
+def entrypoint(config: str | Path, overrides: list[str], allow_local: bool = False) -> str:
+    """The job's shell command: `fdm run` on the uploaded copy of `config` (with --allow-local if asked);
+    it joins the job's cluster through RAY_ADDRESS, which Ray Jobs set for the driver."""
     path = Path(config).resolve()
     try:
         rel = path.relative_to(REPO_ROOT)
     except ValueError:
         raise ConfigError(f"{config}: must be inside {REPO_ROOT} (the job's uploaded working_dir)") from None
     args = ["fdm", "run", rel.as_posix(), *[a for o in overrides for a in ("--set", o)]]
+    if allow_local:
+        args.append("--allow-local")
     return shlex.join(args)
 
 
@@ -128,7 +130,7 @@ def pipeline_job(config: str | Path, overrides: list[str], allow_local: bool = F
     cfg = load_config(config, overrides)
     if not (REPO_ROOT / "pyproject.toml").is_file():  # an installed copy: site-packages is no working_dir
         raise ConfigError(f"fdm submit runs from a source checkout (pip install -e); {REPO_ROOT} is not one")
-    command = entrypoint(config, overrides)
+    command = entrypoint(config, overrides, allow_local)
     local = local_paths(cfg)
     if local and not allow_local:
         raise ConfigError(

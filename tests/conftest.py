@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,9 +90,10 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disa
 @dataclass
 class MultiNode:
     """The running multi-node cluster: `cluster` (ray.cluster_utils.Cluster), its `workers` by custom
-    resource name ("node_w1", "node_w2"), `gcs` (host:port for `--address`/RAY_ADDRESS), `job_api`
-    (http:// for `fdm submit`), `s3` (moto endpoint), `tracking` (the `fdm tracking-server` URL) and
-    `overrides` (the `--set`s that point a pipeline at the S3 store and the tracking server)."""
+    resource name ("node_w1", "node_w2"; each a ray._private.node.Node, `.node_id` its hex id), `gcs`
+    (host:port for `--address`/RAY_ADDRESS), `job_api` (http:// for `fdm submit`), `s3` (moto endpoint),
+    `tracking` (the `fdm tracking-server` URL), `store_root` (s3://...) and `overrides` (the `--set`s that
+    point a pipeline at that store and tracking server)."""
 
     cluster: Any
     workers: dict[str, Any]
@@ -119,6 +121,24 @@ class MultiNode:
     def remove_worker(self, name: str) -> None:
         """Kill the worker node `name` like a lost machine (no graceful drain)."""
         self.cluster.remove_node(self.workers.pop(name), allow_graceful=False)
+
+
+def _wait_for_job_api(url: str, timeout: float = 120) -> None:
+    """Until the head's job API takes and runs a job (its agent registers some seconds after the head)."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client = JobSubmissionClient(url)
+            job = client.submit_job(entrypoint="true")
+            while not client.get_job_status(job).is_terminal():
+                time.sleep(0.5)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +188,7 @@ def multinode(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 name: cluster.add_node(num_cpus=2, resources={name: 1}) for name in ("node_w1", "node_w2")
             }
             cluster.wait_for_nodes()
+            _wait_for_job_api(f"http://127.0.0.1:{dashboard}")
             yield MultiNode(
                 cluster,
                 workers,
