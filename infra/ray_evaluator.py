@@ -64,6 +64,10 @@ class ModelReplica:
             "threads": torch.get_num_threads(),
         }
 
+    def node(self) -> str:
+        """The id of the Ray node this replica runs on (changes when a lost node's replica restarts)."""
+        return ray.get_runtime_context().get_node_id()
+
 
 @dataclass
 class CallTimes:
@@ -96,7 +100,8 @@ class RayEvaluator:
     STRICT_SPREAD for one node per replica on a cluster) with one GPU each when the cluster has GPUs; a
     group the cluster can never hold fails at once, one not placed within `ready_timeout_s` (default
     infra.placement.placement_timeout(), 60 s) fails then, both naming the request and the cluster's nodes.
-    An actor whose node is lost restarts where its bundle is placed again (Ray reschedules it).
+    An actor whose node is lost restarts where its bundle is placed again (Ray reschedules it); until it is
+    back, its chunks go to the actors left.
     Use as a context manager, or call `close()`, to free the actors and their placement group.
     """
 
@@ -149,13 +154,17 @@ class RayEvaluator:
         xs = x.detach().cpu().numpy()  # a view, no copy, on the CPU
         sig = torch.stack([sigma_t, sigma_s]).cpu().numpy()
         bounds = np.linspace(0, len(xs), len(self.actors) + 1).round().astype(int)
-        refs = [
-            actor.evaluate.remote(xs[lo:hi], sig[:, lo:hi], method)
-            for actor, lo, hi in zip(self.actors, bounds[:-1], bounds[1:])
+        work = [
+            (a, xs[lo:hi], sig[:, lo:hi])
+            for a, lo, hi in zip(self.actors, bounds[:-1], bounds[1:])
             if hi > lo
         ]
+        refs = [actor.evaluate.remote(xc, sc, method) for actor, xc, sc in work]
         t1 = time.perf_counter()
-        results = ray.get(refs)
+        try:
+            results = ray.get(refs)
+        except ray.exceptions.RayActorError:  # an actor lost (e.g. its node) and not back yet
+            results = [self._survivor(ref, xc, sc, method) for ref, (_, xc, sc) in zip(refs, work)]
         t2 = time.perf_counter()
         out = torch.from_numpy(np.concatenate([r[0] for r in results])).to(x.device)
         t3 = time.perf_counter()
@@ -166,6 +175,20 @@ class RayEvaluator:
         times.compute += max(r[1] for r in results)
         times.gather += t3 - t2
         return out
+
+    def _survivor(self, ref: Any, x: np.ndarray, sigmas: np.ndarray, method: str) -> tuple[np.ndarray, float]:
+        """The chunk's result from its own actor if it answered, else from the first actor that does (the
+        same model, so the same numbers); RayActorError only when none is left."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            lost = err
+        for actor in self.actors:
+            try:
+                return ray.get(actor.evaluate.remote(x, sigmas, method))
+            except ray.exceptions.RayActorError as err:
+                lost = err
+        raise lost
 
     def pids(self) -> list[int]:
         """The process id of every actor (changes when an actor restarts)."""
