@@ -4,14 +4,17 @@ RAY_ADDRESS can create actors. Drivers run as separate processes, as a user's wo
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MultiNode
+from conftest import LOOPBACK_ENV, MultiNode, free_port
 from mlflow.tracking import MlflowClient
 from test_submit import CONFIG, TINY, TINY_STAGES, _sets
 
@@ -306,3 +309,52 @@ def test_losing_a_picard_actors_node_mid_sampling_keeps_the_samples(
     assert int(calls) == int(iterations) > 3
     to_sequential, to_unfaulted = map(float, lines["DEVIATION"])
     assert to_sequential < 0.1 and to_unfaulted < 1e-5
+
+
+@pytest.fixture
+def ray_start_head(tmp_path: Path) -> Iterator[str]:
+    """A head started by `ray start --head` on 127.0.0.1 (under RAY_TMPDIR, as a user's would be), found
+    by a plain `ray.init()` through the ray_current_cluster file; stopped through its process group."""
+    port = free_port()
+    env = {**os.environ, **LOOPBACK_ENV, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    args = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}"]
+    args += ["--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"]
+    log = (tmp_path / "head.log").open("wb")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    gcs = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(
+            [ray_bin, "status", f"--address={gcs}"], env=env, capture_output=True
+        ).returncode:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
+            time.sleep(1)
+        yield gcs
+    finally:
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait_s)
+        log.close()
+
+
+def test_fdm_run_without_an_address_starts_its_own_ray_beside_a_running_head(
+    ray_start_head: str, tmp_path: Path
+) -> None:
+    """With a `ray start` head running and neither --address nor RAY_ADDRESS, `fdm run` starts its own
+    embedded Ray (address="local"): exit 0, no traceback, and no driver ever joined the head."""
+    local = [*TINY, f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    code, out = fdm(["run", CONFIG, *_sets(local)], env={"RAY_ADDRESS": ""})
+    assert code == 0 and "Traceback" not in out, out[-3000:]
+    count = "import ray; ray.init(address='%s'); print('drivers', len(ray._private.state.jobs()))"
+    proc = subprocess.run(
+        [sys.executable, "-c", count % ray_start_head],
+        env={**os.environ, **LOOPBACK_ENV},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "drivers 1" in proc.stdout, proc.stdout + proc.stderr[-2000:]  # this one only
