@@ -123,7 +123,7 @@ class MultiNode:
         self.cluster.remove_node(self.workers.pop(name), allow_graceful=False)
 
 
-def _wait_for_job_api(url: str, timeout: float = 120) -> None:
+def _wait_for_job_api(url: str, timeout: float = 600) -> None:
     """Until the head's job API takes and runs a job (its agent registers some seconds after the head)."""
     from ray.job_submission import JobSubmissionClient
 

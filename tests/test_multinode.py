@@ -156,7 +156,8 @@ def test_placement_that_cannot_happen_fails_at_once_naming_request_and_cluster(m
     assert "'GPU': 1" in lines["gpu"] and "never" in lines["gpu"]
     assert "not placed within 3 s" in lines["busy"] and "placement_timeout" in lines["busy"]
 
-    overrides = [*TINY, *multinode.overrides, "resources.train.num_cpus=3"]
+    fresh = f"store.root={multinode.store_root}-unplaceable"  # nothing cached: every stage still to run
+    overrides = [*TINY, *multinode.overrides, fresh, "resources.train.num_cpus=3"]
     code, out = fdm(["run", CONFIG, "--address", multinode.gcs, *_sets(overrides)])
     assert code == 2, out[-3000:]
     text = " ".join(out.split())
