@@ -181,6 +181,8 @@ def multinode(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 "include_dashboard": True,
                 "dashboard_host": "127.0.0.1",
                 "dashboard_port": dashboard,
+                # Ray's fixed default (52365) may be held by another cluster on this machine: no job agent
+                "dashboard_agent_listen_port": free_port(),
             },
         )
         try:
