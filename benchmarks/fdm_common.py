@@ -3,7 +3,7 @@ that scores its EMA model at regular step intervals, and the cell store that mak
 
 A *cell* is one training run: (process, fdm, seed, setting). Baseline and FDM cells of one seed use the
 same U-Net, initial weights, optimiser, batches and training noise; only the process's `fdm` flag differs
-(c_in = gamma(sigma) and the loss-weight warm-up, DESIGN.md §3). A finished cell is kept twice:
+(c_in = gamma(sigma) and the loss-weight warm-up, docs/design.md: The math). A finished cell is kept twice:
 - its curve (and Heun NFE sweep of the final model) as a record in a committed JSON file
   (benchmarks/results/fdm_training.json), so a later session treats it as done;
 - its final EMA model and curve in the gitignored model cache (benchmarks/.cache), for this session.

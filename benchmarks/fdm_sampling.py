@@ -1,11 +1,11 @@
 """FDM's sampling-speed claim at our scale: the Heun NFE a well-trained model needs to reach a given quality.
 
-Anchor (Wu et al., DESIGN.md §3): with the same Heun sampler, FDM at 25 NFE ≈ baseline at 79 NFE (AFHQv2:
-EDM 2.37 @79 vs EDM-FDM 2.32 @25), about 3x fewer evaluations. Here the models are fdm_training's main
-cells (4000 steps, 3 seeds per process): the final EMA model of every cell is scored with Heun at several
-step counts on the process's default grid (1000 samples from fixed noise) when its cell finishes, and
-recorded with it in benchmarks/results/fdm_training.json. For targets set by the baseline's FD at its
-largest NFE, we read off the NFE each model needs (interpolated), paired by seed.
+Anchor (Wu et al., docs/design.md: The math): with the same Heun sampler, FDM at 25 NFE ≈ baseline at 79 NFE
+(AFHQv2: EDM 2.37 @79 vs EDM-FDM 2.32 @25), about 3x fewer evaluations. Here the models are fdm_training's
+main cells (4000 steps, 3 seeds per process): the final EMA model of every cell is scored with Heun at several
+step counts on the process's default grid (1000 samples from fixed noise) when its cell finishes, and recorded
+with it in benchmarks/results/fdm_training.json. For targets set by the baseline's FD at its largest NFE, we
+read off the NFE each model needs (interpolated), paired by seed.
 
     python -m benchmarks.fdm_sampling [--quick]   # full: renders fdm_training's record (run that first)
                                                   # --quick: EDM, 1 seed, 400 steps, trains its own pair

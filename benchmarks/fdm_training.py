@@ -1,8 +1,8 @@
 """FDM's training-speed claim at our scale: how many training steps does FDM need to match the baseline?
 
-Anchor (Wu et al., DESIGN.md §3): FDM at 100 Mimg ≈ baseline at 200 Mimg on CIFAR-10/FFHQ/AFHQv2, i.e.
-FDM needs about half the training to reach the baseline's final quality (a step ratio baseline ÷ FDM ≈ 2).
-The reference repo's own tables show it is regime-dependent: EDM-FDM leads early on CIFAR-10, VP-FDM lags
+Anchor (Wu et al., docs/design.md: The math): FDM at 100 Mimg ≈ baseline at 200 Mimg on CIFAR-10/FFHQ/AFHQv2,
+i.e. FDM needs about half the training to reach the baseline's final quality (a step ratio baseline ÷ FDM ≈
+2). The reference repo's own tables show it is regime-dependent: EDM-FDM leads early on CIFAR-10, VP-FDM lags
 badly early on FFHQ/AFHQv2 (12.5 vs 3.1, 25.7 vs 3.5 FID at 50 Mimg) and overtakes later.
 
 Each cell (process, fdm, seed, setting) trains a digits U-Net for 4000 steps (EDM's and VP's baseline

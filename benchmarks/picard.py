@@ -47,7 +47,7 @@ from tasks.sample import SampleConfig, StepFactory, generate
 SEED = 0
 THREADS = 1
 MODEL = "digits U-Net"
-# Published figures beside ours (DESIGN.md §5; the papers' GPUs, not this CPU).
+# Published figures beside ours (docs/design.md: ParaDiGMS; the papers' GPUs, not this CPU).
 ANCHORS = (
     "ParaDiGMS (Shih et al. 2023): SD-v2 DDPM-1000 in 44 parallel iterations (2040 model evaluations), "
     "3.1x faster on 8 A100s; LSUN DDPM-1000 in 42, 2.9x; DDIM-200 in 16; DiffusionPolicy DDPM-100 in 25, "

@@ -1,6 +1,6 @@
 """Gaussian data x0 ~ N(mu, s^2 I): the exact denoiser and the exact probability-flow ODE solution.
 
-The known answers every sampler, Picard and distillation test is checked against (DESIGN.md §3).
+The known answers every sampler, Picard and distillation test is checked against (docs/design.md: The math).
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ x_t -> x_mid -> x_s, and the student's x0-target x~ is the one whose single DDIM
 
     x_s = x~ + (sigma_s/sigma_t)(x_t - x~)   =>   x~ = (x_s - (sigma_s/sigma_t) x_t) / (1 - sigma_s/sigma_t).
 
-The loss is w(sigma_t) |D_student(x_t, sigma_t) - x~|^2 (DESIGN.md §4). The teacher's two steps may use
-Heun instead of DDIM (`solver`): x~ then makes one student DDIM step land where two teacher Heun steps land,
-so a first round starts from the teacher's better solver; the student still samples with DDIM.
+The loss is w(sigma_t) |D_student(x_t, sigma_t) - x~|^2 (docs/design.md: Progressive distillation). The
+teacher's two steps may use Heun instead of DDIM (`solver`): x~ then makes one student DDIM step land where
+two teacher Heun steps land, so a first round starts from the teacher's better solver; the student still
+samples with DDIM.
 """
 
 from __future__ import annotations

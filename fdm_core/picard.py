@@ -1,4 +1,5 @@
-"""ParaDiGMS (Shih et al. 2023): Picard iteration over a sliding window of sampler steps (DESIGN.md §5).
+"""ParaDiGMS (Shih et al. 2023): Picard iteration over a sliding window of sampler steps
+(docs/design.md: ParaDiGMS).
 
 Every single-step sampler is x_{i+1} = x_i + Δ_i(x_i) + σ_up,i z_i (`samplers.step_delta`), so the whole
 trajectory is the fixed point of x_{i+1} = x_0 + Σ_{k<=i} (Δ_k(x_k) + σ_up,k z_k). A Picard iteration

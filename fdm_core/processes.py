@@ -1,9 +1,9 @@
 """Noise processes VP, VE and EDM in sigma-space, with EDM-style preconditioning and their FDM variants.
 
-Every process lives in the unscaled space x = x0 + sigma * n (DESIGN.md §3). A process knows its sigma range,
-its preconditioning coefficients, how training draws sigma and how the loss is weighted. FDM changes
-exactly two things: c_in becomes the critically damped kernel scale gamma(sigma), and the loss weight is
-capped during a warm-up (see `fdm_core.fdm`).
+Every process lives in the unscaled space x = x0 + sigma * n (docs/design.md: The math). A process knows its
+sigma range, its preconditioning coefficients, how training draws sigma and how the loss is weighted. FDM
+changes exactly two things: c_in becomes the critically damped kernel scale gamma(sigma), and the loss weight
+is capped during a warm-up (see `fdm_core.fdm`).
 """
 
 from __future__ import annotations

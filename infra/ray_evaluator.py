@@ -1,4 +1,5 @@
-"""Picard windows evaluated by K Ray actors, each holding one model replica (DESIGN.md §2, §5).
+"""Picard windows evaluated by K Ray actors, each holding one model replica (docs/design.md: Layers,
+ParaDiGMS).
 
 infra holds no diffusion math: the actors receive a picklable *factory* from tasks/ and call it once in
 their constructor to build a step function (x, sigma_t, sigma_s, method) -> delta, loading the weights

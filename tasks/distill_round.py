@@ -1,12 +1,11 @@
 """Stage: one progressive-distillation round, a 2N-step teacher -> an N-step student (Salimans & Ho).
 
-The student starts from the teacher's (EMA) weights with a fresh Adam, its learning rate annealed linearly
-to 0 within the round, gradients clipped (the reference settings, DESIGN.md §4); optionally the teacher's
-two steps use Heun and the round outputs an EMA of the student's weights. The round is
-resumable: it checkpoints under ``checkpoints/distill_round/<key>`` and continues from the newest one
-until its output is complete.
-Its output is a model artifact whose ``model.json`` carries the student's grid (``sigmas``, ``steps``,
-``sampler: euler``): a distilled model is only valid on the grid it was distilled for.
+The student starts from the teacher's (EMA) weights with a fresh Adam, its learning rate annealed linearly to
+0 within the round, gradients clipped (the reference settings, docs/design.md: Progressive distillation);
+optionally the teacher's two steps use Heun and the round outputs an EMA of the student's weights. The round
+is resumable: it checkpoints under ``checkpoints/distill_round/<key>`` and continues from the newest one until
+its output is complete. Its output is a model artifact whose ``model.json`` carries the student's grid
+(``sigmas``, ``steps``, ``sampler: euler``): a distilled model is only valid on the grid it was distilled for.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Stage: sample a pipeline model with ParaDiGMS, its Picard windows evaluated by Ray actors that each hold
 the model, and sequentially with the same noise, in alternating timed pairs; record the median speed-up with
 its min and max, the parallel depth and cost, where an iteration's time goes, and how far the parallel result
-lands from the sequential one (DESIGN.md §5)."""
+lands from the sequential one (docs/design.md: ParaDiGMS)."""
 
 from __future__ import annotations
 

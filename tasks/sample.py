@@ -1,5 +1,5 @@
-"""Sampling a model artifact, sequentially or by ParaDiGMS Picard windows (DESIGN.md §5): `fdm sample` and
-the picard_sample stage use it.
+"""Sampling a model artifact, sequentially or by ParaDiGMS Picard windows (docs/design.md: ParaDiGMS):
+`fdm sample` and the picard_sample stage use it.
 
 Picard windows are evaluated locally in one batched call, or split across Ray actors that each load the
 model from the artifact store (`StepFactory`). The same seed gives the same initial noise and the same

@@ -1,7 +1,7 @@
 """The FDM denoisers and loss against the reference formulation (sail-sg/FDM's FDM_*Precond and losses, as
-DESIGN.md §3 writes them), written out here independently: D(x, σ) = c_skip·x + c_out·F(γ(σ)·x, c_noise)
-with γ = e^{-mB}(1 + mB), B = β_min·t' + ½β_d·t'², t' = (σ − σ_min)/(σ_max − σ_min) of the network's own
-range, and the loss weight capped at 5·100^{k/W} on the k-th step. Issue 15 asked whether VP-FDM's lag on
+docs/design.md: The math writes them), written out here independently: D(x, σ) = c_skip·x + c_out·F(γ(σ)·x,
+c_noise) with γ = e^{-mB}(1 + mB), B = β_min·t' + ½β_d·t'², t' = (σ − σ_min)/(σ_max − σ_min) of the network's
+own range, and the loss weight capped at 5·100^{k/W} on the k-th step. Issue 15 asked whether VP-FDM's lag on
 digits is a defect of the port: these pin every coefficient the VP-FDM network and loss see."""
 
 from __future__ import annotations

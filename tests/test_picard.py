@@ -1,4 +1,5 @@
-"""ParaDiGMS Picard sampling against the sequential sampler, on the exact Gaussian denoiser (DESIGN.md §5)."""
+"""ParaDiGMS Picard sampling against the sequential sampler, on the exact Gaussian denoiser
+(docs/design.md: ParaDiGMS)."""
 
 import math
 from itertools import accumulate

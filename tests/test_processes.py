@@ -1,4 +1,4 @@
-"""Processes, preconditioning and the two FDM changes (DESIGN.md §3)."""
+"""Processes, preconditioning and the two FDM changes (docs/design.md: The math)."""
 
 import math
 

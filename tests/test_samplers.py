@@ -1,4 +1,4 @@
-"""Samplers against the closed-form Gaussian answers of DESIGN.md §3."""
+"""Samplers against the closed-form Gaussian answers of docs/design.md."""
 
 import math
 
