@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= pipelines/configs/digits.yaml
 
-.PHONY: setup run test lint format clean ui-check
+.PHONY: setup run test lint docs format clean ui-check
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,7 +22,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# The docs site into site/; --strict (also in mkdocs.yml) fails on a broken link, anchor or missing page.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+test: lint docs
 	$(VENV)/bin/pytest
 
 # The MLflow UI in headless Chromium (not part of `make test`): npm's @sparticuz/chromium ships the browser
@@ -40,4 +44,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache tests/ui/node_modules .ui-check
+	rm -rf $(VENV) .pytest_cache .ruff_cache site tests/ui/node_modules .ui-check

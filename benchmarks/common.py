@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import platform
 import re
@@ -60,6 +61,13 @@ def stated_command(markdown: str) -> str:
     """The command a report says reproduces it (its "Command: `...`" line), or "" if it names none."""
     found = re.search(r"Command: `([^`]+)`", markdown)
     return found.group(1) if found else ""
+
+
+def summary(name: str, headline: str, **numbers: float | str | bool | None) -> dict[str, bytes]:
+    """`<name>.summary.json` (as a report file): the report's headline in one line and the numbers behind it,
+    which the README's results table shows (benchmarks/readme.py), so nothing parses the Markdown."""
+    doc = {"benchmark": name, "report": f"{name}.md", "headline": headline, "numbers": numbers}
+    return {f"{name}.summary.json": (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode()}
 
 
 def write_report(

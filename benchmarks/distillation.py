@@ -38,7 +38,7 @@ import torch
 from matplotlib.figure import Figure
 from pydantic import BaseModel
 
-from benchmarks.common import RESULTS, command, machine, png, write_report
+from benchmarks.common import RESULTS, command, machine, png, summary, write_report
 from infra.manifest import is_complete, read_manifest
 from infra.store import open_store
 from pipelines.plan import stage_key
@@ -535,6 +535,24 @@ def reading(ref: list[dict[str, Any]], best: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + "."
 
 
+def headline(levers: list[dict[str, Any]], name: str) -> dict[str, bytes]:
+    """The summary file: the chosen recipe's students against their goals, and its cost to 4 steps."""
+    cells = levers[-1]["cells"][levers[-1]["chosen"]]
+    after = {n: _mean([ratios(c)[n] for c in cells]) for n in SCORED if all(n in ratios(c) for c in cells)}
+    wall4 = _mean([cost(c, 4)[1] for c in cells])
+    students = ", ".join(f"{n}-step {r:.2f}x" for n, r in after.items())
+    met = all(r <= GOALS[n] for n, r in after.items())
+    return summary(
+        name,
+        f"students at {students} the teacher's Heun-18 FD (goals "
+        f"{', '.join(f'{GOALS[n]:g}x' for n in after)}: {'all met' if met else 'not all met'}); distilling "
+        f"to 4 steps costs {wall4:.2f}x the base training's wall time",
+        **{f"ratio_{n}_steps": round(r, 3) for n, r in after.items()},
+        wall_to_4_over_base=round(wall4, 3),
+        met=met,
+    )
+
+
 def report_name(mode: Mode) -> str:
     return "distillation" + ("" if mode.name == "full" else f"_{mode.name}")
 
@@ -550,7 +568,7 @@ def run(mode: Mode, jobs: int = 1, report_only: bool = False) -> tuple[str, dict
     name = report_name(mode)
     cmd = command("distillation", mode.name, *([f"--jobs {jobs}"] if jobs != 1 else []))
     text = report(levers, mode, cmd, f"{name}.png", len(mode.levers) - len(levers), record)
-    return text, {f"{name}.png": plot(levers, mode)}
+    return text, {f"{name}.png": plot(levers, mode), **headline(levers, name)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,8 @@ and by Picard iteration. Every row times the sequential and the Picard sampler a
 
     python -m benchmarks.picard [--quick]
 
-writes benchmarks/results/picard.md and picard.png (picard_quick.* with --quick), and logs them to MLflow.
+writes benchmarks/results/picard.md, picard.png and the headline picard.summary.json (picard_quick.* with
+--quick), and logs them to MLflow.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from matplotlib.ticker import FormatStrFormatter
 from sklearn.datasets import load_digits
 from torch import Tensor
 
-from benchmarks.common import DIGITS_UNET, command, machine, png, write_report
+from benchmarks.common import DIGITS_UNET, command, machine, png, summary, write_report
 from fdm_core.networks import UNet, count_parameters
 from fdm_core.picard import PicardStats, picard_sample
 from fdm_core.precond import Denoiser
@@ -494,6 +495,40 @@ def report(
     return "\n".join(lines)
 
 
+def _speed(ratio: float) -> str:
+    if ratio < 1:  # a loss in words
+        return f"the method lost: {1 / ratio:.2f}x slower than sequential"
+    return f"{ratio:.2f}x lower latency than sequential"
+
+
+def headline(rows: list[Row], stage: dict[str, Any] | None, mode: Mode, name: str) -> dict[str, bytes]:
+    """The summary file: the first sampler's fastest local batched row, its fastest row on actors, and how
+    many of issue 26's goals the run met."""
+    first = next(iter(mode.configs))
+    mine = [r for r in rows if r.config == first]
+    local = max((r for r in mine if r.evaluator == "local batched"), key=lambda r: r.speedup)
+    on_actors = max(
+        (r for r in mine if r.evaluator != "local batched"), key=lambda r: r.speedup, default=None
+    )
+    verdicts = [v[4] == "met" for v in goals(rows, stage)]
+    text = (
+        f"{first} on the {MODEL}, one sample: {_speed(local.speedup)} locally ({local.solver}, "
+        f"{local.stats.parallel_iterations} parallel iterations, deviation {local.deviation:.1g})"
+    )
+    numbers: dict[str, float | str | bool | None] = {
+        "speedup": round(local.speedup, 3),
+        "parallel_iterations": local.stats.parallel_iterations,
+        "deviation": local.deviation,
+    }
+    if on_actors is not None:
+        n = int(on_actors.evaluator.removeprefix("Ray x"))
+        where, s = f"{n} Ray actor{'s' if n > 1 else ''}", on_actors.speedup
+        text += f", {s:.2f}x on {where}" if s >= 1 else f", on {where} {_speed(s)}"
+        numbers["actors"], numbers["actors_speedup"] = n, round(on_actors.speedup, 3)
+    text += f"; {sum(verdicts)} of issue 26's {len(verdicts)} goals met"
+    return summary(name, text, **numbers, goals_met=sum(verdicts), goals=len(verdicts), met=all(verdicts))
+
+
 def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     """Train the U-Net, time every case (starting Ray unless it is up) and the stage's settings, build the
     report and its plot as {file name: PNG bytes}."""
@@ -513,7 +548,8 @@ def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
             ray.shutdown()
     timing.update(seconds=time.perf_counter() - t0, load_after=os.getloadavg())
     name = "picard" if mode.name == "full" else f"picard_{mode.name}"
-    return report(rows, actors, stage, note, mode, timing), {f"{name}.png": plot(rows)}
+    files = {f"{name}.png": plot(rows), **headline(rows, stage, mode, name)}
+    return report(rows, actors, stage, note, mode, timing), files
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,12 +1,16 @@
-"""The generated parts of the documentation: README blocks from the benchmark reports, the `fdm` parser and
-the shipped toy2d config, and docs/configuration.md from the pipeline's pydantic models.
+"""The generated parts of the documentation, none of them parsed from Markdown:
 
-    python -m benchmarks.readme           # rewrite README.md's generated blocks and docs/configuration.md
-    python -m benchmarks.readme --check   # exit 1, naming each stale block, if a fresh rendering differs
+- README.md's results table (the one generated README block, and the same table on docs/results.md): one
+  headline per benchmark, read from the JSON beside its report (`<name>.summary.json`, which the benchmark
+  writes; fdm_training's record `fdm_training.json`);
+- docs/cli.md, from the `fdm` argparse parser;
+- docs/configuration.md, from the pipeline's pydantic models.
 
-A generated block of README.md sits between `<!-- NAME:begin -->` and `<!-- NAME:end -->`; its numbers come
-from benchmarks/results/*.md (re-run the benchmark to change them, never edit the block). The readings
-around the blocks are hand-written. tests/test_docs.py runs the check.
+    python -m benchmarks.readme           # rewrite them
+    python -m benchmarks.readme --check   # exit 1, naming each stale part, if a fresh rendering differs
+
+tests/test_docs.py runs the check. The benchmark reports themselves are never rewritten: the docs site
+includes them as they are (docs/hooks.py).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import sys
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,121 +33,16 @@ from pydantic_core import PydanticUndefined
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
-CONFIG_DOC = ROOT / "docs" / "configuration.md"
+DOCS = ROOT / "docs"
+CONFIG_DOC = DOCS / "configuration.md"
+CLI_DOC = DOCS / "cli.md"
+RESULTS_DOC = DOCS / "results.md"
 BLOCK = re.compile(r"<!-- ([\w:-]+):begin -->\n(.*?)<!-- \1:end -->", re.DOTALL)
+HEADLINES = "results:headlines"
 
 
 class ReportError(ValueError):
-    """A report lacks what a block is rendered from; the message names the report and what is missing."""
-
-
-# --- reading the reports -------------------------------------------------------------------------------
-@dataclass
-class Table:
-    """A markdown table of a report: header cells, rows, and the headings above it (outermost first)."""
-
-    header: list[str]
-    rows: list[list[str]]
-    headings: list[str]
-
-    def col(self, name: str) -> int:
-        for i, h in enumerate(self.header):
-            if h == name:
-                return i
-        raise KeyError(f"no column {name!r} in {self.header}")
-
-    def records(self) -> list[dict[str, str]]:
-        return [dict(zip(self.header, row)) for row in self.rows]
-
-
-def _cells(line: str) -> list[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
-
-
-def tables(markdown: str) -> list[Table]:
-    """Every table in `markdown`, with the headings it sits under."""
-    lines = markdown.splitlines()
-    out: list[Table] = []
-    heads: dict[int, str] = {}
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        m = re.match(r"^(#+) (.*)$", line)
-        if m:
-            level = len(m.group(1))
-            heads = {k: v for k, v in heads.items() if k < level} | {level: m.group(2).strip()}
-        elif line.startswith("|") and i + 1 < len(lines) and re.match(r"^\|[\s:|-]+\|$", lines[i + 1]):
-            header, rows, i = _cells(line), [], i + 2
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append(_cells(lines[i]))
-                i += 1
-            out.append(Table(header, rows, [heads[k] for k in sorted(heads)]))
-            continue
-        i += 1
-    return out
-
-
-@dataclass
-class Report:
-    name: str
-    text: str
-
-    @property
-    def path(self) -> str:
-        return f"benchmarks/results/{self.name}.md"
-
-    def find(self, pattern: str, what: str, flags: int = 0) -> re.Match:
-        m = re.search(pattern, self.text, flags)
-        if m is None:
-            raise ReportError(f"{self.path}: no {what} (looked for /{pattern}/)")
-        return m
-
-    def line(self, prefix: str) -> str:
-        """The report's line that starts with `prefix` (markdown line-break spaces removed)."""
-        return (
-            self.find(rf"^{re.escape(prefix)}.*$", f"line starting {prefix!r}", re.MULTILINE).group(0).strip()
-        )
-
-    def table(self, first_column: str, under: str | None = None) -> Table:
-        """The first table whose header starts with `first_column` (below a heading starting with `under`)."""
-        for t in tables(self.text):
-            if t.header[0] == first_column and (
-                under is None or any(h.startswith(under) for h in t.headings)
-            ):
-                return t
-        where = f" under a heading {under!r}" if under else ""
-        raise ReportError(f"{self.path}: no table starting with column {first_column!r}{where}")
-
-    def machine(self) -> str:
-        """What the report's "Machine:" line says about the machine, up to its first full stop."""
-        return self.find(r"Machine: (.+?)(?:\.\s+(?=[A-Z])|\s*$)", "Machine: line", re.MULTILINE).group(1)
-
-    def command(self) -> str:
-        return self.find(r"Command: `([^`]+)`", "Command: `...`").group(1)
-
-    def source(self) -> str:
-        """One line naming the report, the command that wrote it and its machine."""
-        return f"Source: `{self.path}`, written by `{self.command()}`. Machine: {self.machine()}."
-
-
-def report(name: str, results: Path = RESULTS) -> Report:
-    path = results / f"{name}.md"
-    if not path.is_file():
-        raise ReportError(f"benchmarks/results/{name}.md: missing (run `fdm bench {name}`)")
-    return Report(name, path.read_text())
-
-
-def num(cell: str) -> float:
-    """The number in a table cell such as '3.72x', '**10.4 s**', '0.02% (within goal)' or '1,478,642'."""
-    m = re.search(r"-?\d[\d,]*(?:\.\d+)?(?:e-?\d+)?", cell.replace("**", ""))
-    if m is None:
-        raise ValueError(f"no number in {cell!r}")
-    return float(m.group(0).replace(",", ""))
-
-
-def fmt(x: float) -> str:
-    """FD-style rounding: 3 significant digits below 10, one decimal above (3.09, 30.1, 145.0)."""
-    return f"{x:.2f}" if abs(x) < 10 else f"{x:.1f}"
+    """A benchmark's summary is missing or lacks its headline; the message names the file."""
 
 
 def md_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
@@ -155,206 +53,74 @@ def md_table(header: list[str], rows: list[list[str]], align: str | None = None)
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
-def bold(s: str) -> str:
-    return f"**{s}**"
+# --- the results table from the benchmarks' JSON ------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ReportError(f"{path.relative_to(ROOT)}: missing (run `fdm bench {path.name.split('.')[0]}`)")
+    return json.loads(path.read_text())
 
 
-# --- README blocks from the reports -------------------------------------------------------------------
-def make_run(results: Path) -> str:
-    """The first screen's `make run` time: the pipeline report's wall time of the digits chain."""
-    r = report("pipeline", results)
-    wall = num(r.table("measure").rows[0][1])
+def _summary_headline(name: str, results: Path) -> str:
+    """The headline the benchmark wrote beside its report, in `<name>.summary.json`."""
+    doc = _read_json(results / f"{name}.summary.json")
+    if not doc.get("headline"):
+        raise ReportError(f"benchmarks/results/{name}.summary.json: no headline")
+    return doc["headline"]
+
+
+def _fdm_training_headline(name: str, results: Path) -> str:
+    """Per process, the step ratio baseline ÷ FDM to the baseline's final FD, from the study's record."""
+    found = _read_json(results / f"{name}.json").get("summary") or {}
+    if "edm" not in found:
+        raise ReportError(f"benchmarks/results/{name}.json: no summary for edm")
+    parts = []
+    for process, s in found.items():
+        spread = f"{s['step_ratio_min']:.2f}–{s['step_ratio_max']:.2f}, {len(s['seeds'])} seeds"
+        parts.append(f"{process.upper()} {s['step_ratio_mean']:.2f} ({spread})")
+    slower = [p.upper() for p, s in found.items() if s["step_ratio_mean"] < 1]
+    lost = f"; on {' and '.join(slower)} FDM is slower than the baseline" if slower else ""
     return (
-        f"`make run` takes about {round(wall / 60)} minutes on 2 idle CPU cores (measured: {wall:.1f} s for "
-        f"the whole digits chain, `{r.path}`, on {r.machine().split(',')[0]})."
+        "steps the baseline needs ÷ steps FDM needs to reach the baseline's final FD: "
+        + ", ".join(parts)
+        + f" (paper: about 2){lost}"
     )
 
 
-def _picard_rows(r: Report) -> list[dict[str, str]]:
-    return r.table("sampler").records()
+# (report name, what it measures, headline reader), in the order of the results table
+BENCHMARKS: list[tuple[str, str, Callable[[str, Path], str]]] = [
+    ("fdm_training", "FDM training speed", _fdm_training_headline),
+    ("fdm_sampling", "FDM sampling steps", _summary_headline),
+    ("distillation", "Progressive distillation", _summary_headline),
+    ("picard", "ParaDiGMS (Picard) sampling", _summary_headline),
+    ("pipeline", "Pipeline orchestration", _summary_headline),
+    ("loader_throughput", "Data loading", _summary_headline),
+]
 
 
-def _evaluator_name(e: str) -> str:
-    m = re.fullmatch(r"Ray x(\d+)", e)
-    return f"Ray ×{m.group(1)} actor{'s' if m.group(1) != '1' else ''}" if m else e
+def headlines(link: Callable[[str], str], results: Path = RESULTS) -> str:
+    """The results table: one headline per benchmark, linking to its full report (`link(name)`)."""
+    rows = [[what, read(name, results), f"[`{name}.md`]({link(name)})"] for name, what, read in BENCHMARKS]
+    return md_table(["benchmark", "headline", "full report"], rows, "lll")
 
 
-def picard(results: Path) -> str:
-    """Per sampler on the digits U-Net: the fastest row of each (evaluator, solver), then the report's goal
-    table (issue 26's goals with today's value and this run's) and the published figures."""
-    r = report("picard", results)
-    rows = _picard_rows(r)
-    best: dict[tuple[str, str, str], dict[str, str]] = {}
-    for row in rows:
-        key = (row["sampler"], row["evaluator"], row["solver"])
-        if key not in best or num(row["speed-up"]) > num(best[key]["speed-up"]):
-            best[key] = row
-    out = [
-        [
-            row["sampler"],
-            _evaluator_name(row["evaluator"]),
-            row["solver"],
-            row["window"],
-            row["tol"],
-            f"{row['speed-up'].replace('x', '×')} ({row['min-max']})",
-            row["parallel iterations"],
-            row["ms per iteration"],
-            row["deviation"],
-        ]
-        for row in best.values()
-    ]
-    header = ["sampler", "evaluator", "solver", "window", "tolerance", "speed-up (min–max)"]
-    header += ["parallel iterations", "ms per iteration", "max deviation"]
-    goal = r.table("goal", under="Goals")
-    return "\n\n".join(
-        [
-            r.source(),
-            md_table(header, out, "lllrrrrrr"),
-            md_table(goal.header, goal.rows, "lllll"),
-            r.line("Published figures"),
-        ]
-    )
+def readme_headlines(results: Path = RESULTS) -> str:
+    return headlines(lambda name: f"benchmarks/results/{name}.md", results)
 
 
-def picard_cluster(results: Path) -> str:
-    """The digits U-Net rows behind "Picard actors on a cluster": local batched vs Ray actors on one
-    machine, and what an actor call adds to an iteration."""
-    r = report("picard", results)
-    rows = [row for row in _picard_rows(r) if row["sampler"] == "DDPM-1000"]
-
-    def pick(evaluator: str) -> dict[str, str]:
-        mine = [row for row in rows if row["evaluator"] == evaluator]
-        if not mine:
-            raise ReportError(f"{r.path}: no DDPM-1000 row for {evaluator}")
-        return max(mine, key=lambda row: num(row["speed-up"]))
-
-    local, ray1, ray2 = pick("local batched"), pick("Ray x1"), pick("Ray x2")
-    parts = ray1["actor submit / compute / overhead / gather"].split(" / ")
-    ray_ms = float(parts[0]) + float(parts[2]) + float(parts[3])
-    return (
-        f"In `{r.path}` ({r.machine().split(',')[0]}), digits U-Net, DDPM-1000, one sample: best "
-        f"{local['speed-up']} local batched (window {local['window']}, {local['solver']}), "
-        f"{ray1['speed-up']} on 1 Ray actor and {ray2['speed-up']} on 2 (window {ray2['window']}, "
-        f"{ray2['solver']}). A Picard iteration took {local['ms per iteration']} ms local batched, "
-        f"{ray1['ms per iteration']} ms on 1 actor and {ray2['ms per iteration']} ms on 2; of the 1-actor "
-        f"call, {parts[1]} ms was the actor's compute and {ray_ms:.1f} ms Ray's (submit, scheduling and "
-        "transfer, gather)."
-    )
+def docs_headlines(results: Path = RESULTS) -> str:
+    return headlines(lambda name: f"reports/{name}.md", results)
 
 
-def distillation(results: Path) -> str:
-    """The lever study in brief: each lever's chosen variant with its student ratios, then the shipped recipe
-    per student against the goals, its cost and the report's reading."""
-    r = report("distillation", results)
-    rows = []
-    for t in tables(r.text):
-        if t.header[0] != "variant" or not t.headings[-1].startswith("Lever "):
-            continue
-        chosen = next((row for row in t.rows if "(chosen)" in row[0]), None)
-        if chosen is None:
-            raise ReportError(f"{r.path}: the table under {t.headings[-1]!r} marks no chosen variant")
-        rec = dict(zip(t.header, chosen))
-        lever = t.headings[-1].split(": ", 1)[-1]
-        ratio = [rec.get(f"{n} steps", "").split(" (")[0] for n in (4, 2, 1)]
-        rows.append([lever, chosen[0].replace(" **(chosen)**", ""), *ratio, rec["wall to 4"]])
-    levers = md_table(
-        ["lever (in study order)", "chosen", "4 steps", "2 steps", "1 step", "wall to 4 ÷ base"],
-        rows,
-        "llrrrr",
-    )
-    final = r.table("student steps", under="The chosen recipe")
-    recipe = md_table(final.header, final.rows, "l" + "r" * (len(final.header) - 1))
-    return "\n\n".join(
-        [
-            r.source(),
-            "Each lever's chosen variant (student FD ÷ teacher Heun-18 FD, mean of 2 seeds; the report has "
-            "every variant):",
-            levers,
-            "The chosen recipe, per student:",
-            recipe,
-            r.line("Cost to 4 steps:"),
-            "Report's reading: " + _reading(r),
-        ]
-    )
+def render_block(text: str, name: str, body: str, where: str) -> str:
+    """`text` with its one generated block `name` replaced by `body`; a missing block is an error."""
+    found = [m.group(1) for m in BLOCK.finditer(text)]
+    if found != [name]:
+        raise ReportError(f"{where}: expected exactly the generated block {name}, found {found}")
+    return BLOCK.sub(lambda m: f"<!-- {name}:begin -->\n{body}\n<!-- {name}:end -->", text)
 
 
-def _reading(r: Report) -> str:
-    return r.line("Reading:").removeprefix("Reading:").strip()
-
-
-def _section(r: Report, heading: str) -> str:
-    """The text of the report's `## heading` section (up to the next `## `)."""
-    m = r.find(
-        rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", f"## {heading} section", re.MULTILINE | re.DOTALL
-    )
-    return m.group(1)
-
-
-def _bullets(r: Report, heading: str) -> str:
-    return "\n".join(line for line in _section(r, heading).splitlines() if line.startswith("- "))
-
-
-def fdm_training(results: Path) -> str:
-    """The study's progress, its summary, the EDM step ratios per seed, the ablation table and (once two
-    settings have every seed) the ratio of each arm at its own best setting."""
-    r = report("fdm_training", results)
-    ratios, ablations = r.table("seed"), r.table("setting")
-    best = "Each arm at its own best setting"
-    return "\n\n".join(
-        [
-            r.source(),
-            r.line("Progress:"),
-            _bullets(r, "Summary"),
-            md_table(ratios.header, ratios.rows),
-            md_table(ablations.header, ablations.rows),
-            *([r.line(best)] if best in r.text else []),
-        ]
-    )
-
-
-def fdm_sampling(results: Path) -> str:
-    """The summary and the EDM table of Heun NFE to reach target FDs."""
-    r = report("fdm_sampling", results)
-    targets = r.table("target FD")
-    return "\n\n".join(
-        [r.source(), md_table(targets.header, targets.rows), _bullets(r, "Summary"), r.line("Paper anchor")]
-    )
-
-
-def pipeline(results: Path) -> str:
-    r = report("pipeline", results)
-    t = r.table("measure")
-    return "\n\n".join([r.source(), md_table(t.header, t.rows, "lrr")])
-
-
-def loader_throughput(results: Path) -> str:
-    r = report("loader_throughput", results)
-    t = r.table("data")
-    step = r.find(r"\*\*([\d.]+ ms/step[^*]*)\*\*", "training step time").group(1)
-    return "\n\n".join(
-        [
-            r.source(),
-            f"One digits training step (the denominator): {step}.",
-            md_table(t.header, t.rows, "llrrr"),
-            r.line("Goal:").split(". ")[0] + ".",
-        ]
-    )
-
-
-def prepare(results: Path) -> str:
-    r = report("prepare", results)
-    runs, goals = r.table("images"), r.table("measure", under="Goals")
-    return "\n\n".join(
-        [
-            r.source(),
-            md_table(runs.header, runs.rows, "lrrrrrrr"),
-            md_table(goals.header, goals.rows, "lllll"),
-        ]
-    )
-
-
-# --- README block from the CLI ------------------------------------------------------------------------
-def cli_usage(results: Path) -> str:
+# --- docs/cli.md from the `fdm` parser -----------------------------------------------------------------
+def cli_usage() -> str:
     """Every `fdm` subcommand's usage line and help, as argparse prints them (fixed width)."""
     from pipelines.cli import _parser
 
@@ -382,39 +148,29 @@ def helps(parser: argparse.ArgumentParser) -> dict[str, str]:
     return {a.dest: a.help or "" for a in _subparsers_action(parser)._choices_actions}
 
 
-def config_example(results: Path) -> str:
-    """The shipped toy2d config, whole, without its comment header."""
-    text = (ROOT / "pipelines" / "configs" / "toy2d.yaml").read_text()
-    body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-    return f"```yaml\n{body.strip()}\n```"
+def render_cli() -> str:
+    """docs/cli.md: the usage of every subcommand, then each one's full `--help`."""
+    from pipelines.cli import _parser
 
-
-BLOCKS: dict[str, Callable[[Path], str]] = {
-    "results:make-run": make_run,
-    "results:distillation": distillation,
-    "results:picard": picard,
-    "results:picard-cluster": picard_cluster,
-    "results:fdm_training": fdm_training,
-    "results:fdm_sampling": fdm_sampling,
-    "results:pipeline": pipeline,
-    "results:loader_throughput": loader_throughput,
-    "results:prepare": prepare,
-    "cli:usage": cli_usage,
-    "config:example": config_example,
-}
-
-
-def render_readme(text: str, results: Path = RESULTS) -> str:
-    """`text` with every generated block rendered afresh; an unknown or missing block is an error."""
-    found = [m.group(1) for m in BLOCK.finditer(text)]
-    unknown = [n for n in found if n not in BLOCKS]
-    missing = [n for n in BLOCKS if n not in found]
-    if unknown or missing:
-        raise ReportError(f"README.md: unknown generated blocks {unknown}, missing blocks {missing}")
-    return BLOCK.sub(
-        lambda m: f"<!-- {m.group(1)}:begin -->\n{BLOCKS[m.group(1)](results)}\n<!-- {m.group(1)}:end -->",
-        text,
-    )
+    parser = _parser()
+    out = [
+        "<!-- Generated by `python -m benchmarks.readme` from the `fdm` parser (pipelines/cli.py); do not",
+        "     edit by hand. tests/test_docs.py fails when it is stale. -->",
+        "",
+        "# CLI reference",
+        "",
+        "Every subcommand of `fdm`, as `fdm --help` and `fdm COMMAND --help` print them. Examples are in the",
+        "[guides](guide-run.md); exit codes: 0 ok, 2 bad usage, config or input data, 1 a stage failed.",
+        "",
+        "## Summary",
+        "",
+        cli_usage(),
+        "",
+    ]
+    for name, sub in subcommands(parser).items():
+        sub.formatter_class = functools.partial(argparse.HelpFormatter, width=100)
+        out += [f"## fdm {name}", "", "```text", sub.format_help().rstrip(), "```", ""]
+    return "\n".join(out).rstrip() + "\n"
 
 
 # --- docs/configuration.md from the pydantic models ---------------------------------------------------
@@ -589,36 +345,41 @@ def _diff(old: str, new: str, name: str) -> str:
     return "\n".join(lines[:12])
 
 
-def check(readme: Path = README, config_doc: Path = CONFIG_DOC, results: Path = RESULTS) -> list[str]:
-    """Problems: each generated block or file that differs from a fresh rendering (empty: all fresh)."""
-    problems = []
-    text = readme.read_text()
+def rendered(results: Path = RESULTS) -> dict[Path, str]:
+    """Every generated file as a fresh rendering would write it."""
+    return {
+        README: render_block(README.read_text(), HEADLINES, readme_headlines(results), "README.md"),
+        RESULTS_DOC: render_block(
+            RESULTS_DOC.read_text(), HEADLINES, docs_headlines(results), "docs/results.md"
+        ),
+        CLI_DOC: render_cli(),
+        CONFIG_DOC: render_configuration(),
+    }
+
+
+def check(results: Path = RESULTS) -> list[str]:
+    """Problems: each generated file that differs from a fresh rendering (empty: all fresh)."""
     try:
-        fresh = render_readme(text, results)
+        fresh = rendered(results)
     except ReportError as err:
         return [str(err)]
-    current = {m.group(1): m.group(2) for m in BLOCK.finditer(text)}
-    for m in BLOCK.finditer(fresh):
-        if current.get(m.group(1)) != m.group(2):
-            diff = _diff(current.get(m.group(1), ""), m.group(2), m.group(1))
+    problems = []
+    for path, text in fresh.items():
+        current = path.read_text() if path.is_file() else ""
+        if current != text:
+            name = str(path.relative_to(ROOT))
             problems.append(
-                f"README.md: block {m.group(1)} differs from a fresh rendering "
-                f"(run `python -m benchmarks.readme`):\n{diff}"
+                f"{name} differs from a fresh rendering (run `python -m benchmarks.readme`):\n"
+                + _diff(current, text, name)
             )
-    doc = config_doc.read_text() if config_doc.is_file() else ""
-    fresh_doc = render_configuration()
-    if doc != fresh_doc:
-        problems.append(
-            f"{config_doc.relative_to(ROOT)} differs from a fresh rendering of the config models "
-            f"(run `python -m benchmarks.readme`):\n{_diff(doc, fresh_doc, config_doc.name)}"
-        )
     return problems
 
 
-def write(readme: Path = README, config_doc: Path = CONFIG_DOC, results: Path = RESULTS) -> None:
-    readme.write_text(render_readme(readme.read_text(), results))
-    config_doc.parent.mkdir(parents=True, exist_ok=True)
-    config_doc.write_text(render_configuration())
+def write(results: Path = RESULTS) -> list[Path]:
+    fresh = rendered(results)
+    for path, text in fresh.items():
+        path.write_text(text)
+    return list(fresh)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -630,11 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(p, file=sys.stderr)
         return 1 if problems else 0
-    write()
-    print(
-        f"wrote {README.relative_to(ROOT)} ({len(BLOCKS)} generated blocks) "
-        f"and {CONFIG_DOC.relative_to(ROOT)}"
-    )
+    print("wrote " + ", ".join(str(p.relative_to(ROOT)) for p in write()))
     return 0
 
 

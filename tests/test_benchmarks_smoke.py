@@ -38,6 +38,8 @@ def test_tiny_mode_builds_report_and_plot(bench) -> None:
     assert "| baseline" in report
     (name, png), *_ = files.items()
     assert name in report and png.startswith(b"\x89PNG")
+    if bench is fdm_sampling:  # fdm_training's headline is the summary in its record
+        assert json.loads(files["fdm_sampling_tiny.summary.json"])["headline"].startswith("EDM: ")
 
 
 def test_fdm_cache_serves_fdm_training_runs_to_both_benchmarks(tmp_path: Path, capsys) -> None:
@@ -67,14 +69,17 @@ def check_report(report: str, files: dict[str, bytes], tables: list[str], anchor
     for text in tables + anchors:
         assert text in report
     for name, data in files.items():
-        assert f"({name})" in report and data.startswith(b"\x89PNG")
+        if name.endswith(".summary.json"):  # the headline the README's results table shows
+            assert json.loads(data)["headline"] and json.loads(data)["report"] == name.replace(".summary.json", ".md")
+        else:
+            assert f"({name})" in report and data.startswith(b"\x89PNG")
 
 
 def test_distillation_tiny_builds_report_and_plot() -> None:
     report, files = distillation.run(distillation.MODES["tiny"])
     table = "| variant | 2 steps | 1 steps | score | updates to 4 | wall to 4 | updates to 1 | wall to 1 |"
     check_report(report, files, [table], ["## Lever 1: teacher targets", "## The chosen recipe", "Reading: "])
-    assert list(files) == ["distillation_tiny.png"]
+    assert list(files) == ["distillation_tiny.png", "distillation_tiny.summary.json"]
     assert report.count("**(chosen)**") == 1
     assert "| 1 | " in report  # rounds 4 -> 2 -> 1 steps
 
@@ -83,7 +88,7 @@ def test_loader_throughput_tiny_builds_report() -> None:
     report, files = loader_throughput.run(loader_throughput.MODES["tiny"])
     table = "| data | source | loader images/s | ms per batch of 128 | loading / digits training step |"
     check_report(report, files, [table], ["Goal: loading a batch costs under 5%"])
-    assert files == {} and "| digits [1, 8, 8] | S3 (moto) |" in report
+    assert list(files) == ["loader_throughput_tiny.summary.json"] and "| digits [1, 8, 8] | S3 (moto) |" in report
 
 
 def test_fdm_bench_help_lists_every_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,7 +135,8 @@ def test_picard_tiny_builds_report_and_plot(ray_local: None) -> None:
     table = "| sampler | evaluator | solver | window | tol | sequential ms | Picard ms | speed-up | min-max "
     anchors = ["Published figures: ParaDiGMS", "## Goals of issue 26"]
     check_report(report, files, [table], anchors)
-    assert list(files) == ["picard_tiny.png"] and "| DDPM-20 | Ray x1 | anderson |" in report
+    assert list(files) == ["picard_tiny.png", "picard_tiny.summary.json"]
+    assert "| DDPM-20 | Ray x1 | anderson |" in report
 
 
 def test_busy_seconds_is_the_union_of_intervals() -> None:
@@ -144,7 +150,7 @@ def test_pipeline_tiny_builds_report() -> None:
     report, files = pipeline.run(pipeline.MODES["tiny"])
     tables = ["| measure | value | goal |", "| stage | status | compute seconds |"]
     check_report(report, files, tables, ["| <= 5% |", "| digits <= 3 s |", "| <= 1.5 s |"])
-    assert list(files) == ["pipeline_tiny.png"]
+    assert list(files) == ["pipeline_tiny.png", "pipeline_tiny.summary.json"]
     assert "| every stage cached in every re-run | True |" in report
     assert "| no re-run started Ray | True |" in report
     assert "| distill_4to2 | done |" in report and "of which start-up" in report
