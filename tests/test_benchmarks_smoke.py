@@ -70,7 +70,8 @@ def check_report(report: str, files: dict[str, bytes], tables: list[str], anchor
         assert text in report
     for name, data in files.items():
         if name.endswith(".summary.json"):  # the headline the README's results table shows
-            assert json.loads(data)["headline"] and json.loads(data)["report"] == name.replace(".summary.json", ".md")
+            doc = json.loads(data)
+            assert doc["headline"] and doc["report"] == name.replace(".summary.json", ".md")
         else:
             assert f"({name})" in report and data.startswith(b"\x89PNG")
 
@@ -88,7 +89,8 @@ def test_loader_throughput_tiny_builds_report() -> None:
     report, files = loader_throughput.run(loader_throughput.MODES["tiny"])
     table = "| data | source | loader images/s | ms per batch of 128 | loading / digits training step |"
     check_report(report, files, [table], ["Goal: loading a batch costs under 5%"])
-    assert list(files) == ["loader_throughput_tiny.summary.json"] and "| digits [1, 8, 8] | S3 (moto) |" in report
+    assert list(files) == ["loader_throughput_tiny.summary.json"]
+    assert "| digits [1, 8, 8] | S3 (moto) |" in report
 
 
 def test_fdm_bench_help_lists_every_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
