@@ -56,7 +56,8 @@ def md_table(header: list[str], rows: list[list[str]], align: str | None = None)
 # --- the results table from the benchmarks' JSON ------------------------------------------------------
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ReportError(f"{path.relative_to(ROOT)}: missing (run `fdm bench {path.name.split('.')[0]}`)")
+        where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        raise ReportError(f"{where}: missing (run `fdm bench {path.name.split('.')[0]}`)")
     return json.loads(path.read_text())
 
 

@@ -273,3 +273,12 @@ def test_command_extraction(line: str, argv: list[str] | None) -> None:
         assert found[0][1] == ["tracking-server", "--host", "VALUE"]
     else:
         assert found[0][1] == argv
+
+
+def test_a_missing_or_empty_summary_is_named(tmp_path: Path) -> None:
+    """The results table is read from the benchmarks' JSON: a missing file or headline names the file."""
+    with pytest.raises(readme.ReportError, match=r"picard\.summary\.json: missing"):
+        readme._summary_headline("picard", tmp_path)
+    (tmp_path / "picard.summary.json").write_text('{"headline": ""}')
+    with pytest.raises(readme.ReportError, match=r"picard\.summary\.json: no headline"):
+        readme._summary_headline("picard", tmp_path)
