@@ -9,7 +9,8 @@ driver's and every Ray worker's own peak (Ray's per-node agents left out). Gener
 
     python -m benchmarks.prepare [--quick]        # under flock -x /work/coord/cpu.lock
 
-writes benchmarks/results/prepare{,_quick}.md and logs it to MLflow.
+writes benchmarks/results/prepare{,_quick}.md with its headline in prepare{,_quick}.summary.json, and logs
+them to MLflow.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import command, machine, write_report
+from benchmarks.common import command, machine, summary, write_report
 
 BASELINE = "6515869"  # the last commit of the in-memory stage (version 3)
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,8 +183,49 @@ def main(argv: list[str] | None = None) -> None:
         "Peak RSS adds each process's own peak (VmHWM), an upper bound of what they held at once; shared "
         "library pages count once per process.",
     ]
-    path = write_report("prepare" if mode == "full" else "prepare_quick", "\n".join(lines) + "\n")
+    name = "prepare" if mode == "full" else "prepare_quick"
+    ratio = statistics.median(t["seconds"] / r["seconds"] for r, t in zip(big[1]["ray"], big[1]["today"]))
+    files = headline(
+        name,
+        big[0],
+        ratio,  # as the largest folder's row shows it
+        {"today": today_rate, "ray": ray_rate},
+        {"today": today_peak, "ray": ray_peak},
+        big[1]["ray"][0]["bytes_per_image"],
+    )
+    path = write_report(name, "\n".join(lines) + "\n", files)
     print(path.read_text())
+
+
+def headline(
+    name: str, images: int, ratio: float, rate: dict[str, float], peak_mib: dict[str, float], stored: float
+) -> dict[str, bytes]:
+    """The summary file: the Ray Data stage against today's at the largest folder (`ratio`: the median
+    throughput ratio Ray Data / today), each goal met or not."""
+    memory_met, bytes_met = peak_mib["ray"] * 2**20 <= 1e9, stored <= 3100
+    speed_met = rate["ray"] >= rate["today"]  # as the goals table judges it
+    speed = f"{ratio:.2f}x the in-memory stage's throughput"
+    if not speed_met:  # a loss in words
+        speed = f"the method lost: {1 / ratio:.2f}x slower than the in-memory stage"
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "not met"
+
+    return summary(
+        name,
+        f"the Ray Data stage on {images:,} 32x32 PNGs: {speed} (goal >= it: {met(speed_met)}); "
+        f"{stored:,.0f} stored bytes per image (goal <= 3,100: {met(bytes_met)}); peak memory "
+        f"{peak_mib['ray']:,.0f} MiB summed over its processes, against {peak_mib['today']:,.0f} MiB for the "
+        f"in-memory stage (goal flat <= 1 GB: {met(memory_met)})",
+        images=images,
+        throughput_ratio=round(ratio, 2),
+        ray_images_per_s=round(rate["ray"]),
+        today_images_per_s=round(rate["today"]),
+        ray_peak_mib=round(peak_mib["ray"]),
+        today_peak_mib=round(peak_mib["today"]),
+        bytes_per_image=round(stored),
+        met=memory_met and speed_met and bytes_met,
+    )
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[str, Path], str]]] = [
     ("distillation", "Progressive distillation", _summary_headline),
     ("picard", "ParaDiGMS (Picard) sampling", _summary_headline),
     ("pipeline", "Pipeline orchestration", _summary_headline),
+    ("prepare", "Data preparation", _summary_headline),
     ("loader_throughput", "Data loading", _summary_headline),
 ]
 

@@ -19,6 +19,7 @@ from benchmarks import (
     loader_throughput,
     picard,
     pipeline,
+    prepare,
 )
 from benchmarks.common import machine, stated_command
 from benchmarks.fdm_common import first_reach, load_digits, train, trained, trained_curve
@@ -91,6 +92,19 @@ def test_loader_throughput_tiny_builds_report() -> None:
     check_report(report, files, [table], ["Goal: loading a batch costs under 5%"])
     assert list(files) == ["loader_throughput_tiny.summary.json"]
     assert "| digits [1, 8, 8] | S3 (moto) |" in report
+
+
+def test_prepare_summary_says_which_goals_were_missed() -> None:
+    """prepare's headline (the benchmark has no tiny mode) names each goal's verdict, a loss in words."""
+    won = prepare.headline(
+        "prepare", 100_000, 1.51, {"today": 4016, "ray": 6043}, {"today": 1207, "ray": 1557}, 3085
+    )
+    doc = json.loads(won["prepare.summary.json"])
+    assert doc["report"] == "prepare.md" and doc["numbers"]["met"] is False
+    assert "1.51x the in-memory stage's throughput (goal >= it: met)" in doc["headline"]
+    assert "(goal flat <= 1 GB: not met)" in doc["headline"]
+    lost = prepare.headline("p", 2_000, 0.33, {"today": 2356, "ray": 768}, {"today": 276, "ray": 1050}, 3092)
+    assert "the method lost: 3.03x slower" in json.loads(lost["p.summary.json"])["headline"]
 
 
 def test_fdm_bench_help_lists_every_benchmark(capsys: pytest.CaptureFixture[str]) -> None:

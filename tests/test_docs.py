@@ -44,6 +44,7 @@ REQUIRED_SECTIONS = {
     "docs/guide-cluster.md": ["Running on a cluster"],
     "docs/config-guide.md": ["Configuration"],
     "docs/guide-picard.md": ["Samplers"],
+    "docs/guide-mlflow.md": ["Checking the MLflow UI in a browser"],
     "docs/reliability.md": ["Reliability: faults injected, survived, work lost"],
     "docs/results.md": ["Results"],
 }
@@ -259,8 +260,8 @@ def test_docs_site_builds_strict(tmp_path: Path) -> None:
     [
         (".venv/bin/fdm run x.yaml --set a.b=1  # comment", ["run", "x.yaml", "--set", "a.b=1"]),
         (
-            "ray job submit --address A -- \\\n  fdm rerun R --stage distill_3",
-            ["rerun", "R", "--stage", "distill_3"],
+            "ray job submit --address A -- \\\n  fdm rerun R --stage distill_2to1",
+            ["rerun", "R", "--stage", "distill_2to1"],
         ),
         ("ray exec c.yaml 'fdm tracking-server --host $(hostname -I | cut -d\" \" -f1)'", None),
         ("fdm bench picard --quick | tee log", ["bench", "picard", "--quick"]),
