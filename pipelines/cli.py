@@ -34,7 +34,15 @@ ALLOW_LOCAL = (
     "on a cluster of several nodes, accept a local store.root or sqlite tracking.uri (the path is on a "
     "filesystem every node shares)"
 )
-BENCHMARKS = ("fdm_training", "fdm_sampling", "distillation", "picard", "pipeline", "loader_throughput")
+BENCHMARKS = (
+    "fdm_training",
+    "fdm_sampling",
+    "distillation",
+    "picard",
+    "pipeline",
+    "loader_throughput",
+    "prepare",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
