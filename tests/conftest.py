@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -162,6 +164,9 @@ def multinode(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         for name, value in LOOPBACK_ENV.items():
             mp.setenv(name, value)
         mp.delenv("RAY_ADDRESS", raising=False)
+        # The nodes inherit this PATH, so a submitted job's `fdm` is this venv's, as on an installed cluster
+        # (`make test` runs .venv/bin/pytest without activating the venv).
+        mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
         from ray._private import ray_constants
 
         mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # if Ray was imported before the env var
