@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from test_docs import SHELL_FENCES, fdm_commands
+from test_pipeline import SMALL  # two rounds, 8 -> 4 -> 2 steps
 from test_submit import Head, ray_cluster  # noqa: F401 (ray_cluster: the local head fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,17 +34,6 @@ PAGES = [
 SKIP = re.compile(r"<!-- examples: skip \((.+?)\) -->\s*$")
 # The order the examples need: a run first, then what reads it, then the cluster commands.
 ORDER = ["run", "stages", "rerun", "sample", "submit", "status", "logs"]
-SMALL = [  # as tests/test_pipeline.py's SMALL: two rounds, 8 -> 4 -> 2 steps
-    "train.steps=300",
-    "train.checkpoint_every=100",
-    "distill.start_steps=8",
-    "distill.end_steps=2",
-    "distill.round.updates=40",
-    "distill.round.final_updates=40",
-    "evaluate.num_samples=300",
-    "evaluate.batch_size=300",
-    "evaluate.samplers=[{method: heun, steps: 8}]",
-]
 JOB_API = "http://127.0.0.1:8265"
 
 
