@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(past_stages(args.tracking_uri, args.run_id))
             return EXIT_OK
         if args.command == "rerun":
-            from pipelines.runner import rerun_stage
+            from pipelines.rerun import rerun_stage
 
             with interruptible():
                 return _exit_code(

@@ -1,28 +1,24 @@
 """The whole pipeline's configuration: pydantic models loaded from YAML with `--set a.b=c` overrides.
 
-Every stage's section is the stage's own typed config (from tasks/); this module adds the pipeline-level
-parts (distillation schedule, resources, store, tracking) and turns validation errors into messages that
+The sections come from the declarations: each stage kind the planner adds by itself contributes its
+config's section, each policy its own (tasks/registry.py); this module adds the pipeline-level parts
+(resources, one group per declared group; store; tracking) and turns validation errors into messages that
 name the field path and what was expected.
 """
 
 from __future__ import annotations
 
-import math
 import re
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model
 
 from infra.store import S3Settings
-from tasks.stage import STRICT
-from tasks.stages.distill_round import DistillConfig
-from tasks.stages.evaluate import EvalConfig
-from tasks.stages.picard_sample import PicardSampleConfig
-from tasks.stages.prepare_data import DataConfig
-from tasks.stages.train_base import ModelConfig, TrainConfig
-from tasks.stages.train_classifier import ClassifierConfig
+from tasks.registry import POLICIES, STAGES
+from tasks.stage import STRICT, StageKind
 
 
 class ConfigError(ValueError):
@@ -45,95 +41,6 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-class DistillSchedule(BaseModel):
-    """Progressive distillation: halve from `start_steps` down to `end_steps`, optionally gated on quality."""
-
-    model_config = STRICT
-    enabled: bool = Field(True, description="run the distillation rounds; false stops after the base model")
-    start_steps: int = Field(
-        64, ge=2, description="steps of the base model's DDIM sampler, the first teacher"
-    )
-    end_steps: int = Field(
-        4, ge=1, description="steps of the last student; start_steps/end_steps is a power of 2"
-    )
-    quality_gate: float | None = Field(
-        None,
-        gt=0,
-        description="stop halving at the first student whose metric is worse than this x the base model's "
-        "(its first evaluation sampler); the last student within it is the final model",
-    )
-    round: DistillConfig = Field(default_factory=DistillConfig)
-    rounds: dict[int, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="per-round settings: round index (1 = the first halving) -> some fields of `round`, "
-        "applied on top of `round` for that round only, e.g. {3: {updates: 500}} or --set "
-        "distill.rounds.3.updates=500; only those rounds (and what depends on them) get new keys",
-    )
-
-    @field_validator("rounds", mode="before")
-    @classmethod
-    def _round_numbers(cls, rounds: Any) -> Any:
-        """Round numbers as ints: a `--set distill.rounds.3...` path gives them as text, which strict
-        validation would refuse."""
-        if not isinstance(rounds, dict):
-            return rounds
-        return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in rounds.items()}
-
-    @model_validator(mode="after")
-    def _per_round(self) -> DistillSchedule:
-        known = set(DistillConfig.model_fields)
-        count = len(self.student_steps)
-        for k, changes in sorted(self.rounds.items()):
-            unknown = sorted(set(changes) - known)
-            if unknown:
-                raise ValueError(
-                    f"rounds.{k}.{unknown[0]}: unknown key; a round takes the fields of distill.round "
-                    f"({', '.join(sorted(known))})"
-                )
-            if self.enabled and not 1 <= k <= count:
-                raise ValueError(f"rounds.{k}: no such round; this schedule has rounds 1..{count}")
-            try:
-                settings = self.round_config(k)
-            except ValidationError as err:
-                e = err.errors()[0]
-                msg = e["msg"].removeprefix("Value error, ")
-                if not e["loc"]:  # a check across fields, whose message starts with the field it names
-                    raise ValueError(f"rounds.{k}.{msg}") from None
-                where = ".".join(str(p) for p in e["loc"])
-                raise ValueError(f"rounds.{k}.{where}: {msg} (got {e.get('input')!r})") from None
-            self.rounds[k] = {
-                name: getattr(settings, name) for name in changes
-            }  # as validated: "1e30" -> 1e30
-        return self
-
-    def round_config(self, k: int) -> DistillConfig:
-        """The settings of round `k` (1-based): `round`, with `rounds[k]` applied on top."""
-        return DistillConfig.model_validate({**self.round.model_dump(), **self.rounds.get(k, {})})
-
-    @model_validator(mode="after")
-    def _halvings(self) -> DistillSchedule:
-        if self.end_steps > self.start_steps:
-            raise ValueError(f"end_steps: must be <= start_steps ({self.start_steps}), got {self.end_steps}")
-        ratio = self.start_steps / self.end_steps
-        if ratio != 2 ** round(math.log2(ratio)):
-            raise ValueError(
-                f"end_steps: start_steps/end_steps must be a power of two "
-                f"(got {self.start_steps}/{self.end_steps})"
-            )
-        return self
-
-    @property
-    def student_steps(self) -> list[int]:
-        """Step counts of the students, one per round: start/2, start/4, ..., end."""
-        if not self.enabled:
-            return []
-        out, n = [], self.start_steps
-        while n > self.end_steps:
-            n //= 2
-            out.append(n)
-        return out
-
-
 class StageResources(BaseModel):
     """The Ray resources one stage of a kind asks for."""
 
@@ -142,17 +49,10 @@ class StageResources(BaseModel):
     num_gpus: float = Field(0, ge=0, description="per stage; used only when the cluster has GPUs")
 
 
-class Resources(BaseModel):
-    """Ray resources per stage kind and retry policy."""
+class ResourcesBase(BaseModel):
+    """Retry and placement policy; `config_model` adds one `StageResources` group per declared group."""
 
     model_config = STRICT
-    prepare_data: StageResources = Field(default_factory=StageResources)
-    train: StageResources = Field(default_factory=lambda: StageResources(num_cpus=2, num_gpus=1))
-    evaluate: StageResources = Field(default_factory=lambda: StageResources(num_cpus=2, num_gpus=1))
-    sample: StageResources = Field(
-        default_factory=StageResources,
-        description="the picard_sample stage's driver; its actors take picard.actor_cpus each",
-    )
     max_retries: int = Field(2, ge=0, description="Ray retries of a stage after a worker or node dies")
     placement_timeout: float = Field(
         60,
@@ -197,24 +97,65 @@ class TrackingConfig(BaseModel):
     artifact_location: str | None = Field(None, description="for a new experiment; default next to the db")
 
 
-class PipelineConfig(BaseModel):
-    """A full pipeline: data -> base model -> distillation rounds, each evaluated."""
+class PipelineBase(BaseModel):
+    """A full pipeline; `config_model` adds the sections its stage kinds and policies declare."""
 
     model_config = STRICT
     name: str = Field("pipeline", description="the MLflow parent run's name")
-    data: DataConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
-    distill: DistillSchedule = Field(default_factory=DistillSchedule)
-    evaluate: EvalConfig = Field(default_factory=EvalConfig)
-    picard: PicardSampleConfig = Field(
-        default_factory=lambda: PicardSampleConfig(enabled=False),
-        description="ParaDiGMS sampling on Ray actors, against sequential (off unless enabled)",
-    )
-    resources: Resources = Field(default_factory=Resources)
-    store: StoreConfig = Field(default_factory=StoreConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def _resources_model() -> type[BaseModel]:
+    groups: dict[str, list[StageKind]] = {}
+    for kind in STAGES.values():
+        groups.setdefault(kind.resources, []).append(kind)
+    fields: dict[str, Any] = {}
+    for group, kinds in groups.items():
+        cpus, gpus = kinds[0].default_resources
+        fields[group] = (
+            StageResources,
+            Field(
+                default_factory=partial(StageResources, num_cpus=cpus, num_gpus=gpus),
+                description=f"each {', '.join(k.name for k in kinds)} stage",
+            ),
+        )
+    return create_model("Resources", __base__=ResourcesBase, **fields)
+
+
+def _section(kind: StageKind) -> tuple[Any, Any]:
+    auto = kind.auto
+    if auto.required:
+        return kind.config, Field(description=f"the {kind.name} stage's config")
+    if auto.default is not None:
+        return kind.config, Field(default_factory=auto.default, description=f"the {kind.name} stage's config")
+    return kind.config | None, Field(None, description=f"the {kind.name} stage's config; absent: no stage")
+
+
+def config_model() -> type[PipelineBase]:
+    """The pipeline config's model for the stage kinds and policies registered now: the sections of the
+    kinds the planner adds by itself (the required ones first), the policies' sections, resources, store,
+    tracking. Rebuilt only when the registry changes (a kind registered by a plugin or a test)."""
+    return _config_model(tuple((name, id(kind)) for name, kind in STAGES.items()))
+
+
+@cache
+def _config_model(registry: tuple[tuple[str, int], ...]) -> type[PipelineBase]:
+    """The model for `registry` (the registered kinds' names and identities, the cache key)."""
+    autos = [k for k in STAGES.values() if k.auto]
+    fields: dict[str, Any] = {k.auto.section: _section(k) for k in autos if k.auto.required}
+    for policy in POLICIES:
+        for section, (model, default) in policy.sections.items():
+            fields[section] = (model, Field(default_factory=default))
+    fields |= {k.auto.section: _section(k) for k in autos if not k.auto.required}
+    resources = _resources_model()
+    fields |= {
+        "resources": (resources, Field(default_factory=resources)),
+        "store": (StoreConfig, Field(default_factory=StoreConfig)),
+        "tracking": (TrackingConfig, Field(default_factory=TrackingConfig)),
+    }
+    return create_model("PipelineConfig", __base__=PipelineBase, **fields)
+
+
+PipelineConfig = config_model()
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -265,7 +206,7 @@ def parse_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Pip
     """Validate a config tree (after overrides); a ConfigError lists every bad field by path."""
     raw = apply_overrides(raw or {}, overrides or [])
     try:
-        return PipelineConfig.model_validate(raw)
+        return config_model().model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_explain(err)) from None
 

@@ -10,6 +10,7 @@ and mark it FAILED.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -19,6 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from infra.tracking import Tracking
+    from tasks.graph import PipelineRun
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -111,3 +117,25 @@ def driver_alive(pid: int, started: float) -> bool:
         pass
     now_started = _started(pid)
     return now_started is None or not started or abs(now_started - started) < 2
+
+
+def cancel_run(
+    run: PipelineRun | None, tracking: Tracking | None, refs: dict[str, Any], stop: Interrupted, total: int
+) -> None:
+    """Cancel the run's Ray tasks and mark the parent run and its running children KILLED (`stop` learns
+    which stages had finished)."""
+    if refs:
+        import ray
+
+        for ref in refs.values():
+            with contextlib.suppress(Exception):  # finished, or Ray already going down
+                ray.cancel(ref, force=True)
+    stop.total = total
+    if run is None or tracking is None:
+        return
+    stop.finished = [n for n, o in run.outcomes.items() if o.status in ("done", "cached", "skipped")]
+    tracking.close_stale(
+        run.run_id, status="KILLED", reason=f"the pipeline run was interrupted ({stop.signal_name})"
+    )
+    tracking.set_tags(run.run_id, {"fdm.interrupted": stop.signal_name})
+    tracking.end(run.run_id, "KILLED")

@@ -1,4 +1,9 @@
-"""The pipeline's DAG as data: which stages run, their named inputs, and each stage's content-addressed key.
+"""The pipeline's DAG as data: which stages run, how their named inputs connect, and each stage's
+content-addressed key.
+
+The nodes come from the declarations (a kind with `auto` adds its one node) and from the policies
+(tasks/registry.py); each input is fed by the node answering to its name (or to the name the node binds it
+to), as Dagster wires assets by their arguments' names. Nothing here knows a stage kind by name.
 
 A stage's key hashes its config section, its inputs' keys, its declaration's `version`, and the source of
 the project modules its function imports (found by reading import statements, not by importing), so
@@ -11,18 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import PipelineConfig
-from tasks.registry import STAGES
+from pipelines.config import ConfigError, PipelineBase
+from tasks.graph import Node, StageSpec
+from tasks.registry import POLICIES, STAGES
 from tasks.stage import StageKind
-from tasks.stages.evaluate import SamplerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_PACKAGES = ("fdm_core", "infra", "tasks", "benchmarks")
+PROJECT_PACKAGES = ("fdm_core", "infra", "tasks", "benchmarks", "tests")
 
 
 class StageError(RuntimeError):
@@ -97,184 +101,108 @@ def stage_key(kind: StageKind, section: Any, input_keys: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class Gate:
-    """Run the stage only if evaluation `student`'s quality is at most `factor` x evaluation `teacher`'s
-    (lower is better), the teacher's with sampler `teacher_sampler` (a tag like heun18) if given, else
-    its headline: the quality gate that stops halving. The pipeline's gates all judge against the base
-    model's headline evaluation, so the allowed loss does not compound over rounds."""
-
-    student: str
-    teacher: str
-    teacher_sampler: str | None
-    factor: float
-
-
-@dataclass
-class StageSpec:
-    """One node of the DAG: `name` is unique in the run and names its MLflow run, its `stage` tag and its
-    table row, with step counts (e.g. distill_8to4, evaluate_4); `kind` names its declaration.
-
-    `inputs` maps the declaration's input names to upstream stage names; `after` lists further stages it
-    waits for (a gate's evaluations); `section` is where `config` sits in the pipeline config (its MLflow
-    params carry that prefix, as the parent run's do)."""
-
-    name: str
-    kind: str
-    key: str
-    config: dict[str, Any]
-    inputs: dict[str, str]
-    section: str = ""
-    after: list[str] = field(default_factory=list)
-    round: int | None = None
-    steps: int | None = None
-    gate: Gate | None = None
-    resources: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def decl(self) -> StageKind:
-        return STAGES[self.kind]
-
-    @property
-    def upstream(self) -> list[str]:
-        return list(dict.fromkeys([*self.inputs.values(), *self.after]))
-
-    @property
-    def out_root(self) -> str:
-        """Where this key's outputs live: one immutable version directory per computation."""
-        return f"stages/{self.kind}/{self.key}"
-
-
-def base_samplers(cfg: PipelineConfig) -> list[SamplerSpec]:
-    """The base model's evaluation samplers, plus the first teacher as round 1 distils it (its solver at
-    `start_steps`), which the quality plot joins the students to."""
-    samplers = list(cfg.evaluate.samplers)
-    if cfg.distill.student_steps:
-        first = first_teacher(cfg)
-        if first not in samplers:
-            samplers.append(first)
-    return samplers
-
-
-def first_teacher(cfg: PipelineConfig) -> SamplerSpec:
-    """The base model's sampler that round 1 distils: its teacher solver at `distill.start_steps`."""
-    return SamplerSpec(method=cfg.distill.round_config(1).teacher_solver, steps=cfg.distill.start_steps)
-
-
-def distill_name(teacher_steps: int, steps: int) -> str:
-    """A distillation round's stage name, by its step counts: distill_8to4."""
-    return f"distill_{teacher_steps}to{steps}"
-
-
-def evaluate_name(steps: int) -> str:
-    """A student's evaluation stage name, by the student's sampling steps: evaluate_4."""
-    return f"evaluate_{steps}"
-
-
-def round_stages(stages: list[StageSpec], k: int) -> tuple[StageSpec | None, StageSpec | None]:
-    """Round `k`'s distillation and evaluation stages (None where the plan has none)."""
-    found = {s.kind: s for s in stages if s.round == k and s.kind in ("distill_round", "evaluate")}
-    return found.get("distill_round"), found.get("evaluate")
-
-
-def uses_classifier(cfg: PipelineConfig) -> bool:
-    """Labelled image sources get an evaluation classifier; 2-D toy data is judged by sliced Wasserstein."""
-    return cfg.data.source.kind != "toy2d"
-
-
-class _Plan:
-    """Adds stages in topological order, keying each from its declaration and its inputs' keys."""
-
-    def __init__(self, cfg: PipelineConfig) -> None:
-        self.cfg = cfg
-        self.stages: list[StageSpec] = []
-
-    def add(
-        self, name: str, kind: str, config: dict[str, Any], inputs: dict[str, StageSpec], **extra: Any
-    ) -> StageSpec:
-        decl = STAGES[kind]
-        missing = set(decl.required_inputs()) - set(inputs)
-        if missing or set(inputs) - set(decl.inputs):
-            raise ValueError(f"{name}: inputs {sorted(inputs)} do not match {kind}'s {dict(decl.inputs)}")
-        decl.config.model_validate(config)
-        group = getattr(self.cfg.resources, decl.resources)
-        spec = StageSpec(
-            name=name,
-            kind=kind,
-            key=stage_key(decl, config, {n: s.key for n, s in inputs.items()}),
-            config=config,
-            inputs={n: s.name for n, s in inputs.items()},
-            resources={"num_cpus": group.num_cpus, "num_gpus": group.num_gpus},
-            **extra,
-        )
-        self.stages.append(spec)
-        return spec
-
-
-def plan(cfg: PipelineConfig) -> list[StageSpec]:
-    """Stages in topological order."""
-    d = cfg.model_dump(mode="json")
-    p = _Plan(cfg)
-    data = p.add("prepare_data", "prepare_data", d["data"], {}, section="data")
-    judge = {}
-    if uses_classifier(cfg):
-        clf = p.add(
-            "train_classifier", "train_classifier", d["classifier"], {"dataset": data}, section="classifier"
-        )
-        judge = {"classifier": clf}
-    base = p.add("train_base", "train_base", {"model": d["model"], "train": d["train"]}, {"dataset": data})
-    base_eval = {**d["evaluate"], "samplers": [s.model_dump() for s in base_samplers(cfg)]}
-    ev = p.add(
-        "evaluate_base",
-        "evaluate",
-        base_eval,
-        {"model": base, "dataset": data, **judge},
-        section="evaluate",
-        round=0,
-        steps=cfg.evaluate.samplers[0].steps,  # the headline sampler's: the one the table and plot show
-    )
-    # With a quality gate, round k+1 waits for the evaluations of round k's student and of the base model.
-    teacher, teacher_steps, evals = base, cfg.distill.start_steps, [ev]
-    for k, steps in enumerate(cfg.distill.student_steps, start=1):
-        gate = None
-        if cfg.distill.quality_gate is not None and k >= 2:
-            gate = Gate(evals[-1].name, ev.name, None, cfg.distill.quality_gate)
-        settings = cfg.distill.round_config(k).model_dump(mode="json")  # distill.round + distill.rounds[k]
-        section = {**settings, "teacher_steps": teacher_steps, "round_index": k}
-        dist = p.add(
-            distill_name(teacher_steps, steps),
-            "distill_round",
-            section,
-            {"teacher": teacher, "dataset": data},
-            section="distill.round",
-            after=list(dict.fromkeys([gate.student, gate.teacher])) if gate else [],
-            round=k,
-            steps=steps,
-            gate=gate,
-        )
-        student_eval = {**d["evaluate"], "samplers": [{"method": "euler", "steps": steps}]}  # its own grid
-        evals.append(
-            p.add(
-                evaluate_name(steps),
-                "evaluate",
-                student_eval,
-                {"model": dist, "dataset": data, **judge},
-                section="evaluate",
-                round=k,
-                steps=steps,
+def auto_nodes(cfg: PipelineBase) -> list[Node]:
+    """One node per kind that declares `auto` and whose condition holds, named after the kind."""
+    out = []
+    for kind in STAGES.values():
+        auto = kind.auto
+        if auto is None:
+            continue
+        section = getattr(cfg, auto.section)
+        if section is None if auto.when is None else not auto.when(cfg):
+            continue
+        out.append(
+            Node(
+                kind.name,
+                kind.name,
+                section.model_dump(mode="json"),
+                section=auto.section,
+                bind=auto.bind(section) if auto.bind else {},
+                aliases=(auto.provides,) if auto.provides else (),
             )
         )
-        teacher, teacher_steps = dist, steps
-    if cfg.picard.enabled:
-        model = base if cfg.picard.model == "base" else teacher
-        p.add(
-            "picard_sample",
-            "picard_sample",
-            d["picard"],
-            {"model": model},
-            section="picard",
+    return out
+
+
+def _names(nodes: list[Node]) -> dict[str, Node]:
+    """Every name a node answers to (its own and its aliases), refusing a name two nodes claim."""
+    names: dict[str, Node] = {}
+    for node in nodes:
+        for name in (node.name, *node.aliases):
+            if name in names and names[name] is not node:
+                raise ConfigError(f"{node.name}: the name {name!r} is also {names[name].name}'s")
+            names[name] = node
+    return names
+
+
+def _wire(node: Node, decl: StageKind, names: dict[str, Node]) -> dict[str, str]:
+    """The upstream node feeding each input of `node`: the one answering to the bound name (by default the
+    input's own); an optional input nothing answers to stays unfed."""
+    unknown = sorted(set(node.bind) - set(decl.inputs))
+    if unknown:
+        raise ConfigError(
+            f"{node.name}: binds {unknown[0]!r}, not an input of {decl.name} {dict(decl.inputs)}"
         )
-    return p.stages
+    inputs = {}
+    for name, artifact in decl.inputs.items():
+        wanted = node.bind.get(name, name)
+        producer = names.get(wanted)
+        if producer is None:
+            if artifact.endswith("?"):
+                continue
+            raise ConfigError(f"{node.name}: input {name!r} needs a stage answering to {wanted!r}; none does")
+        made = STAGES[producer.kind].output
+        if made != artifact.rstrip("?"):
+            raise ConfigError(
+                f"{node.name}: input {name!r} takes a {artifact.rstrip('?')}, {producer.name} makes a {made}"
+            )
+        inputs[name] = producer.name
+    return inputs
+
+
+def _ordered(nodes: list[Node], inputs: dict[str, dict[str, str]]) -> list[Node]:
+    """`nodes` in an order where each comes after what it needs, otherwise in the order given."""
+    by_name = {n.name: n for n in nodes}
+    out: dict[str, Node] = {}
+    visiting: set[str] = set()
+
+    def visit(node: Node) -> None:
+        if node.name in out:
+            return
+        if node.name in visiting:
+            raise ConfigError(f"{node.name}: its inputs lead back to itself")
+        visiting.add(node.name)
+        for up in [*inputs[node.name].values(), *node.after]:
+            if up not in by_name:
+                raise ConfigError(f"{node.name}: waits for {up!r}, which is not a stage of this pipeline")
+            visit(by_name[up])
+        out[node.name] = node
+
+    for node in nodes:
+        visit(node)
+    return list(out.values())
+
+
+def plan(cfg: PipelineBase) -> list[StageSpec]:
+    """The stages of `cfg` in topological order: the policies' nodes, then the kinds' own, each keyed from
+    its declaration, its config and its inputs' keys."""
+    nodes = [n for policy in POLICIES for n in policy.nodes(cfg)] + auto_nodes(cfg)
+    names = _names(nodes)
+    inputs = {n.name: _wire(n, STAGES[n.kind], names) for n in nodes}
+    specs: dict[str, StageSpec] = {}
+    for node in _ordered(nodes, inputs):
+        decl = STAGES[node.kind]
+        decl.config.model_validate(node.config)
+        group = getattr(cfg.resources, decl.resources)
+        keys = {name: specs[up].key for name, up in inputs[node.name].items()}
+        specs[node.name] = StageSpec(
+            node=node,
+            decl=decl,
+            key=stage_key(decl, node.config, keys),
+            inputs=inputs[node.name],
+            resources={"num_cpus": group.num_cpus, "num_gpus": group.num_gpus},
+        )
+    return list(specs.values())
 
 
 def downstream_of(stages: list[StageSpec], name: str) -> list[str]:

@@ -7,7 +7,8 @@ the config field and the path or value at fault (the CLI exits 2):
   `store.min_free_mb` free;
 - every stage still to compute asks for no more CPUs or GPUs than the embedded local cluster has, so a
   stage never waits forever for resources that cannot appear;
-- on a multi-node cluster, no store or tracking path is local to this machine (`node_local`).
+- on a joined multi-node cluster, no store or tracking path is local to this machine (`node_local`), and
+  every stage still to compute asks for resources some node has (`check_joined`).
 
 It imports neither Ray nor MLflow.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 from infra.secrets import scrub
 from infra.store import LocalStore, StoreError, open_store
 from pipelines.config import PipelineConfig
-from pipelines.plan import StageSpec
+from tasks.graph import StageSpec
 
 PROBE = ".fdm-probe"
 HTTP_TIMEOUT_S = 5.0
@@ -153,3 +154,36 @@ def node_local(cfg: PipelineConfig) -> list[str]:
     if "://" not in cfg.store.root or cfg.store.root.startswith("file://"):
         found.append(f"store.root={cfg.store.root}")
     return found
+
+
+def check_joined(cfg: PipelineConfig, pending: list[StageSpec], allow_local: bool) -> None:
+    """On a joined cluster, before anything runs: with more than one node, every node must reach the store
+    and the tracking store (no local path, unless `allow_local`: the user knows it is shared); every stage
+    still to compute must ask for resources some node has (or an autoscaler can add). PreflightError
+    (exit 2) names what is wrong."""
+    from infra.placement import Unplaceable, alive_nodes, check
+
+    nodes = alive_nodes()
+    local = node_local(cfg)
+    if len(nodes) > 1 and local and not allow_local:
+        raise PreflightError(
+            f"{' and '.join(local)}: a path on this machine's disk, but the cluster has {len(nodes)} nodes, "
+            "whose workers would each write their own copy. Store in S3 (--set store.root=s3://BUCKET/fdm) "
+            "or on a filesystem every node mounts at the same path, and track to a server (`fdm "
+            "tracking-server`, then --set tracking.uri=http://HEAD:5000); --allow-local runs anyway when "
+            "the path is shared"
+        )
+    gpus = any(n.get("GPU", 0) > 0 for n in nodes)
+    for spec in pending:
+        coordinates = spec.decl.coordinates and spec.decl.coordinates(
+            spec.decl.config.model_validate(spec.config)
+        )
+        if coordinates:
+            continue  # its workers ask for the stage's resources, through Ray Train
+        bundle = {"CPU": spec.resources["num_cpus"]}
+        if gpus and spec.resources["num_gpus"]:
+            bundle["GPU"] = spec.resources["num_gpus"]
+        try:
+            check(f"stage {spec.name} (resources.{spec.decl.resources})", [bundle])
+        except Unplaceable as err:
+            raise PreflightError(str(err)) from None

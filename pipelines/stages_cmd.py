@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from infra.tracking import Tracking, existing_store
-from pipelines.headlines import format_headline
+from tasks.headlines import format_headline
 
 if TYPE_CHECKING:
     from mlflow.entities import Run

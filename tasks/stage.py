@@ -37,15 +37,34 @@ def _no_log(metrics: dict[str, float], step: int) -> None:
 
 
 @dataclass(frozen=True)
+class AutoNode:
+    """How the planner adds a kind's one node by itself, named after the kind, with its config at `section`
+    of the pipeline config: `required` sections must be given; otherwise `default` makes the section's value
+    when the config omits it (None: the section is optional and absent means no node). The node is added
+    when `when(pipeline config)` holds (default: its section is set); it also answers to `provides`, and
+    `bind(section config)` says which node feeds each input (default: the node answering to its name)."""
+
+    section: str
+    provides: str = ""
+    required: bool = False
+    default: Callable[[], BaseModel] | None = None
+    when: Callable[[Any], bool] | None = None
+    bind: Callable[[Any], dict[str, str]] | None = None
+
+
+@dataclass(frozen=True)
 class StageKind:
     """One declaration per stage kind; planner, executor, tables and MLflow tags all read it.
 
-    `inputs` maps each input name to the artifact kind it takes (a trailing "?" marks it optional);
-    `output` names the one artifact the stage writes. `version` is bumped by hand when the stage's meaning
-    changes; together with a hash of the project modules `run` imports it enters the stage's cache key.
-    `resources` names the group in the pipeline's `resources` config; `headline` the metric shown for it;
-    `total_steps` (optional) how many progress steps a config implies; `coordinates` (optional) whether a
-    config makes the stage's task only coordinate workers that hold the resources (data-parallel training)."""
+    `inputs` maps each input name to the artifact kind it takes (a trailing "?" marks it optional); the
+    planner feeds each from the node answering to that name (tasks/graph.py). `output` names the one
+    artifact the stage writes. `version` is bumped by hand when the stage's meaning changes; together with a
+    hash of the project modules `run` imports it enters the stage's cache key. `resources` names the group
+    in the pipeline's `resources` config, `default_resources` that group's (num_cpus, num_gpus) when the
+    config omits it; `headline` the metric shown for it; `auto` (optional) how the planner adds the kind's
+    one node by itself (kinds without it get their nodes from a policy); `total_steps` (optional) how many
+    progress steps a config implies; `coordinates` (optional) whether a config makes the stage's task only
+    coordinate workers that hold the resources (data-parallel training)."""
 
     name: str
     config: type[BaseModel]
@@ -55,6 +74,8 @@ class StageKind:
     resources: str
     headline: str
     version: str
+    default_resources: tuple[float, float] = (1.0, 0.0)
+    auto: AutoNode | None = None
     total_steps: Callable[[Any], int | None] | None = None
     coordinates: Callable[[Any], bool] | None = None
 

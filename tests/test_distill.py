@@ -26,9 +26,10 @@ from fdm_core.samplers import get_sigmas, process_grid, sample, step_delta
 from infra.manifest import MANIFEST_NAME
 from infra.store import open_store
 from tasks.checkpoints import load_model, model_spec, write_model
+from tasks.distillation.gate import passes_quality_gate
 from tasks.registry import STAGES
 from tasks.stage import StageContext, StageResult, run_stage
-from tasks.stages.distill_round import DistillConfig, DistillRoundConfig, passes_quality_gate
+from tasks.stages.distill_round import DistillConfig, DistillRoundConfig
 from tasks.stages.prepare_data import DataConfig
 from tasks.stages.train_base import ModelConfig, TrainBaseConfig, TrainConfig
 

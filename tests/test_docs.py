@@ -21,7 +21,8 @@ import pytest
 
 from benchmarks import readme
 from pipelines.cli import _parser
-from pipelines.config import DistillSchedule, PipelineConfig
+from pipelines.config import PipelineConfig
+from tasks.distillation.schedule import DistillSchedule
 from tasks.stages.distill_round import DistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from infra.manifest import CorruptOutputError, read_manifest
 from infra.store import LocalStore
+from pipelines.cache import serve
 from pipelines.config import load_config
-from pipelines.executor import serve
 from pipelines.plan import module_closure, plan
 from tasks.registry import STAGES
 

@@ -23,8 +23,9 @@ from rich.console import Console
 
 from pipelines.cli import main
 from pipelines.config import load_config
-from pipelines.plan import first_teacher
-from pipelines.runner import load_run_config, run_pipeline
+from pipelines.rerun import load_run_config
+from pipelines.runner import run_pipeline
+from tasks.distillation.schedule import first_teacher
 
 CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "toy2d.yaml"
 TINY = [

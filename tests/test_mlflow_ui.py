@@ -7,8 +7,8 @@ from __future__ import annotations
 from matplotlib.colors import to_hex
 
 from infra.tracking import run_link
-from pipelines.headlines import format_headline, stage_note, unit
-from pipelines.quality_plot import BASE_COLOUR, STUDENT_COLOUR, QualityCurves, quality_figure
+from tasks.distillation.plot import BASE_COLOUR, STUDENT_COLOUR, QualityCurves, quality_figure
+from tasks.headlines import format_headline, stage_note, unit
 from tasks.stage import StageResult
 
 

@@ -18,7 +18,8 @@ from infra.store import open_store
 from pipelines.cli import main
 from pipelines.config import load_config, parse_config
 from pipelines.plan import plan
-from pipelines.runner import rerun_stage, run_pipeline
+from pipelines.rerun import rerun_stage
+from pipelines.runner import run_pipeline
 from tasks.checkpoints import latest_training_checkpoint, load_model, save_training_checkpoint
 
 CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "toy2d.yaml"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from pydantic import BaseModel, Field, model_validator
 
 from fdm_core.options import Parameterisation, TeacherSolver, Weighting, check_stable
@@ -52,16 +50,6 @@ class DistillConfig(BaseModel):
         return self.updates
 
 
-def passes_quality_gate(student_metric: float, teacher_metric: float, max_ratio: float) -> bool:
-    """Whether a student may be halved again: its lower-is-better metric (e.g. FID) is at most
-    `max_ratio` x its teacher's. A non-finite student metric fails; the pipeline stops halving on False."""
-    if max_ratio <= 0:
-        raise ValueError(f"max_ratio: must be > 0 (got {max_ratio})")
-    if not math.isfinite(student_metric):
-        return False
-    return student_metric <= max_ratio * teacher_metric
-
-
 class DistillRoundConfig(DistillConfig):
     """One round as the pipeline plans it: the shared round settings plus the teacher it halves."""
 
@@ -80,6 +68,7 @@ STAGE = StageKind(
     inputs={"teacher": "model", "dataset": "dataset"},
     output="model",
     resources="train",
+    default_resources=(2.0, 1.0),
     headline="distill/loss",
     version="2",
     total_steps=lambda cfg: cfg.updates_for(cfg.student_steps),

@@ -48,6 +48,7 @@ STAGE = StageKind(
     inputs={"model": "model", "dataset": "dataset", "classifier": "classifier?"},
     output="evaluation",
     resources="evaluate",
+    default_resources=(2.0, 1.0),
     headline="quality",
     version="3",
 )

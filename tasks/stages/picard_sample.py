@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from tasks.stage import STRICT, StageKind
+from tasks.stage import STRICT, AutoNode, StageKind
 
 
 class PicardSampleConfig(BaseModel):
@@ -54,6 +54,12 @@ STAGE = StageKind(
     inputs={"model": "model"},
     output="samples",
     resources="sample",
+    auto=AutoNode(
+        "picard",
+        default=lambda: PicardSampleConfig(enabled=False),
+        when=lambda cfg: cfg.picard.enabled,
+        bind=lambda picard: {"model": "base_model" if picard.model == "base" else "model"},
+    ),
     headline="speedup",
     version="2",
 )

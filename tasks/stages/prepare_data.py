@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
-from tasks.stage import STRICT, StageKind
+from tasks.stage import STRICT, AutoNode, StageKind
 
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
@@ -139,6 +139,7 @@ STAGE = StageKind(
     inputs={},
     output="dataset",
     resources="prepare_data",
+    auto=AutoNode("data", provides="dataset", required=True),
     headline="n_train",
     version="4",
     # Ray Data's tasks hold the CPUs; the stage's own task only coordinates them and writes the shards.

@@ -113,6 +113,7 @@ STAGE = StageKind(
     inputs={"dataset": "dataset"},
     output="model",
     resources="train",
+    default_resources=(2.0, 1.0),
     headline="train/loss",
     version="2",
     total_steps=lambda cfg: cfg.train.steps,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from tasks.stage import STRICT, StageKind
+from tasks.stage import STRICT, AutoNode, StageKind
 
 
 class ClassifierConfig(BaseModel):
@@ -29,6 +29,14 @@ STAGE = StageKind(
     inputs={"dataset": "dataset"},
     output="classifier",
     resources="train",
+    default_resources=(2.0, 1.0),
+    # Labelled image data gets an evaluation classifier; 2-D toy data is judged by sliced Wasserstein.
+    auto=AutoNode(
+        "classifier",
+        provides="classifier",
+        default=ClassifierConfig,
+        when=lambda cfg: cfg.data.source.kind != "toy2d",
+    ),
     headline="val_accuracy",
     version="2",
     total_steps=lambda cfg: cfg.steps,

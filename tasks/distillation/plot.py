@@ -19,7 +19,7 @@ from tasks.stages.evaluate import SamplerSpec
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from pipelines.runner import PipelineRun
+    from tasks.graph import PipelineRun
 
 PLOT_VERSION = 4  # bump when quality_figure draws differently
 Point = tuple[int, float, int]  # (sampling steps, quality, NFE)
