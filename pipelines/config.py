@@ -97,6 +97,9 @@ class TrackingConfig(BaseModel):
     artifact_location: str | None = Field(None, description="for a new experiment; default next to the db")
 
 
+PIPELINE_DOC = "A full pipeline: data -> base model -> distillation rounds, each evaluated."
+
+
 class PipelineBase(BaseModel):
     """A full pipeline; `config_model` adds the sections its stage kinds and policies declare."""
 
@@ -118,16 +121,22 @@ def _resources_model() -> type[BaseModel]:
                 description=f"each {', '.join(k.name for k in kinds)} stage",
             ),
         )
-    return create_model("Resources", __base__=ResourcesBase, **fields)
+    return create_model(
+        "Resources",
+        __base__=ResourcesBase,
+        __doc__="Ray resources per stage kind and retry policy.",
+        **fields,
+    )
 
 
 def _section(kind: StageKind) -> tuple[Any, Any]:
     auto = kind.auto
+    about = auto.description or f"the {kind.name} stage's config"
     if auto.required:
-        return kind.config, Field(description=f"the {kind.name} stage's config")
+        return kind.config, Field(description=about)
     if auto.default is not None:
-        return kind.config, Field(default_factory=auto.default, description=f"the {kind.name} stage's config")
-    return kind.config | None, Field(None, description=f"the {kind.name} stage's config; absent: no stage")
+        return kind.config, Field(default_factory=auto.default, description=about)
+    return kind.config | None, Field(None, description=f"{about}; absent: no {kind.name} stage")
 
 
 def config_model() -> type[PipelineBase]:
@@ -152,7 +161,7 @@ def _config_model(registry: tuple[tuple[str, int], ...]) -> type[PipelineBase]:
         "store": (StoreConfig, Field(default_factory=StoreConfig)),
         "tracking": (TrackingConfig, Field(default_factory=TrackingConfig)),
     }
-    return create_model("PipelineConfig", __base__=PipelineBase, **fields)
+    return create_model("PipelineConfig", __base__=PipelineBase, __doc__=PIPELINE_DOC, **fields)
 
 
 PipelineConfig = config_model()

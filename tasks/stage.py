@@ -42,9 +42,11 @@ class AutoNode:
     of the pipeline config: `required` sections must be given; otherwise `default` makes the section's value
     when the config omits it (None: the section is optional and absent means no node). The node is added
     when `when(pipeline config)` holds (default: its section is set); it also answers to `provides`, and
-    `bind(section config)` says which node feeds each input (default: the node answering to its name)."""
+    `bind(section config)` says which node feeds each input (default: the node answering to its name).
+    `description` documents the section in the config reference."""
 
     section: str
+    description: str = ""
     provides: str = ""
     required: bool = False
     default: Callable[[], BaseModel] | None = None

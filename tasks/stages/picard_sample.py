@@ -56,6 +56,7 @@ STAGE = StageKind(
     resources="sample",
     auto=AutoNode(
         "picard",
+        description="ParaDiGMS sampling on Ray actors, against sequential (off unless enabled)",
         default=lambda: PicardSampleConfig(enabled=False),
         when=lambda cfg: cfg.picard.enabled,
         bind=lambda picard: {"model": "base_model" if picard.model == "base" else "model"},

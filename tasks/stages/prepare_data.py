@@ -139,7 +139,7 @@ STAGE = StageKind(
     inputs={},
     output="dataset",
     resources="prepare_data",
-    auto=AutoNode("data", provides="dataset", required=True),
+    auto=AutoNode("data", "the dataset and how it is prepared", provides="dataset", required=True),
     headline="n_train",
     version="4",
     # Ray Data's tasks hold the CPUs; the stage's own task only coordinates them and writes the shards.

@@ -33,6 +33,7 @@ STAGE = StageKind(
     # Labelled image data gets an evaluation classifier; 2-D toy data is judged by sliced Wasserstein.
     auto=AutoNode(
         "classifier",
+        description="the classifier whose features judge image samples (not trained for toy2d data)",
         provides="classifier",
         default=ClassifierConfig,
         when=lambda cfg: cfg.data.source.kind != "toy2d",
