@@ -34,6 +34,7 @@ from fdm_core.networks import UNet, count_parameters
 from fdm_core.precond import Denoiser
 from fdm_core.processes import make_process
 from fdm_core.training import EMA, TrainState, denoising_loss, train_step
+from infra.store import S3Settings
 from tasks.dataset import ParquetBatches
 from tasks.registry import STAGES
 from tasks.stage import StageContext, run_stage
@@ -105,7 +106,7 @@ def loader_rate(uri: str, endpoint: str | None, epochs: int, repeats: int) -> fl
     rates = []
     for r in range(repeats):
         t0 = time.perf_counter()
-        loader = ParquetBatches(uri, BATCH, seed=SEED + r, epochs=epochs, endpoint_url=endpoint)
+        loader = ParquetBatches(uri, BATCH, seed=SEED + r, epochs=epochs, s3=S3Settings(endpoint))
         n = sum(len(y) for _, y in loader)
         rates.append(n / (time.perf_counter() - t0))
     return max(rates)
@@ -151,7 +152,7 @@ def measure(mode: Mode, tmp: str) -> dict[tuple[str, str], float]:
                 ("local Parquet", f"{tmp}/store", None),
                 ("S3 (moto)", "s3://bench", url),
             ):
-                ctx = StageContext(store_uri=root, out_prefix=data.split()[0], endpoint_url=endpoint)
+                ctx = StageContext(store_uri=root, out_prefix=data.split()[0], s3=S3Settings(endpoint))
                 uri = run_stage(STAGES["prepare_data"], cfg, ctx).output_uri
                 rates[(data, where)] = loader_rate(uri, endpoint, mode.epochs, mode.repeats)
     return rates

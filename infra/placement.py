@@ -2,7 +2,7 @@
 
 A request the cluster cannot satisfy (more CPUs than any node has, STRICT_SPREAD over more nodes than
 exist, GPUs on a CPU-only cluster) would wait forever in Ray; here it fails at once, or after
-`placement_timeout()` seconds (60 by default, FDM_PLACEMENT_TIMEOUT_S) for one that fits but is not placed,
+a timeout (the run's `resources.placement_timeout`, 60 s by default) for one that fits but is not placed,
 with a line naming the request and the cluster's resources. An autoscaling cluster is the exception: while
 its node types (the autoscaler's cluster config in the GCS) can still add a node that fits, the request is
 passed to the autoscaler (`ray.autoscaler.sdk.request_resources`) and waited for.
@@ -10,25 +10,18 @@ passed to the autoscaler (`ray.autoscaler.sdk.request_resources`) and waited for
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
 
-PLACEMENT_ENV = "FDM_PLACEMENT_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0
 Bundle = Mapping[str, float]
 
 
 class Unplaceable(RuntimeError):
     """A resource request the cluster cannot place; the message names it and the cluster's resources."""
-
-
-def placement_timeout() -> float:
-    """Seconds a placeable request may wait to be placed: FDM_PLACEMENT_TIMEOUT_S, else 60."""
-    return float(os.environ.get(PLACEMENT_ENV) or DEFAULT_TIMEOUT_S)
 
 
 def alive_nodes() -> list[dict[str, float]]:
@@ -136,24 +129,23 @@ def check(what: str, bundles: Sequence[Bundle], strategy: str = "PACK") -> bool:
 
 
 def wait_ready(
-    pg: Any, what: str, bundles: Sequence[Bundle], strategy: str, timeout: float | None = None
+    pg: Any, what: str, bundles: Sequence[Bundle], strategy: str, timeout: float = DEFAULT_TIMEOUT_S
 ) -> None:
     """Wait until placement group `pg` is placed: Unplaceable at once if it never can be (see check),
-    after `timeout` (placement_timeout()) if it could but is not; no limit while an autoscaler can still
+    after `timeout` seconds if it could but is not; no limit while an autoscaler can still
     add nodes for it. Checked again every second, so a node lost meanwhile ends the wait as soon as it
     makes the request unplaceable."""
-    limit = placement_timeout() if timeout is None else timeout
-    deadline = time.monotonic() + limit
+    deadline = time.monotonic() + timeout
     ready = pg.ready()
     while True:
         done, _ = ray.wait([ready], timeout=1.0)
         if done:
             return
         if check(what, bundles, strategy):
-            deadline = time.monotonic() + limit  # the autoscaler can still add fitting nodes: keep waiting
+            deadline = time.monotonic() + timeout  # the autoscaler can still add fitting nodes: keep waiting
         elif time.monotonic() > deadline:
             raise Unplaceable(
-                f"{what}: {describe(bundles, strategy)} was not placed within {limit:.0f} s "
+                f"{what}: {describe(bundles, strategy)} was not placed within {timeout:.0f} s "
                 f"({cluster_summary(alive_nodes())}; the rest is in use); set resources.placement_timeout "
                 "to wait longer"
             )

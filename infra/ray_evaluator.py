@@ -24,7 +24,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
-from infra.placement import check, placement_timeout, wait_ready
+from infra.placement import DEFAULT_TIMEOUT_S, check, wait_ready
 
 StepFn = Callable[[Tensor, Tensor, Tensor, str], Tensor]
 StepFactory = Callable[[], StepFn]
@@ -100,7 +100,7 @@ class RayEvaluator:
     The actors are gang-scheduled in one placement group (`strategy`: PACK or SPREAD on one machine,
     STRICT_SPREAD for one node per replica on a cluster) with one GPU each when the cluster has GPUs; a
     group the cluster can never hold fails at once, one not placed within `ready_timeout_s` (default
-    infra.placement.placement_timeout(), 60 s) fails then, both naming the request and the cluster's nodes.
+    60 s) fails then, both naming the request and the cluster's nodes.
     An actor whose node is lost restarts where its bundle is placed again (Ray reschedules it); until it is
     back, its chunks go to the actors left.
     Use as a context manager, or call `close()`, to free the actors and their placement group.
@@ -122,7 +122,7 @@ class RayEvaluator:
         if num_gpus is None:
             num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        ready_timeout_s = placement_timeout() if ready_timeout_s is None else ready_timeout_s
+        ready_timeout_s = DEFAULT_TIMEOUT_S if ready_timeout_s is None else ready_timeout_s
         bundles = [bundle] * actors
         check("Picard placement group", bundles, strategy)  # one that can never be placed fails at once
         self.placement_group = placement_group(bundles, strategy=strategy)

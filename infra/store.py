@@ -14,7 +14,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,36 +26,17 @@ ENDPOINT_ENV_VARS = ("FDM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 _TMP_PREFIX = ".tmp-"
 
 
-S3_ENV = {
-    "connect_timeout": "FDM_S3_CONNECT_TIMEOUT",
-    "read_timeout": "FDM_S3_READ_TIMEOUT",
-    "retries": "FDM_S3_RETRIES",
-}
-
-
 @dataclass(frozen=True)
 class S3Settings:
-    """Bounded waits for S3: seconds to connect, seconds to wait for a response, and how many times a
-    transient error (throttling, 5xx, reset, timeout) is retried with backoff. A silent endpoint fails
-    after about (retries + 1) x read_timeout. Set from `store.*` by the driver through the environment
-    (`FDM_S3_CONNECT_TIMEOUT`, `FDM_S3_READ_TIMEOUT`, `FDM_S3_RETRIES`), which every Ray task applies."""
+    """How to reach S3: the endpoint (None: env FDM_S3_ENDPOINT_URL or AWS_ENDPOINT_URL, else AWS itself),
+    seconds to connect, seconds to wait for a response, and how many times a transient error (throttling,
+    5xx, reset, timeout) is retried with backoff. A silent endpoint fails after about (retries + 1) x
+    read_timeout. The driver builds them from `store.*` and passes them, as a value, to every stage."""
 
+    endpoint_url: str | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     retries: int = 2
-
-    @classmethod
-    def from_env(cls) -> S3Settings:
-        d = cls()
-        return cls(
-            float(os.environ.get(S3_ENV["connect_timeout"], d.connect_timeout)),
-            float(os.environ.get(S3_ENV["read_timeout"], d.read_timeout)),
-            int(os.environ.get(S3_ENV["retries"], d.retries)),
-        )
-
-    def env(self) -> dict[str, str]:
-        """The environment variables that carry these settings to `from_env` (in Ray workers too)."""
-        return {var: str(getattr(self, name)) for name, var in S3_ENV.items()}
 
 
 class StoreError(Exception):
@@ -98,9 +79,9 @@ class ArtifactStore(ABC):
 
     root_uri: str
 
-    def __reduce__(self) -> tuple[Any, tuple[str, str | None]]:
+    def __reduce__(self) -> tuple[Any, tuple[str, S3Settings | None]]:
         # Stores pickle by reconstruction (clients are not picklable), so they can enter Ray tasks.
-        return open_store, (self.root_uri, getattr(self, "endpoint_url", None))
+        return open_store, (self.root_uri, getattr(self, "settings", None))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.root_uri!r})"
@@ -321,15 +302,15 @@ class S3Store(ArtifactStore):
     naming the object.
     """
 
-    def __init__(self, root_uri: str, endpoint_url: str | None = None):
+    def __init__(self, root_uri: str, s3: S3Settings | None = None):
         bucket, _, key_prefix = root_uri.removeprefix("s3://").partition("/")
         if not bucket:
             raise StoreError(f"{root_uri!r}: no bucket in S3 URI")
         self.bucket = bucket
         self.key_prefix = _clean(key_prefix)
         self.root_uri = f"s3://{bucket}/{self.key_prefix}".rstrip("/")
-        self.endpoint_url = endpoint_url
-        self.settings = S3Settings.from_env()
+        self.settings = s3 or S3Settings()
+        self.endpoint_url = self.settings.endpoint_url
 
     @property
     def _client(self) -> Any:
@@ -434,15 +415,18 @@ class S3Store(ArtifactStore):
             return fs.open_input_file(fs_path)
 
 
-def open_store(root_uri: str, endpoint_url: str | None = None) -> ArtifactStore:
+def open_store(root_uri: str, s3: S3Settings | None = None) -> ArtifactStore:
     """The store for a local path, ``file://`` URI or ``s3://bucket/prefix``.
 
-    For S3 the endpoint is `endpoint_url`, else env ``FDM_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``,
-    else AWS itself.
+    For S3, `s3` says how to reach it (default: `S3Settings()`); without an endpoint there, the endpoint is
+    env ``FDM_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``, else AWS itself.
     """
     if root_uri.startswith("s3://"):
-        endpoint = endpoint_url or next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
-        return S3Store(root_uri, endpoint)
+        s3 = s3 or S3Settings()
+        if s3.endpoint_url is None:
+            endpoint = next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+            s3 = replace(s3, endpoint_url=endpoint)
+        return S3Store(root_uri, s3)
     if root_uri.startswith("file://"):
         return LocalStore(root_uri.removeprefix("file://"))
     if "://" in root_uri:

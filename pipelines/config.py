@@ -85,7 +85,8 @@ class StoreConfig(BaseModel):
     )
 
     def s3_settings(self) -> S3Settings:
-        return S3Settings(self.connect_timeout, self.read_timeout, self.retries)
+        """How this run's stores reach S3, passed to every stage as a value."""
+        return S3Settings(self.endpoint_url, self.connect_timeout, self.read_timeout, self.retries)
 
 
 class TrackingConfig(BaseModel):

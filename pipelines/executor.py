@@ -156,7 +156,8 @@ def _compute(
             num_threads=num_cpus,
             device=device,
             log_metrics=log_metrics,
-            endpoint_url=env.endpoint_url,
+            s3=env.s3,
+            placement_timeout=env.placement_timeout,
             checkpoints=checkpoints,
         )
         inputs = {name: ups[stage].output_uri for name, stage in spec.inputs.items()}

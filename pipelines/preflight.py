@@ -93,7 +93,7 @@ def check_store(cfg: PipelineConfig) -> None:
     if not root.startswith("s3://"):
         _local_root(root)
     try:
-        store = open_store(root, cfg.store.endpoint_url)
+        store = open_store(root, cfg.store.s3_settings())
         probe = f"{PROBE}-{uuid.uuid4().hex}"
         store.write_bytes(probe, b"")
         store.delete(probe)

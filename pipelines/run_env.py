@@ -3,31 +3,30 @@ the device policy and the live progress board."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from infra.store import ArtifactStore, open_store
+from infra.store import ArtifactStore, S3Settings, open_store
 from infra.tracking import Tracking
 
 
 @dataclass(frozen=True)
 class RunEnv:
-    """Everything a worker needs besides the stage: store, tracking, parent run, device policy."""
+    """Everything a worker needs besides the stage: the store and how to reach it (`s3`), tracking, the
+    parent run, the device policy, and how long a lease or a placement may wait."""
 
     store_root: str
-    endpoint_url: str | None
+    s3: S3Settings
     tracking: Tracking
     parent_run_id: str
     use_gpu: bool = False
     board: Any = None
     rerun: bool = False
     lease_timeout: float = 120.0
-    store_env: dict[str, str] = field(default_factory=dict)  # S3 timeouts and retries (S3Settings.env)
+    placement_timeout: float = 60.0
 
     def store(self) -> ArtifactStore:
-        os.environ.update(self.store_env)  # before a store is opened: a Ray worker gets them here
-        return open_store(self.store_root, self.endpoint_url)
+        return open_store(self.store_root, self.s3)
 
 
 def report(env: RunEnv, name: str, **fields: Any) -> None:

@@ -11,7 +11,6 @@ tagged `fdm.rerun_of`; pipelines/rerun.py), while its upstream comes from the ca
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,11 +136,9 @@ def execute(
     a node-local store or tracking path is refused (PreflightError) unless `allow_local`."""
     t0 = time.perf_counter()
     root = cfg.store.root if "://" in cfg.store.root else str(Path(cfg.store.root).resolve())
-    store_env = cfg.store.s3_settings().env()
-    os.environ.update(store_env)  # S3 calls of this driver, and of the workers it starts, are bounded
     preflight.check_store(cfg)  # creates a local root, which may hold the sqlite file checked next
     preflight.check_tracking(cfg.tracking.uri)
-    probe = RunEnv(root, cfg.store.endpoint_url, Tracking("", ""), "")
+    probe = RunEnv(root, cfg.store.s3_settings(), Tracking("", ""), "")
     resolved = resolve_cached(stages, probe, set(force))
     missing = sorted(set(cached_only) - set(resolved))
     if missing:
@@ -156,7 +153,6 @@ def execute(
     with interrupt.interruptible():
         try:
             if pending:
-                from infra.placement import PLACEMENT_ENV
                 from infra.ray_join import cluster_address
                 from infra.ray_runtime import cluster_gpus, init_ray, new_board
 
@@ -164,18 +160,17 @@ def execute(
                 interrupt.arm()  # after ray.init, which sets its own SIGTERM handler
                 if cluster_address(address):  # joined, not started here
                     preflight.check_joined(cfg, pending, allow_local)
-                store_env[PLACEMENT_ENV] = str(cfg.resources.placement_timeout)
             tracking, run_id = open_run()
             env = RunEnv(
                 store_root=root,
-                endpoint_url=cfg.store.endpoint_url,
+                s3=probe.s3,
                 tracking=tracking,
                 parent_run_id=run_id,
                 use_gpu=bool(pending) and cluster_gpus() > 0,
                 board=new_board() if pending else None,
                 rerun=rerun,
                 lease_timeout=cfg.store.lease_timeout,
-                store_env=store_env,
+                placement_timeout=cfg.resources.placement_timeout,
             )
             log_resolved(tracking, run_id, cfg, bool(pending), env.use_gpu, address)
             run = PipelineRun(run_id, {s.name: StageOutcome(s) for s in stages}, used_ray=bool(pending))

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from infra.ray_runtime import init_ray
-    from infra.store import StoreError
+    from infra.store import S3Settings, StoreError
     from tasks.sample import SampleConfig, generate, samples_npz
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             cfg.picard and cfg.actors > 0 and init_ray(args.ray_address, max(os.cpu_count() or 1, cfg.actors))
         )
         try:
-            samples, stats = generate(cfg, checkpoint, args.endpoint_url, device)
+            samples, stats = generate(cfg, checkpoint, S3Settings(args.endpoint_url), device)
         finally:
             if started:
                 ray.shutdown()

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from infra.store import ArtifactStore, NotFoundError, StoreError, open_store
+from infra.store import ArtifactStore, NotFoundError, S3Settings, StoreError, open_store
 from tasks.stage import BadInputError
 from tasks.stages.prepare_data import (
     Cifar10Source,
@@ -76,9 +76,9 @@ def in_model_space(x: np.ndarray, value_range: tuple[float, float] | None) -> np
 
 
 @cache
-def _store(root: str, endpoint_url: str | None) -> ArtifactStore:
+def _store(root: str, s3: S3Settings | None) -> ArtifactStore:
     """One store per worker process and root: S3 clients are slow to create."""
-    return open_store(root, endpoint_url)
+    return open_store(root, s3)
 
 
 def _read(store: ArtifactStore, path: str) -> bytes:
@@ -156,8 +156,8 @@ def _decode_image(data: bytes, uri: str, mode: str) -> Image.Image:
         raise DataError(f"{uri}: unreadable image ({err})") from err
 
 
-def _image_plan(src: ImageFolderSource, block_rows: int | None, endpoint_url: str | None) -> SourcePlan:
-    store = open_store(src.path, endpoint_url)
+def _image_plan(src: ImageFolderSource, block_rows: int | None, s3: S3Settings | None) -> SourcePlan:
+    store = open_store(src.path, s3)
     files = [p for p in store.list() if posixpath.splitext(p)[1].lower() in IMAGE_SUFFIXES]
     if not files:
         raise DataError(f"{store.uri()}: no image files found (folder missing or empty)")
@@ -224,9 +224,9 @@ def _is_npz(store: ArtifactStore, name: str) -> bool:
         return f.read(2) == b"PK"
 
 
-def _npy_plan(src: NpySource, block_rows: int | None, endpoint_url: str | None) -> SourcePlan:
+def _npy_plan(src: NpySource, block_rows: int | None, s3: S3Settings | None) -> SourcePlan:
     parent, _, name = src.path.rstrip("/").rpartition("/")
-    store = open_store(parent or ".", endpoint_url)
+    store = open_store(parent or ".", s3)
     uri = store.uri(name)
     npz = _is_npz(store, name)
     if not npz and src.labels_key is not None:
@@ -281,8 +281,8 @@ def _parquet_files(store: ArtifactStore, src: ParquetSource) -> list[str]:
     return data
 
 
-def _parquet_plan(src: ParquetSource, endpoint_url: str | None) -> SourcePlan:
-    store = open_store(src.path, endpoint_url)
+def _parquet_plan(src: ParquetSource, s3: S3Settings | None) -> SourcePlan:
+    store = open_store(src.path, s3)
     files = _parquet_files(store, src)
     units, labels, first_x = [], [], None
     for name in files:
@@ -339,21 +339,21 @@ def _parquet_plan(src: ParquetSource, endpoint_url: str | None) -> SourcePlan:
     return SourcePlan(plan_units, shape, "uint8" if uint8 else "float32", value_range, [], num_classes)
 
 
-def plan_source(cfg: DataConfig, endpoint_url: str | None) -> SourcePlan:
+def plan_source(cfg: DataConfig, s3: S3Settings | None) -> SourcePlan:
     """The read units of a Ray Data source, checked as far as listings, headers and metadata allow."""
     src = cfg.source
     if isinstance(src, ImageFolderSource):
-        return _image_plan(src, cfg.block_rows, endpoint_url)
+        return _image_plan(src, cfg.block_rows, s3)
     if isinstance(src, Cifar10Source):
-        store = open_store(src.path, endpoint_url)
+        store = open_store(src.path, s3)
         missing = next((n for n in src.batches if not store.exists(n)), None)
         if missing is not None:
             raise DataError(f"{store.uri(missing)}: file not found")
         return _cifar_plan(src)
     if isinstance(src, NpySource):
-        return _npy_plan(src, cfg.block_rows, endpoint_url)
+        return _npy_plan(src, cfg.block_rows, s3)
     if isinstance(src, ParquetSource):
-        return _parquet_plan(src, endpoint_url)
+        return _parquet_plan(src, s3)
     raise TypeError(f"{src.kind} is an in-memory source")
 
 
@@ -374,8 +374,8 @@ def _fit(img: Image.Image, unit: dict[str, Any], uri: str) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _image_unit(unit: dict[str, Any], endpoint_url: str | None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    store = _store(unit["root"], endpoint_url)
+def _image_unit(unit: dict[str, Any], s3: S3Settings | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    store = _store(unit["root"], s3)
     with ThreadPoolExecutor(max_workers=8) as pool:  # hides per-object latency on S3
         blobs = list(pool.map(lambda p: _read(store, p), unit["paths"]))
     x = np.stack(
@@ -426,14 +426,14 @@ def cifar_batch(data: bytes, uri: str) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
-def _cifar_unit(unit: dict[str, Any], endpoint_url: str | None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    store = _store(unit["root"], endpoint_url)
+def _cifar_unit(unit: dict[str, Any], s3: S3Settings | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    store = _store(unit["root"], s3)
     x, labels = cifar_batch(_read(store, unit["name"]), store.uri(unit["name"]))
     return [f"{unit['name']}:{i}" for i in range(len(x))], x, labels
 
 
-def _npy_unit(unit: dict[str, Any], endpoint_url: str | None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    store = _store(unit["root"], endpoint_url)
+def _npy_unit(unit: dict[str, Any], s3: S3Settings | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    store = _store(unit["root"], s3)
     uri = store.uri(unit["name"])
     dtype, start, stop = np.dtype(unit["dtype"]), unit["start"], unit["stop"]
     row = dtype.itemsize * int(np.prod(unit["row_shape"]))
@@ -450,8 +450,8 @@ def _npy_unit(unit: dict[str, Any], endpoint_url: str | None) -> tuple[list[str]
     return [str(i) for i in range(start, stop)], x, np.asarray(unit["labels"], np.int64)
 
 
-def _parquet_unit(unit: dict[str, Any], endpoint_url: str | None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    store = _store(unit["root"], endpoint_url)
+def _parquet_unit(unit: dict[str, Any], s3: S3Settings | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    store = _store(unit["root"], s3)
     uri = store.uri(unit["name"])
     columns = [unit["x_column"]] + ([unit["label_column"]] if unit["label_column"] else [])
     try:
@@ -493,7 +493,7 @@ def _parquet_unit(unit: dict[str, Any], endpoint_url: str | None) -> tuple[list[
 _READERS = {"image_folder": _image_unit, "cifar10": _cifar_unit, "npy": _npy_unit, "parquet": _parquet_unit}
 
 
-def decode_unit(batch: dict[str, np.ndarray], endpoint_url: str | None, seed: int) -> dict[str, np.ndarray]:
+def decode_unit(batch: dict[str, np.ndarray], s3: S3Settings | None, seed: int) -> dict[str, np.ndarray]:
     """Ray Data `map_batches` function: read, decode and validate one unit (a JSON row from `plan_source`)
     into rows (hash, label, x [n, D], node). A DataError, or a store's error naming the object, comes back
     as a one-row block {"error": message, "error_type": name}, so the driver raises the same error."""
@@ -501,7 +501,7 @@ def decode_unit(batch: dict[str, np.ndarray], endpoint_url: str | None, seed: in
 
     unit = json.loads(batch["unit"][0])
     try:
-        ids, x, labels = _READERS[unit["kind"]](unit, endpoint_url)
+        ids, x, labels = _READERS[unit["kind"]](unit, s3)
     except (DataError, StoreError) as err:
         kind = "DataError" if isinstance(err, DataError) else "StoreError"
         return {"error": np.asarray([str(err)]), "error_type": np.asarray([kind])}

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from infra.manifest import Manifest, read_manifest, read_verified
-from infra.store import ArtifactStore, open_store
+from infra.store import ArtifactStore, S3Settings, open_store
 from tasks.prepare_data import DATASET_META_NAME, DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -61,8 +61,8 @@ class DatasetMeta:
         return int(self.splits[split]["rows"])
 
 
-def _open(dataset_uri: str, endpoint_url: str | None) -> tuple[ArtifactStore, Manifest, DatasetMeta]:
-    store = open_store(dataset_uri, endpoint_url)
+def _open(dataset_uri: str, s3: S3Settings | None) -> tuple[ArtifactStore, Manifest, DatasetMeta]:
+    store = open_store(dataset_uri, s3)
     manifest = read_manifest(store, "")
     doc = json.loads(read_verified(store, "", DATASET_META_NAME, manifest))
     meta = DatasetMeta(
@@ -77,9 +77,9 @@ def _open(dataset_uri: str, endpoint_url: str | None) -> tuple[ArtifactStore, Ma
     return store, manifest, meta
 
 
-def dataset_meta(dataset_uri: str, endpoint_url: str | None = None) -> DatasetMeta:
+def dataset_meta(dataset_uri: str, s3: S3Settings | None = None) -> DatasetMeta:
     """The verified metadata of a prepared dataset."""
-    return _open(dataset_uri, endpoint_url)[2]
+    return _open(dataset_uri, s3)[2]
 
 
 def _shard(store: ArtifactStore, manifest: Manifest, name: str) -> pq.ParquetFile:
@@ -111,10 +111,10 @@ def _row_group(shard: pq.ParquetFile, i: int, uri: str) -> tuple[np.ndarray, np.
 
 
 def load_split(
-    dataset_uri: str, split: str = "train", endpoint_url: str | None = None
+    dataset_uri: str, split: str = "train", s3: S3Settings | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, DatasetMeta]:
     """All of one split in memory, in stored order: x float32 [N, *shape], labels int64 [N], metadata."""
-    store, manifest, meta = _open(dataset_uri, endpoint_url)
+    store, manifest, meta = _open(dataset_uri, s3)
     xs, ys = [np.empty((0, math.prod(meta.shape)), np.float32)], [np.empty(0, np.int64)]
     for name in meta.files(split):
         shard = _shard(store, manifest, name)
@@ -143,14 +143,14 @@ class ParquetBatches:
     epochs: int | None = 1
     shuffle_buffer: int = 8192
     drop_last: bool = True
-    endpoint_url: str | None = None
+    s3: S3Settings | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.shuffle_buffer < 0 or (self.epochs is not None and self.epochs < 0):
             raise ValueError("need batch_size >= 1, shuffle_buffer >= 0 and epochs >= 0 (or None)")
 
     def __iter__(self) -> Iterator[Batch]:
-        store, manifest, meta = _open(self.dataset_uri, self.endpoint_url)
+        store, manifest, meta = _open(self.dataset_uri, self.s3)
         files = meta.files(self.split)
         for epoch in count() if self.epochs is None else range(self.epochs):
             rng = np.random.default_rng([self.seed, epoch])

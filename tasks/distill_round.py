@@ -29,13 +29,13 @@ def distill_round(cfg: DistillRoundConfig, ctx: StageContext, teacher: str, data
     """Distil the model at `teacher` (sampled on its `cfg.teacher_steps`-step grid) into a student of half
     the steps, which samples with one DDIM step per pair of teacher steps."""
     torch.set_num_threads(max(1, ctx.num_threads))
-    teacher_store = open_store(teacher, ctx.endpoint_url)
+    teacher_store = open_store(teacher, ctx.s3)
     teacher_model, teacher_spec = load_model(teacher_store, "", ctx.device)
     sigmas = _teacher_grid(teacher_spec, teacher_model, cfg.teacher_steps, teacher)
     grid = student_grid(sigmas)
     steps = len(grid) - 1
     updates = cfg.updates_for(steps)
-    shape = dataset_meta(dataset, ctx.endpoint_url).shape
+    shape = dataset_meta(dataset, ctx.s3).shape
     if list(teacher_spec.get("data_shape", shape)) != list(shape):
         raise ValueError(
             f"dataset: {dataset} holds samples of shape {list(shape)}, "
@@ -53,9 +53,7 @@ def distill_round(cfg: DistillRoundConfig, ctx: StageContext, teacher: str, data
     seed = cfg.seed + 7919 * cfg.round_index
 
     def batches(step: int):
-        loader = ParquetBatches(
-            dataset, cfg.batch_size, seed=seed + step, epochs=None, endpoint_url=ctx.endpoint_url
-        )
+        loader = ParquetBatches(dataset, cfg.batch_size, seed=seed + step, epochs=None, s3=ctx.s3)
         return (x0.to(ctx.device) for x0, _ in loader)
 
     def loss_fn(x0: torch.Tensor, state, gen: torch.Generator) -> torch.Tensor:

@@ -63,11 +63,11 @@ def evaluate(
 ) -> StageResult:
     """Evaluate `model` with each sampler; a distilled student (grid in its spec) uses its own grid."""
     torch.set_num_threads(max(1, ctx.num_threads))
-    denoiser, spec = load_model(open_store(model, ctx.endpoint_url), "", ctx.device)
-    train_x, _, meta = load_split(dataset, "train", ctx.endpoint_url)
+    denoiser, spec = load_model(open_store(model, ctx.s3), "", ctx.device)
+    train_x, _, meta = load_split(dataset, "train", ctx.s3)
     has_val = "val" in meta.splits and meta.rows("val") > 0
-    held_out = load_split(dataset, "val", ctx.endpoint_url)[0] if has_val else train_x
-    judge = load_classifier(classifier, ctx.endpoint_url, ctx.device) if classifier else None
+    held_out = load_split(dataset, "val", ctx.s3)[0] if has_val else train_x
+    judge = load_classifier(classifier, ctx.s3, ctx.device) if classifier else None
     if judge is not None:
         with torch.no_grad():
             ref_feats = torch.cat([judge.features(b.to(ctx.device)).cpu() for b in train_x.split(500)])

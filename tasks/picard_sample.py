@@ -31,7 +31,7 @@ def picard_sample(cfg: PicardSampleConfig, ctx: StageContext, model: str) -> Sta
         compare=True,
         pairs=cfg.pairs,
     )
-    samples, stats = generate(run, model, ctx.endpoint_url, ctx.device)
+    samples, stats = generate(run, model, ctx.s3, ctx.device, ctx.placement_timeout)
     ctx.output_path("samples.npz").write_bytes(samples_npz(samples, stats))
     title = (
         f"{stats['sampler']}-{stats['steps']} by Picard ({cfg.solver}, window {cfg.window}, {cfg.actors} "

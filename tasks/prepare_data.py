@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from infra.store import StoreError
+from infra.store import S3Settings, StoreError
 from tasks.data_sources import (
     DataError,
     SourcePlan,
@@ -90,7 +90,7 @@ def _in_memory(cfg: DataConfig, spill_dir: str) -> tuple[SourcePlan, HashSpill]:
     return plan, spill
 
 
-def _streamed(cfg: DataConfig, endpoint_url: str | None, spill_dir: str) -> tuple[SourcePlan, HashSpill, int]:
+def _streamed(cfg: DataConfig, s3: S3Settings | None, spill_dir: str) -> tuple[SourcePlan, HashSpill, int]:
     """A file source through Ray Data: units read, decoded and validated by tasks spread over the nodes,
     rows spilled here as blocks arrive. Returns the plan, the spill and how many nodes decoded."""
     import ray
@@ -98,7 +98,7 @@ def _streamed(cfg: DataConfig, endpoint_url: str | None, spill_dir: str) -> tupl
 
     from infra.ray_runtime import init_ray
 
-    plan = plan_source(cfg, endpoint_url)
+    plan = plan_source(cfg, s3)
     spill = HashSpill(spill_dir, plan.dtype, math.prod(plan.shape))
     nodes: set[str] = set()
     started = init_ray()
@@ -115,7 +115,7 @@ def _streamed(cfg: DataConfig, endpoint_url: str | None, spill_dir: str) -> tupl
         rows = units.map_batches(
             decode_unit,
             batch_size=1,
-            fn_kwargs={"endpoint_url": endpoint_url, "seed": cfg.seed},
+            fn_kwargs={"s3": s3, "seed": cfg.seed},
         )  # Ray Data's default scheduling strategy, SPREAD, places the tasks across the nodes
         for block in rows.iter_batches(batch_size=None, batch_format="numpy"):
             if "error" in block:  # a worker's DataError or StoreError, raised here as itself
@@ -189,7 +189,7 @@ def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
     with tempfile.TemporaryDirectory(prefix="fdm-prepare-") as spill_dir:
         n_nodes = 1
         if cfg.source.kind in RAY_DATA_KINDS:
-            plan, spill, n_nodes = _streamed(cfg, ctx.endpoint_url, spill_dir)
+            plan, spill, n_nodes = _streamed(cfg, ctx.s3, spill_dir)
         else:
             plan, spill = _in_memory(cfg, spill_dir)
         n = spill.rows

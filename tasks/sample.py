@@ -24,7 +24,7 @@ from fdm_core.picard import PicardStats, Solver, picard_sample
 from fdm_core.precond import Denoiser
 from fdm_core.samplers import Method, nfe, process_grid, sample, step_delta
 from infra.ray_evaluator import RayEvaluator, StepFn, Strategy
-from infra.store import open_store
+from infra.store import S3Settings, open_store
 from tasks.checkpoints import load_model
 
 DEFAULT_STEPS = 18
@@ -61,13 +61,13 @@ class StepFactory:
     """Builds Δ(x, σ_t, σ_s, method) inside a Ray actor, loading the model artifact once per actor start."""
 
     model_uri: str
-    endpoint_url: str | None = None
+    s3: S3Settings | None = None
     num_threads: int = 1
 
     def __call__(self) -> StepFn:
         torch.set_num_threads(self.num_threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, _ = load_model(open_store(self.model_uri, self.endpoint_url), "", device)
+        model, _ = load_model(open_store(self.model_uri, self.s3), "", device)
 
         @torch.inference_mode()
         def step(x: Tensor, sigma_t: Tensor, sigma_s: Tensor, method: str) -> Tensor:
@@ -98,16 +98,18 @@ def data_shape(spec: dict[str, Any]) -> tuple[int, ...]:
 def generate(
     cfg: SampleConfig,
     model_uri: str,
-    endpoint_url: str | None = None,
+    s3: S3Settings | None = None,
     device: str = "cpu",
+    placement_timeout: float | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Samples (unclipped) and stats: cost (parallel iterations, model evaluations), wall and setup time.
+    Actors whose placement waits longer than `placement_timeout` seconds (default 60) fail the call.
 
     With `compare`, the first Picard run warms up (actors, caches) and is not timed; then `pairs` pairs of
     (sequential, Picard) runs alternate on the same CPUs, with the actors kept up, so a change of load hits
     both arms alike: the speed-up is the median of the pairs' ratios, with their min and max."""
     t_setup = time.perf_counter()
-    model, spec = load_model(open_store(model_uri, endpoint_url), "", device)
+    model, spec = load_model(open_store(model_uri, s3), "", device)
     sigmas = sampling_grid(spec, model, cfg.steps)
     method: Method = cfg.sampler or spec.get("sampler", DEFAULT_METHOD)
     steps = len(sigmas) - 1
@@ -122,7 +124,11 @@ def generate(
     evaluator = None
     if cfg.picard and cfg.actors:
         evaluator = RayEvaluator(
-            StepFactory(model_uri, endpoint_url), cfg.actors, cfg.strategy, num_cpus=cfg.actor_cpus
+            StepFactory(model_uri, s3),
+            cfg.actors,
+            cfg.strategy,
+            num_cpus=cfg.actor_cpus,
+            ready_timeout_s=placement_timeout,
         )
     stats["setup_seconds"] = time.perf_counter() - t_setup
 

@@ -16,9 +16,12 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from infra.store import S3Settings
 
 # Every config model: unknown keys refused; numbers and booleans strict (YAML gives real ints, floats and
 # bools, so `steps: true` or `steps: "3"` is an error, not 1 or 3; an int is still a valid float); floats
@@ -100,7 +103,10 @@ class StageContext:
 
     `store_uri` is the artifact store root (local dir or s3://bucket/prefix); `out_prefix` the directory
     inside it that `run_stage` fills with what the function left in `out_dir` (a local staging directory);
-    `checkpoints` the store prefix for resumable training state, kept only while the stage is unfinished.
+    `checkpoints` the store prefix for resumable training state, kept only while the stage is unfinished;
+    `s3` how every store the stage opens reaches S3 (endpoint, timeouts, retries: the run's `store.*`);
+    `placement_timeout` how long a placement the stage asks for (Picard's actors) may wait for resources
+    that exist but are in use.
     """
 
     store_uri: str
@@ -109,7 +115,8 @@ class StageContext:
     num_threads: int = 1
     device: str = "cpu"
     log_metrics: MetricLogger = _no_log
-    endpoint_url: str | None = None
+    s3: S3Settings | None = None
+    placement_timeout: float = 60.0
     out_dir: Path | None = None
     checkpoints: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -179,7 +186,7 @@ def run_stage(
     if not ctx.out_prefix.strip("/"):
         raise ValueError("out_prefix: must name a directory inside the store (it is replaced by the output)")
     ctx.checkpoints = ctx.checkpoints or posixpath.join("checkpoints", kind.name, ctx.key)
-    store = open_store(ctx.store_uri, ctx.endpoint_url)
+    store = open_store(ctx.store_uri, ctx.s3)
     with tempfile.TemporaryDirectory(prefix=f"fdm-{kind.name}-") as tmp:
         ctx.out_dir = Path(tmp)
         result = kind.function()(cfg, ctx, **inputs)

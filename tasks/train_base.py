@@ -35,7 +35,7 @@ def train_base(cfg: TrainBaseConfig, ctx: StageContext, dataset: str) -> StageRe
     else:
         torch.set_num_threads(max(1, ctx.num_threads))
         metrics = _train(cfg.model, cfg.train, dataset, ctx, torch.device(ctx.device), ctx.out_dir)
-    net = cfg.model.build(dataset_meta(dataset, ctx.endpoint_url).shape)
+    net = cfg.model.build(dataset_meta(dataset, ctx.s3).shape)
     return StageResult(
         stage="train_base",
         key=ctx.key,
@@ -68,7 +68,7 @@ def _train(
     """The training run, or one DDP rank of it: every rank draws its own batches of batch_size/world and
     noise; gradients are averaged, so all ranks hold the same weights and rank 0 alone writes them to
     `out_dir`."""
-    meta = dataset_meta(dataset, ctx.endpoint_url)
+    meta = dataset_meta(dataset, ctx.s3)
     torch.manual_seed(cfg.seed)
     process = cfg.build_process()
     model = Denoiser(model_cfg.build(meta.shape), process).to(device)
@@ -83,7 +83,7 @@ def _train(
     def batches(step: int):
         seed = cfg.seed + step + 7919 * rank
         per_rank = -(-cfg.batch_size // world)
-        loader = ParquetBatches(dataset, per_rank, seed=seed, epochs=None, endpoint_url=ctx.endpoint_url)
+        loader = ParquetBatches(dataset, per_rank, seed=seed, epochs=None, s3=ctx.s3)
         return (x0.to(device) for x0, _ in loader)
 
     loop = LoopSettings(

@@ -12,7 +12,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from infra.manifest import read_manifest, read_verified
-from infra.store import open_store
+from infra.store import S3Settings, open_store
 from tasks.dataset import ParquetBatches, dataset_meta, load_split
 from tasks.stage import StageContext, StageResult
 from tasks.stages.train_classifier import ClassifierConfig
@@ -52,7 +52,7 @@ def train_classifier(cfg: ClassifierConfig, ctx: StageContext, dataset: str) -> 
     """Train on the train split, report validation accuracy, stage the weights and their spec."""
     torch.set_num_threads(max(1, ctx.num_threads))
     torch.manual_seed(cfg.seed)
-    meta = dataset_meta(dataset, ctx.endpoint_url)
+    meta = dataset_meta(dataset, ctx.s3)
     if len(meta.shape) != 3 or meta.num_classes < 2:
         raise ValueError(
             f"classifier: needs labelled images, the dataset has shape {list(meta.shape)} "
@@ -63,9 +63,7 @@ def train_classifier(cfg: ClassifierConfig, ctx: StageContext, dataset: str) -> 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
 
     def batches(step: int):
-        loader = ParquetBatches(
-            dataset, cfg.batch_size, seed=cfg.seed + step, epochs=None, endpoint_url=ctx.endpoint_url
-        )
+        loader = ParquetBatches(dataset, cfg.batch_size, seed=cfg.seed + step, epochs=None, s3=ctx.s3)
         return ((x.to(ctx.device), y.to(ctx.device)) for x, y in loader)
 
     def loss_fn(batch: tuple[Tensor, Tensor], state, gen: torch.Generator) -> Tensor:
@@ -77,7 +75,7 @@ def train_classifier(cfg: ClassifierConfig, ctx: StageContext, dataset: str) -> 
         net, opt, loss_fn, batches, ctx, LoopSettings("classifier", cfg.steps, seed=cfg.seed), scheduler=sched
     )
     split = "val" if "val" in meta.splits and meta.rows("val") > 0 else "train"
-    x_val, y_val, _ = load_split(dataset, split, ctx.endpoint_url)
+    x_val, y_val, _ = load_split(dataset, split, ctx.s3)
     net.eval()
     with torch.no_grad():
         acc = float((net(x_val.to(ctx.device)).argmax(1).cpu() == y_val).float().mean())
@@ -98,9 +96,9 @@ def train_classifier(cfg: ClassifierConfig, ctx: StageContext, dataset: str) -> 
     )
 
 
-def load_classifier(uri: str, endpoint_url: str | None = None, device: str = "cpu") -> Classifier:
+def load_classifier(uri: str, s3: S3Settings | None = None, device: str = "cpu") -> Classifier:
     """Load a trained classifier, verified against its manifest."""
-    store = open_store(uri, endpoint_url)
+    store = open_store(uri, s3)
     manifest = read_manifest(store, "")
     net = Classifier(**json.loads(read_verified(store, "", SPEC, manifest)))
     net.load_state_dict(st_load(read_verified(store, "", WEIGHTS, manifest)))

@@ -63,7 +63,7 @@ def fit(
     `saved` is the module checkpointed (the unwrapped model under DDP); rank 0 alone logs and checkpoints.
     """
     saved = saved if saved is not None else model
-    store = open_store(ctx.store_uri, ctx.endpoint_url)
+    store = open_store(ctx.store_uri, ctx.s3)
     checkpointing = bool(loop.checkpoint_every and ctx.checkpoints)
     state = TrainState()
     if checkpointing:

@@ -16,7 +16,7 @@ from test_submit import CONFIG, TINY, TINY_STAGES, free_ports
 
 from infra.manifest import MANIFEST_NAME
 from infra.mlflow_server import start_tracking_server, stop_tracking_server
-from infra.store import open_store
+from infra.store import S3Settings, open_store
 from pipelines.config import load_config
 from pipelines.runner import run_pipeline
 from tasks.checkpoints import load_model
@@ -83,7 +83,7 @@ def test_pipeline_tracks_to_the_server_and_stores_in_s3(
 
     # The artifact store: prepared dataset and model under the s3:// root, each in the version directory
     # its key's CURRENT names; the training checkpoints are gone once the stage's output is complete.
-    store = open_store(cfg.store.root, s3_server)
+    store = open_store(cfg.store.root, S3Settings(s3_server))
     data_root, base_root = (run.outcomes[n].spec.out_root for n in ("prepare_data", "train_base"))
     data_dir = f"{data_root}/{store.read_bytes(f'{data_root}/CURRENT').decode()}"
     base_dir = f"{base_root}/{store.read_bytes(f'{base_root}/CURRENT').decode()}"

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from infra.lease import Lease, acquire_or_wait
 from infra.manifest import read_manifest
 from infra.secrets import scrub, scrub_tree
-from infra.store import LocalStore, StoreError, open_store
+from infra.store import LocalStore, S3Settings, StoreError, open_store
 from pipelines.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -260,7 +260,7 @@ def test_two_concurrent_runs_compute_each_stage_once(tmp_path: Path) -> None:
 def store(request, tmp_path):
     if request.param == "local":
         return open_store(str(tmp_path / "store"))
-    return open_store(request.getfixturevalue("s3_root"), endpoint_url=request.getfixturevalue("s3_server"))
+    return open_store(request.getfixturevalue("s3_root"), S3Settings(request.getfixturevalue("s3_server")))
 
 
 def test_create_exclusive_and_stale_lease_takeover(store) -> None:
@@ -494,12 +494,10 @@ def silent_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     server.close()
 
 
-def test_silent_s3_endpoint_fails_fast_naming_the_object(silent_endpoint: str, monkeypatch) -> None:
+def test_silent_s3_endpoint_fails_fast_naming_the_object(silent_endpoint: str) -> None:
     """boto3 (writes, reads, listings) and pyarrow (random reads) give up after (retries+1) x read_timeout."""
-    monkeypatch.setenv("FDM_S3_CONNECT_TIMEOUT", "1")
-    monkeypatch.setenv("FDM_S3_READ_TIMEOUT", "1")
-    monkeypatch.setenv("FDM_S3_RETRIES", "1")
-    store = open_store("s3://bucket/prefix", silent_endpoint)
+    settings = S3Settings(silent_endpoint, connect_timeout=1, read_timeout=1, retries=1)
+    store = open_store("s3://bucket/prefix", settings)
     for call in (
         lambda: store.write_bytes("a/x.bin", b"1"),
         lambda: store.read_bytes("a/x.bin"),

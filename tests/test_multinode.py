@@ -233,11 +233,11 @@ from fdm_core.samplers import get_sigmas
 from fdm_core.samplers import sample
 from infra.ray_evaluator import RayEvaluator
 from infra.ray_runtime import init_ray
-from infra.store import open_store
+from infra.store import S3Settings, open_store
 from tasks.checkpoints import load_model, model_spec, write_model
 from tasks.sample import StepFactory
 
-root, endpoint, go, tol = sys.argv[1], sys.argv[2] or None, Path(sys.argv[3]), 0.1
+root, endpoint, go, tol = sys.argv[1], S3Settings(sys.argv[2] or None), Path(sys.argv[3]), 0.1
 init_ray(None)
 torch.manual_seed(0)
 net = MLP(dim=2, hidden=32, depth=2, emb_dim=16)

@@ -26,7 +26,7 @@ from infra.manifest import (
     verify,
     write_manifest,
 )
-from infra.store import ArtifactStore, open_store
+from infra.store import ArtifactStore, S3Settings, open_store
 from tasks import prepare_data as prep
 from tasks.dataset import ParquetBatches, dataset_meta, load_split
 from tasks.prepare_data import DataError
@@ -44,10 +44,10 @@ class Place:
 
     @property
     def store(self) -> ArtifactStore:
-        return open_store(self.root, self.endpoint)
+        return open_store(self.root, S3Settings(self.endpoint))
 
     def ctx(self, out: str = "stages/prepare_data/k") -> StageContext:
-        return StageContext(store_uri=self.root, out_prefix=out, key="k", endpoint_url=self.endpoint)
+        return StageContext(store_uri=self.root, out_prefix=out, key="k", s3=S3Settings(self.endpoint))
 
 
 def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
@@ -149,7 +149,7 @@ def sorted_rows(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> n
 
 
 def stream_all(uri: str, place: Place, split: str = "train", **kw) -> tuple[torch.Tensor, torch.Tensor]:
-    batches = list(ParquetBatches(uri, split=split, endpoint_url=place.endpoint, **kw))
+    batches = list(ParquetBatches(uri, split=split, s3=S3Settings(place.endpoint), **kw))
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
@@ -164,7 +164,7 @@ def test_round_trip(kind, place):
     uri = result.outputs["dataset"]
     assert uri == place.store.uri("stages/prepare_data/k")
     assert result.info["shape"] == list(shape) and result.info["num_classes"] == num_classes
-    manifest = verify(open_store(uri, place.endpoint), "")
+    manifest = verify(open_store(uri, S3Settings(place.endpoint)), "")
     assert manifest.producer["stage"] == "prepare_data" and manifest.producer["key"] == "k"
     meta = dataset_meta(uri, place.endpoint)
     assert meta.shape == shape and meta.num_classes == num_classes
@@ -249,13 +249,13 @@ def test_loader_batches_epochs_and_seed(local):
 
 def test_flipped_byte_in_shard_is_refused(place):
     result = prepare_data(DataConfig(source={"kind": "digits"}, shard_rows=600), place.ctx())
-    store = open_store(result.outputs["dataset"], place.endpoint)
+    store = open_store(result.outputs["dataset"], S3Settings(place.endpoint))
     data = bytearray(store.read_bytes("train/part-00001.parquet"))
     data[len(data) // 2] ^= 0x01
     store.write_bytes("train/part-00001.parquet", bytes(data))
     shard_uri = re.escape(store.uri("train/part-00001.parquet"))
     with pytest.raises(CorruptOutputError, match=shard_uri):
-        list(ParquetBatches(result.outputs["dataset"], endpoint_url=place.endpoint))
+        list(ParquetBatches(result.outputs["dataset"], s3=S3Settings(place.endpoint)))
     with pytest.raises(CorruptOutputError, match=shard_uri):
         load_split(result.outputs["dataset"], "train", place.endpoint)
     assert not is_complete(store, "")
@@ -289,7 +289,7 @@ def test_interrupted_stage_leaves_the_earlier_output_intact(place, monkeypatch):
         prepare_data(cfg, place.ctx())
     # The failed stage wrote only to its local staging directory: the store still holds the old output.
     assert verify(store, out) == before
-    assert len(list(ParquetBatches(store.uri(out), endpoint_url=place.endpoint))) > 0
+    assert len(list(ParquetBatches(store.uri(out), s3=S3Settings(place.endpoint)))) > 0
 
 
 def assert_refused(place: Place, cfg: DataConfig, names: str) -> None:

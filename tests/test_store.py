@@ -22,7 +22,7 @@ from infra.manifest import (
     verify,
     write_manifest,
 )
-from infra.store import LocalStore, NotFoundError, S3Store, StoreError, open_store
+from infra.store import LocalStore, NotFoundError, S3Settings, S3Store, StoreError, open_store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -30,7 +30,7 @@ def store(request, tmp_path):
     if request.param == "local":
         return open_store(str(tmp_path / "store"))
     endpoint = request.getfixturevalue("s3_server")
-    return open_store(request.getfixturevalue("s3_root"), endpoint_url=endpoint)
+    return open_store(request.getfixturevalue("s3_root"), S3Settings(endpoint))
 
 
 def flip_byte(store, path: str, offset: int = 10) -> None:
