@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def resolve_cached(stages: list[StageSpec], env: RunEnv, force: set[str]) -> dict[str, StageResult]:
     """Stages settled without computing, in plan order: cache hits (manifests only) and the stages a
-    skipped upstream or a failed quality gate rules out. A forced stage, and all below it, stay open."""
+    skipped upstream or a failed node condition (a quality gate) rules out. A forced stage, and all below it, stay open."""
     store = env.store()
     resolved: dict[str, StageResult] = {}
     for spec in stages:
@@ -52,6 +52,7 @@ def resolve_cached(stages: list[StageSpec], env: RunEnv, force: set[str]) -> dic
 
 
 def _outcome(o: StageOutcome, result: StageResult) -> None:
+    """Record `result` on its outcome: done, cached or skipped, with its seconds."""
     o.result = result
     o.status = "skipped" if result.info.get("skipped") else "cached" if result.cached else "done"
     o.seconds = None if o.status == "skipped" else 0.0 if result.cached else result.info.get("seconds")
@@ -64,6 +65,8 @@ def _submit(
     env: RunEnv,
     force: set[str],
 ) -> dict[str, Any]:
+    """Submit the pending stages as chained Ray tasks (each gets its upstream's ObjectRefs), with the
+    resources their groups ask for and Ray's retries; their refs by stage name."""
     import ray
 
     refs: dict[str, Any] = {}
@@ -86,10 +89,11 @@ def _submit(
 def _wait(
     run: PipelineRun, refs: dict[str, Any], env: RunEnv, console: Console, lines: StageLines | None = None
 ) -> None:
+    """Follow the submitted stages to their ends, showing progress; a failure below a failure is
+    "not run"."""
     import ray
 
     board = env.board
-
     pending = {ref: name for name, ref in refs.items()}
     lines = lines or StageLines(run, console)
     view = TableView(run, console) if console.is_terminal else contextlib.nullcontext(lines)
