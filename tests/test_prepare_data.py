@@ -472,11 +472,11 @@ def test_parquet_source(place):
 # Run in a fresh process (its own one-CPU Ray), so that the peaks read from /proc are this stage's alone.
 MEMORY_RUN = r"""
 import json, os, sys
-from pathlib import Path
 
 import ray
 from ray._private import ray_constants
 
+from benchmarks.peak_memory import ray_peak_rss
 from tasks.registry import STAGES
 from tasks.stage import StageContext, run_stage
 from tasks.stages.prepare_data import DataConfig
@@ -496,32 +496,7 @@ source = {"kind": "image_folder", "path": folder}
 cfg = DataConfig(source=source, shard_rows=64, block_rows=64, memory_budget_mb=64)
 result = run_stage(STAGES["prepare_data"], cfg, StageContext(store_uri=store, out_prefix="out", key="k"))
 
-
-def descendants(root):
-    parent = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                pass
-    found = {root}
-    while new := {c for c, pp in parent.items() if pp in found} - found:
-        found |= new
-    return found
-
-
-peaks = {}
-for pid in descendants(os.getpid()):
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-        status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        continue
-    # The driver and every Ray worker: task workers and Ray Data's own actors; not Ray's per-node agents.
-    if pid == os.getpid() or (cmd.startswith("ray::") and not cmd.endswith("Agent")):
-        peaks[f"{pid} {cmd}"] = next(int(s.split()[1]) for s in status if s.startswith("VmHWM")) * 1024
-print(json.dumps({"metrics": result.metrics, "peaks": peaks}))
+print(json.dumps({"metrics": result.metrics, "peaks": ray_peak_rss(os.getpid())}))
 """
 
 
