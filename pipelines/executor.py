@@ -31,6 +31,7 @@ from typing import Any
 from infra.lease import LEASE_NAME, Lease, acquire_or_wait
 from infra.manifest import (
     CURRENT,
+    MANIFEST_NAME,
     CorruptOutputError,
     IncompleteOutputError,
     Manifest,
@@ -486,8 +487,9 @@ def quarantine(
 
 
 def _log_outputs(tracking: Tracking, run_id: str, store: ArtifactStore, prefix: str) -> None:
-    """Small outputs (grids, metrics, model spec) go to MLflow; weights stay in the store, linked by a tag."""
+    """Small outputs (grids, metrics, model spec, dataset card) go to MLflow, the manifest not; weights stay
+    in the store, linked by a tag."""
     for path in store.list(prefix):
         name = path.rsplit("/", 1)[-1]
-        if path.endswith((".png", ".json")) and not name.startswith("_"):
+        if path.endswith((".png", ".json")) and name != MANIFEST_NAME:
             tracking.log_bytes(run_id, store.read_bytes(path), name)

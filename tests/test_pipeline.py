@@ -1,6 +1,7 @@
 """End to end on a local Ray cluster, a temporary sqlite MLflow and a temporary store: the toy2d pipeline,
 its MLflow record, the stage cache, re-running one round, and config errors."""
 
+import json
 import re
 from pathlib import Path
 
@@ -120,6 +121,21 @@ def test_mlflow_holds_parent_and_one_child_per_stage(first_run) -> None:
     assert {"samples_euler4.png", "metrics.json"} <= {a.path for a in client.list_artifacts(ev.info.run_id)}
     model_files = {a.path for a in client.list_artifacts(children["distill_8to4"].info.run_id)}
     assert "model.json" in model_files and "weights.safetensors" not in model_files
+
+
+def test_prepare_data_child_run_shows_the_dataset(first_run, tmp_path: Path) -> None:
+    """The data's child run holds the dataset card (the stored _dataset.json) and the preview scatter plot;
+    the manifest stays in the store."""
+    cfg, run = first_run
+    client = MlflowClient(cfg.tracking.uri)
+    data = run.outcomes["prepare_data"].result
+    files = {a.path for a in client.list_artifacts(data.run_id)}
+    assert {"_dataset.json", "preview.png"} <= files and MANIFEST_NAME not in files
+    store = open_store(data.outputs["dataset"])
+    for name in ("_dataset.json", "preview.png"):
+        logged = Path(client.download_artifacts(data.run_id, name, str(tmp_path))).read_bytes()
+        assert logged == store.read_bytes(name)
+    assert json.loads(store.read_bytes("_dataset.json"))["splits"]["train"]["rows"] == 3000  # 4000, 1/4 val
 
 
 def test_second_run_is_all_cache_hits_without_ray(first_run, overrides: list[str]) -> None:

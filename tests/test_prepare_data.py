@@ -29,6 +29,7 @@ from infra.manifest import (
 from infra.store import ArtifactStore, open_store
 from tasks import prepare_data as prep
 from tasks.dataset import ParquetBatches, dataset_meta, load_split
+from tasks.plots import grid_png
 from tasks.prepare_data import DataError
 from tasks.registry import STAGES
 from tasks.stage import StageContext, StageResult, run_stage
@@ -183,6 +184,25 @@ def test_round_trip(kind, place):
         assert (y_all == -1).all() and torch.isfinite(x_all).all()
     else:
         np.testing.assert_allclose(sorted_rows(x_all, y_all), sorted_rows(x_expected, y_expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["image_folder", "toy2d"])
+def test_preview_draws_the_first_training_samples(kind, local):
+    """preview.png, a sealed output, is the grid (images) or scatter plot (2-D points) of the first stored
+    training samples as the loader reads them; a source of other vectors gets none."""
+    uri = prepare_data(DataConfig(source=source_case(kind, local)[0]), local.ctx()).outputs["dataset"]
+    x, _, meta = load_split(uri)
+    title = f"{kind}: the first of {meta.rows('train'):,} training samples"
+    expected = grid_png(x[: 64 if x.ndim == 4 else 2000], None, 8, title, label="training data")
+    assert prep.PREVIEW_NAME in verify(open_store(uri), "").files
+    assert open_store(uri).read_bytes(prep.PREVIEW_NAME) == expected
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 3), np.float32))
+    local.store.write_bytes("src/v.npy", buf.getvalue())
+    vectors = DataConfig(source={"kind": "npy", "path": local.store.uri("src/v.npy")})
+    out = prepare_data(vectors, local.ctx("v")).outputs["dataset"]
+    assert prep.PREVIEW_NAME not in verify(open_store(out), "").files
 
 
 def test_same_inputs_give_same_digests(local):

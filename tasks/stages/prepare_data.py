@@ -140,7 +140,7 @@ STAGE = StageKind(
     output="dataset",
     resources="prepare_data",
     headline="n_train",
-    version="4",
+    version="5",
     # Ray Data's tasks hold the CPUs; the stage's own task only coordinates them and writes the shards.
     coordinates=lambda cfg: cfg.source.kind in RAY_DATA_KINDS,
 )
