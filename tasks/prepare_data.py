@@ -62,7 +62,8 @@ __all__ = ["DATASET_META_NAME", "PREVIEW_NAME", "DataError", "prepare_data", "sp
 
 DATASET_META_NAME = "_dataset.json"
 PREVIEW_NAME = "preview.png"
-PREVIEW_IMAGES = 8  # an 8 x 8 grid
+PREVIEW_IMAGES = 8  # an 8 x 8 grid, of fewer images where they are large:
+PREVIEW_VALUES = 1 << 22  # at most this many values (16 MiB as float32) drawn, whatever the image size
 PREVIEW_POINTS = 2000
 SCHEMA_META_KEY = b"fdm.dataset"
 SPLITS = ("train", "val")
@@ -194,15 +195,16 @@ def _preview(shard: str, plan: SourcePlan, title: str) -> bytes | None:
     """The first training samples of `shard` (a local Parquet file) drawn: a grid of 1- or 3-channel
     images, or a scatter of 2-D points; None for any other shape."""
     if len(plan.shape) == 3 and plan.shape[0] in (1, 3):
-        rows = PREVIEW_IMAGES**2
+        rows = max(1, min(PREVIEW_IMAGES**2, PREVIEW_VALUES // math.prod(plan.shape)))
     elif list(plan.shape) == [2]:
         rows = PREVIEW_POINTS
     else:
         return None
-    col = next(pq.ParquetFile(shard).iter_batches(batch_size=rows, columns=["x"])).column("x")
+    first = pq.ParquetFile(shard).iter_batches(batch_size=rows, columns=["x"], use_threads=False)
+    col = next(first).column("x")
     if pa.types.is_fixed_size_binary(col.type):  # uint8 samples, mapped as the loader maps them
-        raw = np.frombuffer(b"".join(col.to_pylist()), np.uint8).reshape(len(col), -1)
-        x = in_model_space(raw, plan.value_range or (0.0, 255.0))
+        table = in_model_space(np.arange(256), plan.value_range or (0.0, 255.0))
+        x = table[np.frombuffer(b"".join(col.to_pylist()), np.uint8).reshape(len(col), -1)]
     else:
         x = col.flatten().to_numpy().reshape(len(col), -1)
     return grid_png(x.reshape(len(x), *plan.shape), None, PREVIEW_IMAGES, title, label="training data")
