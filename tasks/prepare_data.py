@@ -2,10 +2,10 @@
 
 Output layout (complete only once _MANIFEST.json exists, written last by `run_stage`)::
 
-    train/part-00000.parquet ...   val/part-00000.parquet ...   _dataset.json   preview.png   _MANIFEST.json
+    train/part-00000.parquet ...   val/part-00000.parquet ...   _dataset.json   _preview.png   _MANIFEST.json
 
-preview.png shows the first training samples (in stored order, which the seed shuffles): an 8x8 grid of
-images, or a scatter plot of 2-D points; other shapes get none.
+_preview.png shows the first training samples (in stored order, which the seed shuffles): a grid of up to
+8x8 images, or a scatter plot of 2-D points; other shapes get none.
 
 Each split is a directory of Parquet files only, and the sidecars start with "_", so pyarrow, pandas,
 Ray Data, DuckDB or Spark read a split directory (or the whole output, with its `split` column) as is.
@@ -61,7 +61,7 @@ from tasks.stages.prepare_data import RAY_DATA_KINDS, DataConfig, DigitsSource, 
 __all__ = ["DATASET_META_NAME", "PREVIEW_NAME", "DataError", "prepare_data", "split_indices"]
 
 DATASET_META_NAME = "_dataset.json"
-PREVIEW_NAME = "preview.png"
+PREVIEW_NAME = "_preview.png"
 PREVIEW_IMAGES = 8  # an 8 x 8 grid, of fewer images where they are large:
 PREVIEW_VALUES = 1 << 22  # at most this many values (16 MiB as float32) drawn, whatever the image size
 PREVIEW_POINTS = 2000

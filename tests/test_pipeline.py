@@ -130,9 +130,9 @@ def test_prepare_data_child_run_shows_the_dataset(first_run, tmp_path: Path) -> 
     client = MlflowClient(cfg.tracking.uri)
     data = run.outcomes["prepare_data"].result
     files = {a.path for a in client.list_artifacts(data.run_id)}
-    assert {"_dataset.json", "preview.png"} <= files and MANIFEST_NAME not in files
+    assert {"_dataset.json", "_preview.png"} <= files and MANIFEST_NAME not in files
     store = open_store(data.outputs["dataset"])
-    for name in ("_dataset.json", "preview.png"):
+    for name in ("_dataset.json", "_preview.png"):
         logged = Path(client.download_artifacts(data.run_id, name, str(tmp_path))).read_bytes()
         assert logged == store.read_bytes(name)
     assert json.loads(store.read_bytes("_dataset.json"))["splits"]["train"]["rows"] == 3000  # 4000, 1/4 val

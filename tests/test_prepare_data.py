@@ -188,7 +188,7 @@ def test_round_trip(kind, place):
 
 @pytest.mark.parametrize("kind", ["image_folder", "toy2d"])
 def test_preview_draws_the_first_training_samples(kind, local):
-    """preview.png, a sealed output, is the grid (images) or scatter plot (2-D points) of the first stored
+    """_preview.png, a sealed output, is the grid (images) or scatter plot (2-D points) of the first stored
     training samples as the loader reads them; a source of other vectors gets none."""
     uri = prepare_data(DataConfig(source=source_case(kind, local)[0]), local.ctx()).outputs["dataset"]
     x, _, meta = load_split(uri)
