@@ -40,10 +40,9 @@ QUICK = (
     "distill.round.final_updates=50",
     "evaluate.num_samples=300",
 )
-# The CI smoke test's: every stage runs, each for a few steps.
-TINY = (
+# Every stage runs, each for a few steps: the CI smoke test's (TINY) and tests/test_engine.py's settings.
+FEW_STEPS = (
     "train.steps=4",
-    "train.checkpoint_every=2",
     "distill.start_steps=4",
     "distill.end_steps=2",
     "distill.round.updates=2",
@@ -52,6 +51,7 @@ TINY = (
     "evaluate.batch_size=32",
     "evaluate.samplers=[{method: heun, steps: 4}]",
 )
+TINY = (*FEW_STEPS, "train.checkpoint_every=2")
 RUN_ID = re.compile(r"MLflow run id: ([0-9a-f]{32})")
 
 

@@ -37,6 +37,7 @@ REPEATS = {"full": 2, "quick": 1}
 ARM = r"""
 import json, os, resource, sys, time
 from pathlib import Path
+from benchmarks.peak_memory import ray_peak_rss
 arm, folder, out = sys.argv[1:4]
 from tasks.stage import StageContext
 from tasks.stages.prepare_data import DataConfig
@@ -57,30 +58,7 @@ t0 = time.perf_counter()
 result = stage.prepare_data(cfg, ctx)
 seconds = time.perf_counter() - t0
 
-
-def family(root):
-    parent = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                pass
-    found = {root}
-    while new := {c for c, pp in parent.items() if pp in found} - found:
-        found |= new
-    return found
-
-
-peak = 0
-for pid in family(os.getpid()):
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-        status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        continue
-    if pid == os.getpid() or (cmd.startswith("ray::") and not cmd.endswith("Agent")):
-        peak += next(int(s.split()[1]) for s in status if s.startswith("VmHWM")) * 1024
+peak = sum(ray_peak_rss(os.getpid()).values())
 shards = [p for p in Path(out).rglob("*.parquet")]
 n = result.metrics["n_train"] + result.metrics["n_val"]
 stored = sum(p.stat().st_size for p in shards)

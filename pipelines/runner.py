@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def resolve_cached(stages: list[StageSpec], env: RunEnv, force: set[str]) -> dict[str, StageResult]:
     """Stages settled without computing, in plan order: cache hits (manifests only) and the stages a
-    skipped upstream or a failed node condition (a quality gate) rules out. A forced stage, and all below it, stay open."""
+    skipped upstream or a failed node condition (a quality gate) rules out. A forced stage, and all below
+    it, stay open."""
     store = env.store()
     resolved: dict[str, StageResult] = {}
     for spec in stages:

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from infra.manifest import MANIFEST_NAME
 from infra.store import ArtifactStore
 from infra.tracking import Tracking
 from pipelines.run_env import RunEnv
@@ -140,8 +141,9 @@ def metric_links(env: RunEnv, spec: StageSpec, ups: dict[str, StageResult]) -> d
 
 
 def log_outputs(tracking: Tracking, run_id: str, store: ArtifactStore, prefix: str) -> None:
-    """Small outputs (grids, metrics, model spec) go to MLflow; weights stay in the store, linked by a tag."""
+    """Small outputs (grids, metrics, model spec, dataset card) go to MLflow, the manifest not; weights stay
+    in the store, linked by a tag."""
     for path in store.list(prefix):
         name = path.rsplit("/", 1)[-1]
-        if path.endswith((".png", ".json")) and not name.startswith("_"):
+        if path.endswith((".png", ".json")) and name != MANIFEST_NAME:
             tracking.log_bytes(run_id, store.read_bytes(path), name)

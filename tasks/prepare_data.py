@@ -2,7 +2,10 @@
 
 Output layout (complete only once _MANIFEST.json exists, written last by `run_stage`)::
 
-    train/part-00000.parquet ...   val/part-00000.parquet ...   _dataset.json   _MANIFEST.json
+    train/part-00000.parquet ...   val/part-00000.parquet ...   _dataset.json   _preview.png   _MANIFEST.json
+
+_preview.png shows the first training samples (in stored order, which the seed shuffles): a grid of up to
+8x8 images, or a scatter plot of 2-D points; other shapes get none.
 
 Each split is a directory of Parquet files only, and the sidecars start with "_", so pyarrow, pandas,
 Ray Data, DuckDB or Spark read a split directory (or the whole output, with its `split` column) as is.
@@ -51,12 +54,17 @@ from tasks.data_sources import (
     toy2d,
 )
 from tasks.hash_order import HashSpill
+from tasks.plots import grid_png
 from tasks.stage import StageContext, StageResult
 from tasks.stages.prepare_data import RAY_DATA_KINDS, DataConfig, DigitsSource, Toy2DSource
 
-__all__ = ["DATASET_META_NAME", "DataError", "prepare_data", "split_indices"]
+__all__ = ["DATASET_META_NAME", "PREVIEW_NAME", "DataError", "prepare_data", "split_indices"]
 
 DATASET_META_NAME = "_dataset.json"
+PREVIEW_NAME = "_preview.png"
+PREVIEW_IMAGES = 8  # an 8 x 8 grid, of fewer images where they are large:
+PREVIEW_VALUES = 1 << 22  # at most this many values (16 MiB as float32) drawn, whatever the image size
+PREVIEW_POINTS = 2000
 SCHEMA_META_KEY = b"fdm.dataset"
 SPLITS = ("train", "val")
 _CHUNK = 4096  # rows of an in-memory source spilled at a time
@@ -183,6 +191,25 @@ def _write_shards(
     return files
 
 
+def _preview(shard: str, plan: SourcePlan, title: str) -> bytes | None:
+    """The first training samples of `shard` (a local Parquet file) drawn: a grid of 1- or 3-channel
+    images, or a scatter of 2-D points; None for any other shape."""
+    if len(plan.shape) == 3 and plan.shape[0] in (1, 3):
+        rows = max(1, min(PREVIEW_IMAGES**2, PREVIEW_VALUES // math.prod(plan.shape)))
+    elif list(plan.shape) == [2]:
+        rows = PREVIEW_POINTS
+    else:
+        return None
+    first = pq.ParquetFile(shard).iter_batches(batch_size=rows, columns=["x"], use_threads=False)
+    col = next(first).column("x")
+    if pa.types.is_fixed_size_binary(col.type):  # uint8 samples, mapped as the loader maps them
+        table = in_model_space(np.arange(256), plan.value_range or (0.0, 255.0))
+        x = table[np.frombuffer(b"".join(col.to_pylist()), np.uint8).reshape(len(col), -1)]
+    else:
+        x = col.flatten().to_numpy().reshape(len(col), -1)
+    return grid_png(x.reshape(len(x), *plan.shape), None, PREVIEW_IMAGES, title, label="training data")
+
+
 def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
     """Read the source (through Ray Data for files), split it by seeded hash, and stage shuffled Parquet
     shards and _dataset.json."""
@@ -216,6 +243,10 @@ def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
     rows = {"train": n - n_val, "val": n_val}
     meta["splits"] = {s: {"rows": rows[s], "files": files[s]} for s in SPLITS}
     ctx.output_path(DATASET_META_NAME).write_bytes(json.dumps(meta, indent=2, sort_keys=True).encode())
+    title = f"{cfg.source.kind}: the first of {rows['train']:,} training samples"
+    picture = _preview(str(ctx.output_path(files["train"][0])), plan, title)
+    if picture is not None:
+        ctx.output_path(PREVIEW_NAME).write_bytes(picture)
     metrics = {
         "n_train": float(rows["train"]),
         "n_val": float(n_val),

@@ -16,6 +16,20 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+TOY2D = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "toy2d.yaml"
+# The toy2d pipeline in seconds: one 4 -> 2 distillation round of 30 updates, evaluated by Euler at 4 steps on
+# 200 samples. The base model's train.steps is each test's (the config's 1200 otherwise); a test's own
+# settings come after these, and the last --set of a key wins.
+TINY_TOY2D = (
+    "distill.start_steps=4",
+    "distill.end_steps=2",
+    "distill.round.updates=30",
+    "distill.round.final_updates=30",
+    "evaluate.num_samples=200",
+    "evaluate.batch_size=200",
+    "evaluate.samplers=[{method: euler, steps: 4}]",
+)
+
 S3_BUCKET = "fdm-test"
 _FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -25,6 +39,18 @@ _FAKE_AWS_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
     "AWS_CONFIG_FILE": "/nonexistent",
 }
+
+
+def tiny_toy2d(work: Path, *extra: str) -> list[str]:
+    """TINY_TOY2D with a store and a sqlite MLflow under `work`, then `extra`."""
+    where = [f"store.root={work / 'store'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
+    return [*TINY_TOY2D, *where, *extra]
+
+
+@pytest.fixture
+def toy2d_overrides(tmp_path: Path) -> list[str]:
+    """The tiny toy2d overrides (`tiny_toy2d`) with a store and MLflow of this test's own, in tmp_path."""
+    return tiny_toy2d(tmp_path)
 
 
 @pytest.fixture(scope="session")

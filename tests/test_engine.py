@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from benchmarks.pipeline import FEW_STEPS
 from infra.manifest import CorruptOutputError, read_manifest
 from infra.store import LocalStore
 from pipelines.cache import serve
@@ -25,15 +26,8 @@ from tasks.registry import STAGES
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "pipelines" / "configs" / "digits.yaml"
 TINY = [
-    "train.steps=4",
+    *FEW_STEPS,
     "classifier.steps=4",
-    "distill.start_steps=4",
-    "distill.end_steps=2",
-    "distill.round.updates=2",
-    "distill.round.final_updates=2",
-    "evaluate.num_samples=32",
-    "evaluate.batch_size=32",
-    "evaluate.samplers=[{method: heun, steps: 4}]",
     "picard.steps=8",
     "picard.window=4",
     "picard.num=4",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_docs import SHELL_FENCES, fdm_commands
+from test_docs import SHELL_FENCES, fdm_commands, shell_lines
 from test_pipeline import SMALL  # two rounds, 8 -> 4 -> 2 steps
 from test_submit import Head, ray_cluster  # noqa: F401 (ray_cluster: the local head fixture)
 
@@ -85,19 +85,11 @@ def documented() -> tuple[list[Example], list[tuple[str, str]]]:
 
 def _logical_lines(block: str) -> dict[int, str]:
     """Line number (in the block, its fence = 1) -> logical line starting there, comment removed."""
-    out, buf, start = {}, "", 0
-    for no, line in enumerate(block.splitlines(), 1):
-        if line.startswith("```"):
-            continue
-        if not buf:
-            start = no
-        if line.rstrip().endswith("\\"):
-            buf += line.rstrip()[:-1] + " "
-            continue
-        lex = shlex.shlex(buf + line, posix=False, punctuation_chars=False)
+    out = {}
+    for no, line in shell_lines(block):
+        lex = shlex.shlex(line, posix=False, punctuation_chars=False)
         lex.whitespace_split, lex.commenters = True, "#"
-        out[start] = " ".join(lex)
-        buf = ""
+        out[no] = " ".join(lex)
     return out
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ray_worker_pid
+from conftest import TOY2D, ray_worker_pid
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
@@ -20,24 +20,9 @@ from pipelines.cli import main
 from pipelines.config import load_config
 from pipelines.runner import run_pipeline
 
-CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "toy2d.yaml"
-SMALL = [
-    "distill.start_steps=4",
-    "distill.end_steps=2",
-    "distill.round.updates=30",
-    "distill.round.final_updates=30",
-    "evaluate.num_samples=200",
-    "evaluate.batch_size=200",
-    "evaluate.samplers=[{method: euler, steps: 4}]",
-]
 
-
-def _overrides(tmp: Path, *extra: str) -> list[str]:
-    return [*SMALL, f"store.root={tmp / 'store'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *extra]
-
-
-def test_killed_training_worker_resumes_from_checkpoint(ray_local: None, tmp_path: Path) -> None:
-    cfg = load_config(CONFIG, _overrides(tmp_path, "train.steps=1500", "train.checkpoint_every=100"))
+def test_killed_training_worker_resumes_from_checkpoint(ray_local: None, toy2d_overrides: list[str]) -> None:
+    cfg = load_config(TOY2D, [*toy2d_overrides, "train.steps=1500", "train.checkpoint_every=100"])
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(run=run_pipeline(cfg, console=Console(quiet=True))))
     thread.start()
@@ -66,17 +51,19 @@ def test_killed_training_worker_resumes_from_checkpoint(ray_local: None, tmp_pat
     assert sorted(a.info.status for a in attempts) == ["FINISHED", "KILLED"]
 
 
-def test_nan_loss_fails_the_stage_keeps_the_last_checkpoint(ray_local: None, tmp_path: Path) -> None:
+def test_nan_loss_fails_the_stage_keeps_the_last_checkpoint(
+    ray_local: None, toy2d_overrides: list[str]
+) -> None:
     cfg = load_config(
-        CONFIG,
-        _overrides(
-            tmp_path,
+        TOY2D,
+        [
+            *toy2d_overrides,
             "train.lr=1e12",
             "train.lr_rampup=0",
             "train.steps=50",
             "train.checkpoint_every=1",
             "train.grad_clip=null",
-        ),
+        ],
     )
     run = run_pipeline(cfg, console=Console(quiet=True))
     failed = {o.spec.name: o.error for o in run.failed}
@@ -89,8 +76,8 @@ def test_nan_loss_fails_the_stage_keeps_the_last_checkpoint(ray_local: None, tmp
     assert any(is_complete(store, f"{ckpt_root}/{p.split('/')[-2]}") for p in store.list(ckpt_root))
 
 
-def test_deleted_output_reruns_instead_of_stale_cache(ray_local: None, tmp_path: Path) -> None:
-    cfg = load_config(CONFIG, _overrides(tmp_path, "train.steps=100"))
+def test_deleted_output_reruns_instead_of_stale_cache(ray_local: None, toy2d_overrides: list[str]) -> None:
+    cfg = load_config(TOY2D, [*toy2d_overrides, "train.steps=100"])
     first = run_pipeline(cfg, console=Console(quiet=True))
     open_store(first.outcomes["distill_4to2"].result.outputs["model"]).delete("weights.safetensors")
     second = run_pipeline(cfg, console=Console(quiet=True))
@@ -99,13 +86,13 @@ def test_deleted_output_reruns_instead_of_stale_cache(ray_local: None, tmp_path:
 
 
 def test_bad_data_exits_2_naming_the_file(
-    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture
+    ray_local: None, tmp_path: Path, toy2d_overrides: list[str], capsys: pytest.CaptureFixture
 ) -> None:
     missing = tmp_path / "nowhere" / "data.npy"
     args = [
         "run",
-        str(CONFIG),
-        *[a for o in _overrides(tmp_path) for a in ("--set", o)],
+        str(TOY2D),
+        *[a for o in toy2d_overrides for a in ("--set", o)],
         "--set",
         f"data.source={{kind: npy, path: {missing}}}",
     ]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ray_worker_pid
+from conftest import TOY2D, ray_worker_pid, tiny_toy2d
 from mlflow.tracking import MlflowClient
 
 from infra.lease import Lease, acquire_or_wait
@@ -29,22 +29,11 @@ from infra.store import LocalStore, S3Settings, StoreError, open_store
 from pipelines.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "pipelines" / "configs" / "toy2d.yaml"
-SMALL = [
-    "distill.start_steps=4",
-    "distill.end_steps=2",
-    "distill.round.updates=30",
-    "distill.round.final_updates=30",
-    "evaluate.num_samples=200",
-    "evaluate.batch_size=200",
-    "evaluate.samplers=[{method: euler, steps: 4}]",
-    "train.steps=100",
-]
 
 
 def _args(tmp: Path, *extra: str) -> list[str]:
-    sets = [*SMALL, f"store.root={tmp / 'store'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *extra]
-    return ["run", str(CONFIG), *[a for s in sets for a in ("--set", s)]]
+    sets = tiny_toy2d(tmp, "train.steps=100", *extra)
+    return ["run", str(TOY2D), *[a for s in sets for a in ("--set", s)]]
 
 
 def _fdm(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
@@ -436,15 +425,15 @@ def test_non_text_config_exits_2_with_one_line(tmp_path: Path, capsys: pytest.Ca
     ],
 )
 def test_lax_values_are_refused(override: str, message: str, capsys: pytest.CaptureFixture) -> None:
-    assert main(["run", str(CONFIG), "--set", override]) == 2
+    assert main(["run", str(TOY2D), "--set", override]) == 2
     assert message in capsys.readouterr().out
 
 
 def test_an_int_is_still_a_float() -> None:
     from pipelines.config import load_config
 
-    assert load_config(CONFIG, ["train.lr=1", "resources.train.num_cpus=2"]).train.lr == 1.0
-    assert load_config(CONFIG, ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.2 floats, not strings
+    assert load_config(TOY2D, ["train.lr=1", "resources.train.num_cpus=2"]).train.lr == 1.0
+    assert load_config(TOY2D, ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.2 floats, not strings
 
 
 def test_disk_full_names_the_path(mounted) -> None:

@@ -18,6 +18,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TOY2D, tiny_toy2d
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
@@ -27,17 +28,16 @@ from pipelines.rerun import load_run_config
 from pipelines.runner import run_pipeline
 from tasks.distillation.schedule import first_teacher
 
-CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "toy2d.yaml"
-TINY = [
+# Every stage for a few steps: a 20-step base model, one 4 -> 2 round of 5 updates, Heun at 4 steps on 64
+# samples.
+FEW_STEPS = (
     "train.steps=20",
-    "distill.start_steps=4",
-    "distill.end_steps=2",
     "distill.round.updates=5",
     "distill.round.final_updates=5",
     "evaluate.num_samples=64",
     "evaluate.batch_size=64",
     "evaluate.samplers=[{method: heun, steps: 4}]",
-]
+)
 NAME = "fdm-toy2d-student"
 
 
@@ -45,7 +45,7 @@ NAME = "fdm-toy2d-student"
 def pipeline(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, object]:
     work = tmp_path_factory.mktemp("models")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    cfg = load_config(CONFIG, [*TINY, f"store.root={work / 'store'}", f"tracking.uri={uri}"])
+    cfg = load_config(TOY2D, tiny_toy2d(work, *FEW_STEPS))
     run = run_pipeline(cfg, console=Console(quiet=True))
     assert not run.failed, [o.error for o in run.failed]
     return uri, run

@@ -1,12 +1,14 @@
 """End to end on a local Ray cluster, a temporary sqlite MLflow and a temporary store: the toy2d pipeline,
 its MLflow record, the stage cache, re-running one round, and config errors."""
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import TINY_TOY2D, TOY2D, tiny_toy2d
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 from safetensors.torch import load as st_load
@@ -22,18 +24,19 @@ from pipelines.rerun import rerun_stage
 from pipelines.runner import run_pipeline
 from tasks.checkpoints import latest_training_checkpoint, load_model, save_training_checkpoint
 
-CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "toy2d.yaml"
-SMALL = [
+# Two rounds (8 -> 4 -> 2) of 40 updates after a 300-step base model checkpointed every 100 steps, evaluated
+# by Heun at 8 steps on 300 samples: what this module's tests, and test_examples.py's runs, need of toy2d.
+TWO_ROUNDS = (
     "train.steps=300",
     "train.checkpoint_every=100",
     "distill.start_steps=8",
-    "distill.end_steps=2",
     "distill.round.updates=40",
     "distill.round.final_updates=40",
     "evaluate.num_samples=300",
     "evaluate.batch_size=300",
     "evaluate.samplers=[{method: heun, steps: 8}]",
-]
+)
+SMALL = [*TINY_TOY2D, *TWO_ROUNDS]
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +46,12 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def overrides(workdir: Path) -> list[str]:
-    return [*SMALL, f"store.root={workdir / 'store'}", f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}"]
+    return tiny_toy2d(workdir, *TWO_ROUNDS)
 
 
 @pytest.fixture(scope="module")
 def first_run(ray_local: None, overrides: list[str]):
-    cfg = load_config(CONFIG, overrides)
+    cfg = load_config(TOY2D, overrides)
     return cfg, run_pipeline(cfg, console=Console(quiet=True))
 
 
@@ -121,9 +124,24 @@ def test_mlflow_holds_parent_and_one_child_per_stage(first_run) -> None:
     assert "model.json" in model_files and "weights.safetensors" not in model_files
 
 
+def test_prepare_data_child_run_shows_the_dataset(first_run, tmp_path: Path) -> None:
+    """The data's child run holds the dataset card (the stored _dataset.json) and the preview scatter plot;
+    the manifest stays in the store."""
+    cfg, run = first_run
+    client = MlflowClient(cfg.tracking.uri)
+    data = run.outcomes["prepare_data"].result
+    files = {a.path for a in client.list_artifacts(data.run_id)}
+    assert {"_dataset.json", "_preview.png"} <= files and MANIFEST_NAME not in files
+    store = open_store(data.outputs["dataset"])
+    for name in ("_dataset.json", "_preview.png"):
+        logged = Path(client.download_artifacts(data.run_id, name, str(tmp_path))).read_bytes()
+        assert logged == store.read_bytes(name)
+    assert json.loads(store.read_bytes("_dataset.json"))["splits"]["train"]["rows"] == 3000  # 4000, 1/4 val
+
+
 def test_second_run_is_all_cache_hits_without_ray(first_run, overrides: list[str]) -> None:
     """A fully cached run decides every hit from manifests in the driver: no Ray task, no Ray start."""
-    run = run_pipeline(load_config(CONFIG, overrides), console=Console(quiet=True))
+    run = run_pipeline(load_config(TOY2D, overrides), console=Console(quiet=True))
     assert {o.status for o in run.outcomes.values()} == {"cached"}
     assert not run.used_ray
     assert run.outcomes["evaluate_2"].result.metrics == first_run[1].outcomes["evaluate_2"].result.metrics
@@ -148,7 +166,7 @@ def test_a_tripped_quality_gate_stops_halving_and_keeps_the_last_passing_student
     4-step student is the final (registered) model."""
     gate = _ratios(first_run[1])[4] * 1.001
     cfg = load_config(
-        CONFIG,
+        TOY2D,
         [
             *overrides,
             "distill.end_steps=1",
@@ -192,7 +210,7 @@ def test_a_tripped_quality_gate_stops_halving_and_keeps_the_last_passing_student
 
 def test_a_gate_that_never_trips_runs_every_round(first_run, overrides: list[str]) -> None:
     """Down to 1 step with a gate no student breaks: every round runs and the 1-step student is final."""
-    cfg = load_config(CONFIG, [*overrides, "distill.end_steps=1", "distill.quality_gate=1000"])
+    cfg = load_config(TOY2D, [*overrides, "distill.end_steps=1", "distill.quality_gate=1000"])
     run = run_pipeline(cfg, console=Console(quiet=True))
     assert {o.status for o in run.outcomes.values()} <= {"cached", "done"}
     assert run.outcomes["distill_2to1"].status == "done" and run.outcomes["evaluate_1"].result.info
@@ -202,7 +220,7 @@ def test_a_gate_that_never_trips_runs_every_round(first_run, overrides: list[str
 
 
 def test_changing_distillation_reuses_data_and_base(first_run, overrides: list[str]) -> None:
-    cfg = load_config(CONFIG, [*overrides, "distill.round.lr=2e-3"])
+    cfg = load_config(TOY2D, [*overrides, "distill.round.lr=2e-3"])
     run = run_pipeline(cfg, console=Console(quiet=True))
     status = {n: o.status for n, o in run.outcomes.items()}
     assert status["prepare_data"] == status["train_base"] == status["evaluate_base"] == "cached"
@@ -382,9 +400,9 @@ def test_stages_command_shows_past_run(first_run, capsys: pytest.CaptureFixture)
 def test_per_round_settings_in_yaml_change_only_that_round_and_below() -> None:
     """`distill.rounds: {2: {updates: 500}}` applies to round 2 alone, on top of `distill.round`: its key
     and its evaluation's change, nothing else's."""
-    raw = yaml.safe_load(CONFIG.read_text())
+    raw = yaml.safe_load(TOY2D.read_text())
     raw["distill"]["rounds"] = {2: {"updates": 500}}
-    before = {s.name: s for s in plan(load_config(CONFIG))}
+    before = {s.name: s for s in plan(load_config(TOY2D))}
     after = {s.name: s for s in plan(parse_config(raw))}
     assert {n for n in before if before[n].key != after[n].key} == {
         "distill_8to4",
@@ -414,7 +432,7 @@ def test_per_round_settings_in_yaml_change_only_that_round_and_below() -> None:
 def test_config_errors_exit_2_naming_the_field(
     override: str, path: str, capsys: pytest.CaptureFixture
 ) -> None:
-    assert main(["run", str(CONFIG), "--set", override]) == 2
+    assert main(["run", str(TOY2D), "--set", override]) == 2
     assert path in capsys.readouterr().out.replace("\n", " ")
 
 
@@ -427,7 +445,7 @@ def test_missing_config_and_unknown_rerun_stage_exit_2(first_run, capsys: pytest
 
 def test_picard_evaluation_option_matches_sequential(first_run, overrides: list[str]) -> None:
     """Evaluating with ParaDiGMS gives the sequential quality (same noise) and records its iterations."""
-    cfg = load_config(CONFIG, [*overrides, "distill.enabled=false", "evaluate.picard={window: 4, tol: 0.01}"])
+    cfg = load_config(TOY2D, [*overrides, "distill.enabled=false", "evaluate.picard={window: 4, tol: 0.01}"])
     run = run_pipeline(cfg, console=Console(quiet=True))
     picard, seq = (
         run.outcomes["evaluate_base"].result.metrics,

@@ -29,6 +29,7 @@ from infra.manifest import (
 from infra.store import ArtifactStore, S3Settings, open_store
 from tasks import prepare_data as prep
 from tasks.dataset import ParquetBatches, dataset_meta, load_split
+from tasks.plots import grid_png
 from tasks.prepare_data import DataError
 from tasks.registry import STAGES
 from tasks.stage import StageContext, StageResult, run_stage
@@ -183,6 +184,25 @@ def test_round_trip(kind, place):
         assert (y_all == -1).all() and torch.isfinite(x_all).all()
     else:
         np.testing.assert_allclose(sorted_rows(x_all, y_all), sorted_rows(x_expected, y_expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["image_folder", "toy2d"])
+def test_preview_draws_the_first_training_samples(kind, local):
+    """_preview.png, a sealed output, is the grid (images) or scatter plot (2-D points) of the first stored
+    training samples as the loader reads them; a source of other vectors gets none."""
+    uri = prepare_data(DataConfig(source=source_case(kind, local)[0]), local.ctx()).outputs["dataset"]
+    x, _, meta = load_split(uri)
+    title = f"{kind}: the first of {meta.rows('train'):,} training samples"
+    expected = grid_png(x[: 64 if x.ndim == 4 else 2000], None, 8, title, label="training data")
+    assert prep.PREVIEW_NAME in verify(open_store(uri), "").files
+    assert open_store(uri).read_bytes(prep.PREVIEW_NAME) == expected
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 3), np.float32))
+    local.store.write_bytes("src/v.npy", buf.getvalue())
+    vectors = DataConfig(source={"kind": "npy", "path": local.store.uri("src/v.npy")})
+    out = prepare_data(vectors, local.ctx("v")).outputs["dataset"]
+    assert prep.PREVIEW_NAME not in verify(open_store(out), "").files
 
 
 def test_same_inputs_give_same_digests(local):
@@ -472,11 +492,11 @@ def test_parquet_source(place):
 # Run in a fresh process (its own one-CPU Ray), so that the peaks read from /proc are this stage's alone.
 MEMORY_RUN = r"""
 import json, os, sys
-from pathlib import Path
 
 import ray
 from ray._private import ray_constants
 
+from benchmarks.peak_memory import ray_peak_rss
 from tasks.registry import STAGES
 from tasks.stage import StageContext, run_stage
 from tasks.stages.prepare_data import DataConfig
@@ -496,32 +516,7 @@ source = {"kind": "image_folder", "path": folder}
 cfg = DataConfig(source=source, shard_rows=64, block_rows=64, memory_budget_mb=64)
 result = run_stage(STAGES["prepare_data"], cfg, StageContext(store_uri=store, out_prefix="out", key="k"))
 
-
-def descendants(root):
-    parent = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                pass
-    found = {root}
-    while new := {c for c, pp in parent.items() if pp in found} - found:
-        found |= new
-    return found
-
-
-peaks = {}
-for pid in descendants(os.getpid()):
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-        status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        continue
-    # The driver and every Ray worker: task workers and Ray Data's own actors; not Ray's per-node agents.
-    if pid == os.getpid() or (cmd.startswith("ray::") and not cmd.endswith("Agent")):
-        peaks[f"{pid} {cmd}"] = next(int(s.split()[1]) for s in status if s.startswith("VmHWM")) * 1024
-print(json.dumps({"metrics": result.metrics, "peaks": peaks}))
+print(json.dumps({"metrics": result.metrics, "peaks": ray_peak_rss(os.getpid())}))
 """
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import TINY_TOY2D
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobSubmissionClient
 
@@ -29,13 +30,12 @@ from pipelines.config import ConfigError
 from pipelines.submit import REPO_ROOT, entrypoint, mlflow_run_id, mlflow_ui_link, pipeline_job
 
 CONFIG = "pipelines/configs/toy2d.yaml"
-# Smaller than test_pipeline.SMALL (which covers distillation): data, base model and its evaluation.
+# The tiny toy2d without distillation (its settings then plan nothing): data, base model, its evaluation.
 TINY = [
+    *TINY_TOY2D,
+    "distill.enabled=false",
     "train.steps=100",
     "train.checkpoint_every=50",
-    "distill.enabled=false",
-    "evaluate.num_samples=200",
-    "evaluate.batch_size=200",
     "evaluate.samplers=[{method: heun, steps: 4}]",
 ]
 TINY_STAGES = {"prepare_data", "train_base", "evaluate_base"}

@@ -141,7 +141,7 @@ STAGE = StageKind(
     resources="prepare_data",
     auto=AutoNode("data", "the dataset and how it is prepared", provides="dataset", required=True),
     headline="n_train",
-    version="4",
+    version="5",
     # Ray Data's tasks hold the CPUs; the stage's own task only coordinates them and writes the shards.
     coordinates=lambda cfg: cfg.source.kind in RAY_DATA_KINDS,
 )
