@@ -141,10 +141,7 @@ def draw_samples(
                 max_deviation=float((out - ref).abs().max()),
             )
         stats.update(
-            window=cfg.window,
-            tol=cfg.tol,
-            solver=cfg.solver,
-            actors=cfg.actors,
+            cfg.model_dump(include={"window", "tol", "solver", "actors"}),
             parallel_iterations=ps.parallel_iterations,
             model_evaluations=ps.model_evaluations,
             strides=ps.strides,

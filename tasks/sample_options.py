@@ -1,6 +1,6 @@
-"""The options of sampling a model, torch-free: ParaDiGMS's settings (one definition each, used by the
-evaluate stage, the picard_sample stage and `fdm sample`), the Ray actors that evaluate its windows, and
-`fdm sample`'s whole config, from which its command-line flags are generated."""
+"""The options of sampling a model, torch-free, each defined once: ParaDiGMS's settings (used by the evaluate
+stage, the picard_sample stage and `fdm sample`), the Ray actors that evaluate its windows, the number of
+samples and their seed, and `fdm sample`'s whole config, from which its command-line flags are generated."""
 
 from __future__ import annotations
 
@@ -30,22 +30,27 @@ class PicardPoolOptions(PicardOptions):
     actor_cpus: float = Field(
         0.5,
         gt=0,
-        description="logical CPUs per actor (each also takes a GPU if any); in a pipeline, with "
-        "resources.sample.num_cpus they should add up to the machine's CPUs, so that no other stage "
-        "computes while the stage times",
+        description="logical CPUs per actor (each also takes a GPU if any); with resources.sample.num_cpus "
+        "they should add up to the machine's CPUs, so that no other stage computes while the stage times",
     )
     strategy: Strategy = Field(
         "PACK", description="placement of the actors; STRICT_SPREAD puts one per node on a cluster"
     )
 
 
-class SampleConfig(PicardPoolOptions):
+class SamplingOptions(PicardPoolOptions):
+    """How many samples, from which seed, and with which Picard settings: what `fdm sample` and the
+    picard_sample stage share."""
+
+    num: int = Field(16, ge=1, description="samples drawn, as one batch")
+    seed: int = Field(0, description="seed of the initial and the sampler's noise")
+
+
+class SampleConfig(SamplingOptions):
     """`fdm sample`: method and grid (default: the artifact's own, if it has one), count, seed, Picard."""
 
     sampler: Method | None = Field(None, description="default: the artifact's own, else heun")
     steps: int | None = Field(None, ge=1, description="default: the artifact's own grid, else 18")
-    num: int = Field(16, ge=1, description="number of samples")
-    seed: int = Field(0, description="seed of the initial and the sampler's noise")
     picard: bool = Field(False, description="ParaDiGMS: Picard iteration over sliding windows")
     compare: bool = Field(False, description="also run the sequential sampler and report the deviation")
     pairs: int = Field(1, ge=1, description="with compare: timed (sequential, Picard) pairs, alternating")

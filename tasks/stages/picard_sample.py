@@ -9,12 +9,12 @@ from typing import Literal
 from pydantic import Field
 
 from fdm_core.options import SingleStepMethod
-from tasks.sample_options import PicardPoolOptions
+from tasks.sample_options import SamplingOptions
 from tasks.stage import StageKind
 
 
-class PicardSampleConfig(PicardPoolOptions):
-    """Which model to sample, with which sampler and Picard settings, on how many actors."""
+class PicardSampleConfig(SamplingOptions):
+    """Which model to sample, with which sampler and Picard settings, on how many actors, timed how often."""
 
     enabled: bool = Field(True, description="add the stage to the pipeline")
     model: Literal["base", "final"] = Field(
@@ -23,12 +23,10 @@ class PicardSampleConfig(PicardPoolOptions):
     sampler: SingleStepMethod = Field(
         "ddpm", description="Picard is exact for these single-step samplers (not dpmpp_2m)"
     )
-    steps: int = Field(200, ge=1, description="sequential steps; ignored for a student, which keeps its grid")
-    num: int = Field(16, ge=1, description="samples drawn, as one batch")
-    seed: int = 0
     pairs: int = Field(
         3, ge=3, description="timed (sequential, Picard) pairs, alternating; the headline is their median"
     )
+    steps: int = Field(200, ge=1, description="sequential steps; ignored for a student, which keeps its grid")
 
 
 STAGE = StageKind(
