@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from infra.tracking import Tracking
 from pipelines import sample_cmd
 from pipelines.cli import _parser, main
-from tasks.sample_options import PicardOptions, PicardPoolOptions, SampleConfig
+from tasks.sample_options import PicardOptions, PicardPoolOptions, SampleConfig, SamplingOptions
 from tasks.stages.evaluate import EvalConfig
 from tasks.stages.picard_sample import PicardSampleConfig
 
@@ -118,8 +118,8 @@ def test_a_bad_fdm_sample_flag_exits_2_naming_it(argv: list[str], named: str, ca
 def test_evaluate_picard_sample_and_fdm_sample_share_one_definition_of_each_picard_option() -> None:
     assert EvalConfig.model_fields["picard"].annotation == PicardOptions | None
     assert issubclass(PicardSampleConfig, PicardPoolOptions) and issubclass(SampleConfig, PicardPoolOptions)
-    assert issubclass(PicardPoolOptions, PicardOptions)
-    for name, info in PicardPoolOptions.model_fields.items():
+    assert issubclass(PicardPoolOptions, PicardOptions) and issubclass(PicardSampleConfig, SamplingOptions)
+    for name, info in SamplingOptions.model_fields.items():  # Picard's settings, its actors, num and seed
         for model in (PicardSampleConfig, SampleConfig):
             other = model.model_fields[name]
             assert (other.default, other.description, other.metadata) == (
@@ -128,4 +128,4 @@ def test_evaluate_picard_sample_and_fdm_sample_share_one_definition_of_each_pica
                 info.metadata,
             )
     defaults = vars(_sample_parser().parse_args([]))
-    assert {k: defaults[k] for k in PicardPoolOptions.model_fields} == PicardPoolOptions().model_dump()
+    assert {k: defaults[k] for k in SamplingOptions.model_fields} == SamplingOptions().model_dump()
