@@ -109,7 +109,7 @@ class RayEvaluator:
     def __init__(
         self,
         factory: StepFactory,
-        actors: int = 2,
+        actors: int,
         strategy: Strategy = "PACK",
         num_cpus: float = 1,
         num_gpus: float | None = None,
