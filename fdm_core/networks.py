@@ -61,9 +61,8 @@ class MLP(nn.Module):
         emb_dim: int = 64,
         embedding: str = "positional",
     ) -> None:
-        config = _config("mlp", locals())
         super().__init__()
-        self.config = config
+        self.config = _config("mlp", locals())
         self.embed = NoiseEmbedding(emb_dim, embedding)
         self.inp = nn.Linear(dim, hidden)
         # Scale-and-shift (FiLM) lets the net divide by sigma: VE and FDM inputs span orders of magnitude.
