@@ -58,7 +58,7 @@ def add_model_flags(
     for name, info in fields:
         where = home.get(name, p)
         flag = "--" + name.replace("_", "-")
-        shown = "" if info.default in (None, False) else f" (default {info.default})"
+        shown = "" if info.default is None or info.default is False else f" (default {info.default})"
         text = f"{info.description}{shown}"
         kind = info.annotation
         if get_origin(kind) in (Union, UnionType):  # optional: the flag is simply left out
