@@ -34,7 +34,7 @@ from torch import Tensor
 
 from benchmarks.common import DIGITS_UNET, command, machine, png, summary, write_report
 from fdm_core.networks import UNet, count_parameters
-from fdm_core.picard import PicardStats, picard_sample
+from fdm_core.picard import PicardStats, parallel_sample
 from fdm_core.precond import Denoiser
 from fdm_core.processes import make_process
 from fdm_core.samplers import process_grid, sample
@@ -43,7 +43,8 @@ from infra.ray_evaluator import RayEvaluator
 from infra.ray_runtime import init_ray
 from infra.store import open_store
 from tasks.checkpoints import model_spec, write_model
-from tasks.sample import SampleConfig, StepFactory, generate
+from tasks.sample import StepFactory, draw_samples
+from tasks.sample_options import SampleConfig
 
 SEED = 0
 THREADS = 1
@@ -236,7 +237,7 @@ def bench(denoiser: Denoiser, uri: str, mode: Mode) -> tuple[list[Row], dict[str
                 seq_s, par_s, (out, st) = paired(
                     partial(sample, denoiser, x, sigmas, method),
                     partial(
-                        picard_sample,
+                        parallel_sample,
                         denoiser,
                         x,
                         sigmas,
@@ -260,12 +261,12 @@ def bench(denoiser: Denoiser, uri: str, mode: Mode) -> tuple[list[Row], dict[str
 
 
 def stage_row(uri: str, mode: Mode) -> dict[str, Any] | None:
-    """The picard_sample stage's own measurement (tasks.sample.generate, as the stage calls it) with
+    """The picard_sample stage's own measurement (tasks.sample.draw_samples, as the stage calls it) with
     digits.yaml's picard settings on this model: median of its pairs, with their min and max."""
     if not mode.stage:
         return None
     cfg = SampleConfig(picard=True, compare=True, pairs=mode.pairs, seed=SEED, **mode.stage)
-    _, stats = generate(cfg, uri)
+    _, stats = draw_samples(cfg, uri)
     print(
         f"stage: {stats['speedup']:.2f}x ({stats['speedup_min']:.2f}-{stats['speedup_max']:.2f})",
         file=sys.stderr,

@@ -359,7 +359,7 @@ def rendered(results: Path = RESULTS) -> dict[Path, str]:
     }
 
 
-def check(results: Path = RESULTS) -> list[str]:
+def stale_parts(results: Path = RESULTS) -> list[str]:
     """Problems: each generated file that differs from a fresh rendering (empty: all fresh)."""
     try:
         fresh = rendered(results)
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="only check; exit 1 if anything is stale")
     args = ap.parse_args(argv)
     if args.check:
-        problems = check()
+        problems = stale_parts()
         for p in problems:
             print(p, file=sys.stderr)
         return 1 if problems else 0

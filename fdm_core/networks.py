@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,13 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
+def _config(kind: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A network's `config`: its kind and constructor arguments (its `locals()` before it assigns any other,
+    sequences as lists), stored next to its weights so that `build_network` rebuilds it."""
+    args = {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
+    return {"kind": kind, **{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in args.items()}}
+
+
 class MLP(nn.Module):
     """Residual MLP for D-dimensional data (2-D toy sets), the noise level entering as scale and shift."""
 
@@ -54,14 +62,7 @@ class MLP(nn.Module):
         embedding: str = "positional",
     ) -> None:
         super().__init__()
-        self.config = {
-            "kind": "mlp",
-            "dim": dim,
-            "hidden": hidden,
-            "depth": depth,
-            "emb_dim": emb_dim,
-            "embedding": embedding,
-        }
+        self.config = _config("mlp", locals())
         self.embed = NoiseEmbedding(emb_dim, embedding)
         self.inp = nn.Linear(dim, hidden)
         # Scale-and-shift (FiLM) lets the net divide by sigma: VE and FDM inputs span orders of magnitude.
@@ -142,18 +143,7 @@ class UNet(nn.Module):
                 f"(one halving per channel_mult level)"
             )
         emb_dim = emb_dim or 4 * model_channels
-        self.config = {
-            "kind": "unet",
-            "img_resolution": img_resolution,
-            "in_channels": in_channels,
-            "model_channels": model_channels,
-            "channel_mult": list(channel_mult),
-            "num_blocks": num_blocks,
-            "attn_resolutions": list(attn_resolutions),
-            "dropout": dropout,
-            "emb_dim": emb_dim,
-            "embedding": embedding,
-        }
+        self.config = _config("unet", locals())
         self.embed = NoiseEmbedding(emb_dim, embedding)
         self.inp = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         self.down = nn.ModuleList()

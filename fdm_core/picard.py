@@ -17,14 +17,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from fdm_core.options import PICARD_TOL, PICARD_WINDOW, SINGLE_STEP_METHODS, SOLVERS, SingleStepMethod, Solver
 from fdm_core.samplers import (
     Denoiser,
-    Method,
     _check_sigmas,
     ancestral_step,
     draw_noise,
@@ -35,10 +34,7 @@ from fdm_core.samplers import (
 from fdm_core.tensors import append_dims
 
 # Δ for a batch of states with per-sample sigmas: (x_states, sigma_t, sigma_s, method) -> deltas.
-Evaluator = Callable[[Tensor, Tensor, Tensor, Method], Tensor]
-PICARD_METHODS: tuple[str, ...] = ("euler", "heun", "ddpm")
-Solver = Literal["picard", "anderson"]
-SOLVERS: tuple[str, ...] = ("picard", "anderson")
+Evaluator = Callable[[Tensor, Tensor, Tensor, SingleStepMethod], Tensor]
 
 
 @dataclass
@@ -67,13 +63,13 @@ class PicardStats:
 
 
 @torch.no_grad()
-def picard_sample(
+def parallel_sample(
     denoiser: Denoiser | None,
     x: Tensor,
     sigmas: Tensor,
-    method: Method = "ddpm",
-    window: int = 64,
-    tol: float = 0.1,
+    method: SingleStepMethod = "ddpm",
+    window: int = PICARD_WINDOW,
+    tol: float = PICARD_TOL,
     generator: torch.Generator | None = None,
     evaluator: Evaluator | None = None,
     solver: Solver = "picard",
@@ -87,10 +83,10 @@ def picard_sample(
     (`TriangularAnderson`); the states it slides past are the Picard map's, as in plain ParaDiGMS.
     """
     _check_sigmas(sigmas)
-    if method not in PICARD_METHODS:
+    if method not in SINGLE_STEP_METHODS:
         raise ValueError(
             f"method: {method!r} is not a single-step sampler, so Picard iteration would not reproduce it "
-            f"(expected one of {', '.join(PICARD_METHODS)})"
+            f"(expected one of {', '.join(SINGLE_STEP_METHODS)})"
         )
     if window < 1:
         raise ValueError(f"window: must be >= 1 (got {window})")

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fdm_core.options import METHODS, Method
+from fdm_core.options import METHODS, SINGLE_STEP_METHODS, Method
 from fdm_core.processes import VP_T_MIN, Process, vp_sigma, vp_sigma_inv
 from fdm_core.tensors import append_dims
 
@@ -146,7 +146,7 @@ def sample(
     _check_sigmas(sigmas)
     if method == "dpmpp_2m":
         return _sample_dpmpp_2m(denoiser, x, sigmas)
-    if method not in ("euler", "heun", "ddpm"):
+    if method not in SINGLE_STEP_METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)} (got {method!r})")
     noise = draw_noise(x, sigmas, method, generator)
     ups = noise_scales(sigmas, method)

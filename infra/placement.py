@@ -94,7 +94,7 @@ def _node_types() -> list[Any]:
     return list(config.node_group_configs) if config is not None else []
 
 
-def describe(bundles: Sequence[Bundle], strategy: str | None = None) -> str:
+def describe_request(bundles: Sequence[Bundle], strategy: str | None = None) -> str:
     """The request in words, e.g. `2 x {CPU: 0.5} (STRICT_SPREAD)`."""
     shapes = [dict(b) for b in bundles]
     text = f"{len(shapes)} x {shapes[0]}" if all(s == shapes[0] for s in shapes) else str(shapes)
@@ -123,7 +123,7 @@ def check(what: str, bundles: Sequence[Bundle], strategy: str = "PACK") -> bool:
         request_resources(bundles=[dict(b) for b in bundles])
         return True
     raise Unplaceable(
-        f"{what}: {describe(bundles, strategy)} can never be placed on this cluster "
+        f"{what}: {describe_request(bundles, strategy)} can never be placed on this cluster "
         f"({cluster_summary(nodes)}), and no autoscaler can add nodes that fit"
     )
 
@@ -145,7 +145,7 @@ def wait_ready(
             deadline = time.monotonic() + timeout  # the autoscaler can still add fitting nodes: keep waiting
         elif time.monotonic() > deadline:
             raise Unplaceable(
-                f"{what}: {describe(bundles, strategy)} was not placed within {timeout:.0f} s "
+                f"{what}: {describe_request(bundles, strategy)} was not placed within {timeout:.0f} s "
                 f"({cluster_summary(alive_nodes())}; the rest is in use); set resources.placement_timeout "
                 "to wait longer"
             )

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import ray
@@ -24,11 +24,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
+from fdm_core.options import Strategy
 from infra.placement import DEFAULT_TIMEOUT_S, check, wait_ready
 
 StepFn = Callable[[Tensor, Tensor, Tensor, str], Tensor]
 StepFactory = Callable[[], StepFn]
-Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 class ModelReplica:
@@ -109,7 +109,7 @@ class RayEvaluator:
     def __init__(
         self,
         factory: StepFactory,
-        actors: int = 2,
+        actors: int,
         strategy: Strategy = "PACK",
         num_cpus: float = 1,
         num_gpus: float | None = None,

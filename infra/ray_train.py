@@ -49,7 +49,7 @@ def worker_rank() -> tuple[int, int, torch.device]:
     return ctx.get_world_rank(), ctx.get_world_size(), get_device()
 
 
-def report(metrics: dict[str, Any], files: str | os.PathLike[str]) -> None:
+def report_outputs(metrics: dict[str, Any], files: str | os.PathLike[str]) -> None:
     """Report final metrics; every rank must call it. Rank 0 attaches the directory `files` (its outputs) as
     the Ray Train checkpoint, which also carries its metrics to the run's Result."""
     if ray.train.get_context().get_world_rank() != 0:

@@ -28,7 +28,7 @@ from pipelines.cache import (
     quarantine,
     serve,
 )
-from pipelines.run_env import RunEnv, report
+from pipelines.run_env import RunEnv, report_progress
 from pipelines.stage_record import (
     log_inputs,
     log_model,
@@ -77,10 +77,10 @@ def execute_stage(spec: StageSpec, env: RunEnv, force: bool, *upstream: StageRes
     store = env.store()
     if reason:
         result = record_resolved(env, spec, skipped(spec, reason), ups)
-        report(env, spec.name, state="skipped", note=reason)
+        report_progress(env, spec.name, state="skipped", note=reason)
     elif not force and (hit := serve(store, spec, ups)) is not None:
         result = record_resolved(env, spec, hit, ups)
-        report(env, spec.name, state="cached", seconds=0.0)
+        report_progress(env, spec.name, state="cached", seconds=0.0)
     else:
         result = compute(spec, env, store, ups, fresh=force)
     result.info["task_span"] = [began, time.time()]
@@ -103,12 +103,12 @@ def compute(
     def waiting(holder: dict[str, Any]) -> None:
         who = f"run {holder.get('run', '?')}, pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
         note = f"waiting for {who}"
-        report(env, spec.name, state="waiting", note=note)
+        report_progress(env, spec.name, state="waiting", note=note)
 
     hit = acquire_or_wait(lease, lambda: None if fresh else serve(store, spec, ups), waiting)
     if hit is not None:
         result = record_resolved(env, spec, hit, ups)
-        report(env, spec.name, state="cached", seconds=0.0)
+        report_progress(env, spec.name, state="cached", seconds=0.0)
         return result
     try:
         return _compute(spec, env, store, ups, fresh)
@@ -129,7 +129,7 @@ def _compute(
     lost = f"its worker or node {{node}} was lost; the stage was retried as attempt {attempt}"
     tracking.close_stale(env.parent_run_id, spec.name, reason=lost)
     node = where.get("fdm.node_id", "")[:8]
-    report(env, spec.name, state="running", pid=os.getpid(), attempt=attempt, node=node)
+    report_progress(env, spec.name, state="running", pid=os.getpid(), attempt=attempt, node=node)
     num_cpus = max(1, int(spec.resources.get("num_cpus", 1)))
     cfg = decl.config.model_validate(spec.config)
     total = decl.total_steps(cfg) if decl.total_steps else None
@@ -147,7 +147,7 @@ def _compute(
             # model's metrics are its headline numbers, not whichever sampler was logged last.
             tracking.log_metrics(run_id, metrics, step, **({} if logged else links))
             logged.update(dict.fromkeys(metrics, step))
-            report(env, spec.name, step=step, total=total)
+            report_progress(env, spec.name, step=step, total=total)
 
         ctx = StageContext(
             store_uri=env.store_root,
@@ -176,7 +176,7 @@ def _compute(
             if corrupt is not None:
                 err = quarantine(store, spec, ups, corrupt) or err
                 tracking.set_tags(run_id, {"corrupt_input": corrupt.uri})
-            report(env, spec.name, state="failed", error=f"{type(err).__name__}: {err}")
+            report_progress(env, spec.name, state="failed", error=f"{type(err).__name__}: {err}")
             tracking.set_tags(run_id, {"fdm.end_reason": f"{type(err).__name__}: {err}"[:5000]})
             if isinstance(err, CorruptInputError):
                 raise err from corrupt
@@ -204,5 +204,5 @@ def _compute(
             tags["fdm.model_uri"] = result.info["model_uri"]
         tracking.set_tags(run_id, tags)
         log_outputs(tracking, run_id, store, ctx.out_prefix)
-    report(env, spec.name, state="done", seconds=seconds)
+    report_progress(env, spec.name, state="done", seconds=seconds)
     return result

@@ -160,7 +160,7 @@ def _wire(node: Node, decl: StageKind, names: dict[str, Node]) -> dict[str, str]
     return inputs
 
 
-def _ordered(nodes: list[Node], inputs: dict[str, dict[str, str]]) -> list[Node]:
+def _in_dependency_order(nodes: list[Node], inputs: dict[str, dict[str, str]]) -> list[Node]:
     """`nodes` in an order where each comes after what it needs, otherwise in the order given."""
     by_name = {n.name: n for n in nodes}
     out: dict[str, Node] = {}
@@ -190,7 +190,7 @@ def plan(cfg: PipelineBase) -> list[StageSpec]:
     names = _names(nodes)
     inputs = {n.name: _wire(n, STAGES[n.kind], names) for n in nodes}
     specs: dict[str, StageSpec] = {}
-    for node in _ordered(nodes, inputs):
+    for node in _in_dependency_order(nodes, inputs):
         decl = STAGES[node.kind]
         decl.config.model_validate(node.config)
         group = getattr(cfg.resources, decl.resources)

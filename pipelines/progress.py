@@ -15,7 +15,7 @@ from tasks.headlines import format_headline, headline_value
 from tasks.stage import StageResult
 
 
-def headline(spec: StageSpec, result: StageResult | None, error: str | None = None) -> str:
+def stage_headline(spec: StageSpec, result: StageResult | None, error: str | None = None) -> str:
     """The stage's headline metric (from its declaration), its skip reason, or its error."""
     if result is None:
         return error.splitlines()[0][:60] if error else ""
@@ -48,7 +48,7 @@ def stage_table(run: PipelineRun, board: dict[str, dict[str, Any]] | None = None
             live.get("node", ""),
             progress,
             f"{secs:.1f}" if secs is not None else "",
-            headline(o.spec, o.result, o.error),
+            stage_headline(o.spec, o.result, o.error),
         )
     return table
 
@@ -73,11 +73,11 @@ class StageLines:
                 self._line(f"stage {name} started")
             elif state == "done":
                 secs = f" in {o.seconds:.1f} s" if o.seconds is not None else ""
-                self._line(f"stage {name} done{secs}  {headline(o.spec, o.result)}".rstrip())
+                self._line(f"stage {name} done{secs}  {stage_headline(o.spec, o.result)}".rstrip())
             elif state == "failed":
-                self._line(f"stage {name} failed: {headline(o.spec, None, o.error)}")
+                self._line(f"stage {name} failed: {stage_headline(o.spec, None, o.error)}")
             else:
-                self._line(f"stage {name} {state}  {headline(o.spec, o.result)}".rstrip())
+                self._line(f"stage {name} {state}  {stage_headline(o.spec, o.result)}".rstrip())
 
     def _line(self, text: str) -> None:
         self.console.print(f"{time.strftime('%H:%M:%S')} {text}", highlight=False, soft_wrap=True)

@@ -29,7 +29,7 @@ class RunEnv:
         return open_store(self.store_root, self.s3)
 
 
-def report(env: RunEnv, name: str, **fields: Any) -> None:
+def report_progress(env: RunEnv, name: str, **fields: Any) -> None:
     """Tell the progress board (if any) how stage `name` is doing."""
     if env.board is not None:
         env.board.report.remote(name, **fields)

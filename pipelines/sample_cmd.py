@@ -14,9 +14,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from fdm_core.options import METHODS
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
+from tasks.sample_options import PicardPoolOptions, SampleConfig
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -34,37 +37,62 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI for models:/ and runs:/"
     )
-    p.add_argument("--sampler", choices=METHODS, help="default: the artifact's own, else heun")
-    p.add_argument("--steps", type=int, help="default: the artifact's own grid, else 18")
-    p.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the initial and the sampler's noise (default 0)"
-    )
-    p.add_argument("--picard", action="store_true", help="ParaDiGMS: Picard iteration over sliding windows")
-    p.add_argument("--window", type=int, default=64, help="Picard window p (default 64)")
-    p.add_argument("--tol", type=float, default=0.1, help="Picard tolerance tau (default 0.1)")
-    p.add_argument(
-        "--solver",
-        default="picard",
-        choices=["picard", "anderson"],
-        help="Picard's fixed-point solver (default picard; anderson: ParaTAA's, fewer iterations)",
-    )
-    p.add_argument("--actors", type=int, default=0, help="Ray actors evaluating windows (default 0: local)")
-    p.add_argument(
-        "--strategy",
-        default="PACK",
-        choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
-        help="placement of the actors (default PACK; STRICT_SPREAD: one per node)",
-    )
-    p.add_argument("--compare", action="store_true", help="also run the sequential sampler; report deviation")
-    p.add_argument(
-        "--pairs", type=int, default=1, help="with --compare: timed (sequential, Picard) pairs (default 1)"
-    )
+    add_model_flags(p, SampleConfig, {"Picard (with --picard)": PicardPoolOptions})
     p.add_argument("--ray-address", help="join this Ray cluster (default: start one on 127.0.0.1)")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: FDM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out", default="samples.npz", help="output .npz (default samples.npz)")
     return p
+
+
+def add_model_flags(
+    p: argparse.ArgumentParser, model: type[BaseModel], groups: dict[str, type[BaseModel]]
+) -> None:
+    """One flag per field of `model` (`--actor-cpus` for `actor_cpus`): a bool is a switch, a Literal gives
+    the choices, the description is the help with the default; a value is checked against the field's own
+    type and bounds, so a bad one is an error naming its flag. Fields of a base model in `groups` get that
+    titled group."""
+    titled = {title: p.add_argument_group(title) for title in groups}
+    home = {name: titled[t] for t, base in groups.items() for name in base.model_fields}
+    fields = sorted(model.model_fields.items(), key=lambda item: item[0] in home)  # ungrouped flags first
+    for name, info in fields:
+        where = home.get(name, p)
+        flag = "--" + name.replace("_", "-")
+        shown = "" if info.default is None or info.default is False else f" (default {info.default})"
+        text = f"{info.description}{shown}"
+        kind = info.annotation
+        if get_origin(kind) in (Union, UnionType):  # optional: the flag is simply left out
+            kind = next(a for a in get_args(kind) if a is not type(None))
+        if kind is bool:
+            where.add_argument(flag, action="store_true", help=text)
+        elif get_origin(kind) is Literal:
+            where.add_argument(flag, choices=get_args(kind), default=info.default, help=text)
+        else:
+            where.add_argument(flag, type=_field_parser(kind, info.metadata), default=info.default, help=text)
+
+
+def _field_parser(kind: type, metadata: list[Any]) -> Any:
+    """Parse a flag's text as the field's type within its bounds; argparse names the flag on an error."""
+    bounded = Annotated[(kind, *metadata)] if metadata else kind
+    adapter = TypeAdapter(bounded, config=ConfigDict(allow_inf_nan=False))
+
+    def parse(text: str) -> Any:
+        try:
+            return adapter.validate_python(text)
+        except ValidationError as err:
+            raise argparse.ArgumentTypeError(f"{err.errors()[0]['msg']} (got {text!r})") from None
+
+    return parse
+
+
+def _flag_errors(err: ValidationError) -> str:
+    """A config error in the flags' names: `--window: ...`, or the message alone for a cross-field one."""
+    return "; ".join(
+        ", ".join("--" + str(part).replace("_", "-") for part in e["loc"]) + ": " + e["msg"]
+        if e["loc"]
+        else e["msg"].removeprefix("Value error, ")
+        for e in err.errors()
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     from infra.ray_runtime import init_ray
     from infra.store import S3Settings, StoreError
-    from tasks.sample import SampleConfig, generate, samples_npz
+    from tasks.sample import draw_samples, samples_npz
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -89,25 +117,15 @@ def run(args: argparse.Namespace) -> int:
                 checkpoint = local_model_dir(checkpoint, existing_store(args.tracking_uri))
             except (MlflowException, OSError) as err:
                 raise StoreError(f"{args.checkpoint}: {str(err).splitlines()[0]}") from None
-        cfg = SampleConfig(
-            sampler=args.sampler,
-            steps=args.steps,
-            num=args.num,
-            seed=args.seed,
-            picard=args.picard,
-            window=args.window,
-            tol=args.tol,
-            solver=args.solver,
-            actors=args.actors,
-            strategy=args.strategy,
-            compare=args.compare,
-            pairs=args.pairs,
-        )
+        try:
+            cfg = SampleConfig(**{name: getattr(args, name) for name in SampleConfig.model_fields})
+        except ValidationError as err:
+            raise ValueError(_flag_errors(err)) from None
         started = (
             cfg.picard and cfg.actors > 0 and init_ray(args.ray_address, max(os.cpu_count() or 1, cfg.actors))
         )
         try:
-            samples, stats = generate(cfg, checkpoint, S3Settings(args.endpoint_url), device)
+            samples, stats = draw_samples(cfg, checkpoint, S3Settings(args.endpoint_url), device)
         finally:
             if started:
                 ray.shutdown()
@@ -118,11 +136,11 @@ def run(args: argparse.Namespace) -> int:
     except (RuntimeError, ray.exceptions.RayError) as err:  # the sampling itself failed
         print(f"fdm sample: failed: {err}", file=sys.stderr)
         return 1
-    print(_report(stats, list(samples.shape), args.out))
+    print(_summary(stats, list(samples.shape), args.out))
     return 0
 
 
-def _report(stats: dict[str, Any], shape: list[int], out: str) -> str:
+def _summary(stats: dict[str, Any], shape: list[int], out: str) -> str:
     how = "sequential"
     if "window" in stats:
         where = f"{stats['actors']} Ray actors" if stats["actors"] else "local batched"

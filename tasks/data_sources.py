@@ -88,7 +88,7 @@ def _read(store: ArtifactStore, path: str) -> bytes:
         raise DataError(f"{store.uri(path)}: file not found") from err
 
 
-def _open(store: ArtifactStore, path: str) -> Any:
+def _open_file(store: ArtifactStore, path: str) -> Any:
     try:
         return store.open_input(path)
     except NotFoundError as err:
@@ -128,7 +128,7 @@ def toy2d(src: Toy2DSource, seed: int) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def digits(src: DigitsSource) -> tuple[np.ndarray, np.ndarray]:
+def digits_images(src: DigitsSource) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits [N, 1, H, W] (values 0..16: uint8 unless resized, then float32) and labels."""
     from sklearn.datasets import load_digits  # lazily, as in toy2d
 
@@ -213,14 +213,14 @@ def _npz_member(f: Any, key: str, uri: str) -> zipfile.ZipInfo:
 
 def _open_array(store: ArtifactStore, name: str, key: str | None) -> Any:
     """A readable stream of the .npy data: the file itself, or member `key` of an .npz."""
-    f = _open(store, name)
+    f = _open_file(store, name)
     if key is None:
         return f
     return zipfile.ZipFile(f).open(_npz_member(f, key, store.uri(name)))
 
 
 def _is_npz(store: ArtifactStore, name: str) -> bool:
-    with _open(store, name) as f:
+    with _open_file(store, name) as f:
         return f.read(2) == b"PK"
 
 
@@ -232,7 +232,9 @@ def _npy_plan(src: NpySource, block_rows: int | None, s3: S3Settings | None) -> 
     if not npz and src.labels_key is not None:
         raise DataError(f"{uri}: labels_key needs an .npz file")
     x_key = src.x_key if npz else None
-    compressed = npz and _npz_member(_open(store, name), src.x_key, uri).compress_type != zipfile.ZIP_STORED
+    compressed = (
+        npz and _npz_member(_open_file(store, name), src.x_key, uri).compress_type != zipfile.ZIP_STORED
+    )
     with _open_array(store, name, x_key) as f:
         shape, dtype, fortran, offset = _array_header(f, uri)
         size = f.seek(0, io.SEEK_END)
@@ -288,7 +290,7 @@ def _parquet_plan(src: ParquetSource, s3: S3Settings | None) -> SourcePlan:
     for name in files:
         uri = store.uri(name)
         try:
-            pf = pq.ParquetFile(_open(store, name))
+            pf = pq.ParquetFile(_open_file(store, name))
             schema = pf.schema_arrow
             if src.x_column not in schema.names:
                 raise DataError(f"{uri}: no column {src.x_column!r} (has {schema.names})")
@@ -455,7 +457,9 @@ def _parquet_unit(unit: dict[str, Any], s3: S3Settings | None) -> tuple[list[str
     uri = store.uri(unit["name"])
     columns = [unit["x_column"]] + ([unit["label_column"]] if unit["label_column"] else [])
     try:
-        table = pq.ParquetFile(_open(store, unit["name"])).read_row_group(unit["row_group"], columns=columns)
+        table = pq.ParquetFile(_open_file(store, unit["name"])).read_row_group(
+            unit["row_group"], columns=columns
+        )
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{uri}: unreadable row group {unit['row_group']} ({err})") from err
     n, first = table.num_rows, unit["first_row"]

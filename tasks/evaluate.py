@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from fdm_core.metrics import frechet_distance, sliced_wasserstein
-from fdm_core.picard import picard_sample
+from fdm_core.options import SINGLE_STEP_METHODS
+from fdm_core.picard import parallel_sample
 from fdm_core.samplers import nfe, process_grid, sample
 from infra.store import open_store
 from tasks.checkpoints import load_model
@@ -34,14 +35,16 @@ def _sample(
     """Samples in batches; with Picard options, ParaDiGMS and its accumulated stats."""
     gen = torch.Generator().manual_seed(cfg.seed)
     out, stats = [], {"parallel_iterations": 0.0, "model_evaluations": 0.0}
-    picard = cfg.picard if method in ("euler", "heun", "ddpm") else None
+    picard = cfg.picard if method in SINGLE_STEP_METHODS else None
     for start in range(0, cfg.num_samples, cfg.batch_size):
         b = min(cfg.batch_size, cfg.num_samples - start)
         x = torch.randn((b, *shape), generator=gen).to(device) * float(sigmas[0])
         if picard is None:
             out.append(sample(model, x, sigmas.to(device), method, generator=gen).float().cpu())
             continue
-        x, st = picard_sample(model, x, sigmas.to(device), method, picard.window, picard.tol, generator=gen)
+        x, st = parallel_sample(
+            model, x, sigmas.to(device), method, picard.window, picard.tol, gen, solver=picard.solver
+        )
         out.append(x.float().cpu())
         stats["parallel_iterations"] += st.parallel_iterations
         stats["model_evaluations"] += st.model_evaluations

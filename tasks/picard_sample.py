@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from tasks.plots import grid_png
-from tasks.sample import SampleConfig, generate, samples_npz
+from tasks.sample import draw_samples, samples_npz
+from tasks.sample_options import SampleConfig
 from tasks.stage import StageContext, StageResult
 from tasks.stages.picard_sample import PicardSampleConfig
 
@@ -16,22 +17,8 @@ from tasks.stages.picard_sample import PicardSampleConfig
 def picard_sample(cfg: PicardSampleConfig, ctx: StageContext, model: str) -> StageResult:
     """Sample `model` with Picard iteration on `cfg.actors` actors, then sequentially, and compare."""
     torch.set_num_threads(max(1, ctx.num_threads))
-    run = SampleConfig(
-        sampler=cfg.sampler,
-        steps=cfg.steps,
-        num=cfg.num,
-        seed=cfg.seed,
-        picard=True,
-        window=cfg.window,
-        tol=cfg.tol,
-        solver=cfg.solver,
-        actors=cfg.actors,
-        actor_cpus=cfg.actor_cpus,
-        strategy=cfg.strategy,
-        compare=True,
-        pairs=cfg.pairs,
-    )
-    samples, stats = generate(run, model, ctx.s3, ctx.device, ctx.placement_timeout)
+    run = SampleConfig(**cfg.model_dump(exclude={"enabled", "model"}), picard=True, compare=True)
+    samples, stats = draw_samples(run, model, ctx.s3, ctx.device, ctx.placement_timeout)
     ctx.output_path("samples.npz").write_bytes(samples_npz(samples, stats))
     title = (
         f"{stats['sampler']}-{stats['steps']} by Picard ({cfg.solver}, window {cfg.window}, {cfg.actors} "

@@ -47,7 +47,7 @@ from tasks.data_sources import (
     DataError,
     SourcePlan,
     decode_unit,
-    digits,
+    digits_images,
     in_model_space,
     plan_source,
     sample_hashes,
@@ -86,7 +86,7 @@ def _in_memory(cfg: DataConfig, spill_dir: str) -> tuple[SourcePlan, HashSpill]:
         plan = SourcePlan([], [2], "float32", None)
     else:
         assert isinstance(src, DigitsSource)
-        x, labels = digits(src)
+        x, labels = digits_images(src)
         if x.dtype != np.uint8:  # resized: no longer whole numbers
             x = in_model_space(x, (0.0, 16.0))
         plan = SourcePlan([], list(x.shape[1:]), x.dtype.name, (0.0, 16.0), [str(i) for i in range(10)], 10)

@@ -1,8 +1,8 @@
 """Every stage kind's declaration, by name, and the policies: what the planner, executor, tables and CLI read.
 
 Each module of tasks/stages/ declares one kind as its `STAGE`; adding a stage kind is a module there and
-the stage function it names, or a `register()` call from anywhere (a plugin, a test). Torch-free: only the
-declarations are imported, never the stage functions.
+the stage function it names, or a `register_stage()` call from anywhere (a plugin, a test). Torch-free:
+only the declarations are imported, never the stage functions.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ STAGES: dict[str, StageKind] = _declarations()
 POLICIES: list[Policy] = [DISTILLATION]
 
 
-def register(kind: StageKind) -> None:
+def register_stage(kind: StageKind) -> None:
     """Add a stage kind declared outside tasks/stages/ (the config model then includes its section)."""
     _add(STAGES, kind, kind.run)
 
@@ -51,7 +51,7 @@ def register(kind: StageKind) -> None:
 @contextmanager
 def registered(kind: StageKind) -> Iterator[StageKind]:
     """`kind` registered for the duration of a `with` block (a test's own stage kind)."""
-    register(kind)
+    register_stage(kind)
     try:
         yield kind
     finally:

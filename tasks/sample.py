@@ -13,47 +13,23 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from fdm_core.picard import PicardStats, Solver, picard_sample
+from fdm_core.options import Method
+from fdm_core.picard import PicardStats, parallel_sample
 from fdm_core.precond import Denoiser
-from fdm_core.samplers import Method, nfe, process_grid, sample, step_delta
-from infra.ray_evaluator import RayEvaluator, StepFn, Strategy
+from fdm_core.samplers import nfe, process_grid, sample, step_delta
+from infra.ray_evaluator import RayEvaluator, StepFn
 from infra.store import S3Settings, open_store
 from tasks.checkpoints import load_model
+from tasks.sample_options import SampleConfig
 
 DEFAULT_STEPS = 18
 DEFAULT_METHOD: Method = "heun"
-
-
-class SampleConfig(BaseModel):
-    """How to sample: method and grid (default: the artifact's own, if it has one), count, seed, Picard."""
-
-    model_config = ConfigDict(extra="forbid")
-    sampler: Literal["euler", "heun", "ddpm", "dpmpp_2m"] | None = None
-    steps: int | None = Field(None, ge=1)
-    num: int = Field(16, ge=1)
-    seed: int = 0
-    picard: bool = False
-    window: int = Field(64, ge=1)
-    tol: float = Field(0.1, gt=0)
-    solver: Solver = Field("picard", description="Picard's fixed-point solver: plain, or ParaTAA's Anderson")
-    actors: int = Field(0, ge=0, description="Ray actors evaluating Picard windows; 0 = local batched call")
-    actor_cpus: float = Field(1.0, gt=0, description="logical CPUs per actor")
-    strategy: Strategy = "PACK"
-    compare: bool = Field(False, description="also run the sequential sampler and report the deviation")
-    pairs: int = Field(1, ge=1, description="with compare: timed (sequential, Picard) pairs, alternating")
-
-    @model_validator(mode="after")
-    def _picard_options(self) -> SampleConfig:
-        if not self.picard and (self.actors or self.compare):
-            raise ValueError("actors, compare: only apply to Picard sampling (set picard)")
-        return self
 
 
 @dataclass(frozen=True)
@@ -95,7 +71,7 @@ def data_shape(spec: dict[str, Any]) -> tuple[int, ...]:
     return (net["in_channels"], net["img_resolution"], net["img_resolution"])
 
 
-def generate(
+def draw_samples(
     cfg: SampleConfig,
     model_uri: str,
     s3: S3Settings | None = None,
@@ -136,7 +112,7 @@ def generate(
         return sample(model, x, sigmas, method, draw())
 
     def parallel() -> tuple[Tensor, PicardStats]:
-        return picard_sample(model, x, sigmas, method, cfg.window, cfg.tol, draw(), evaluator, cfg.solver)
+        return parallel_sample(model, x, sigmas, method, cfg.window, cfg.tol, draw(), evaluator, cfg.solver)
 
     try:
         t0 = time.perf_counter()
@@ -171,10 +147,7 @@ def generate(
                 max_deviation=float((out - ref).abs().max()),
             )
         stats.update(
-            window=cfg.window,
-            tol=cfg.tol,
-            solver=cfg.solver,
-            actors=cfg.actors,
+            cfg.model_dump(include={"window", "tol", "solver", "actors"}),
             parallel_iterations=ps.parallel_iterations,
             model_evaluations=ps.model_evaluations,
             strides=ps.strides,
@@ -223,5 +196,5 @@ def sample_rows(model_dir: str, row: dict[str, Any]) -> np.ndarray:
         steps=int(given("steps")) if given("steps") else None,
         sampler=given("sampler"),
     )
-    samples, _ = generate(cfg, model_dir)
+    samples, _ = draw_samples(cfg, model_dir)
     return samples.clamp(-1, 1).reshape(len(samples), -1).float().numpy()

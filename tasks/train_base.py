@@ -46,13 +46,15 @@ def train_base(cfg: TrainBaseConfig, ctx: StageContext, dataset: str) -> StageRe
 
 def _train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: its DDP rank of the training loop; rank 0 reports the model files it wrote."""
-    from infra.ray_train import report, worker_rank
+    from infra.ray_train import report_outputs, worker_rank
 
     rank, world, device = worker_rank()
     cfg, ctx = config["cfg"], config["ctx"]
     torch.set_num_threads(max(1, ctx.num_threads))
     with tempfile.TemporaryDirectory(prefix="fdm-rank-") as files:
-        report(_train(cfg.model, cfg.train, config["dataset"], ctx, device, Path(files), rank, world), files)
+        report_outputs(
+            _train(cfg.model, cfg.train, config["dataset"], ctx, device, Path(files), rank, world), files
+        )
 
 
 def _train(

@@ -7,7 +7,7 @@ import torch
 from benchmarks.common import DIGITS_UNET
 from fdm_core.analytic import GaussianDenoiser
 from fdm_core.networks import UNet
-from fdm_core.picard import TriangularAnderson, picard_sample
+from fdm_core.picard import TriangularAnderson, parallel_sample
 from fdm_core.precond import Denoiser
 from fdm_core.processes import make_process
 from fdm_core.samplers import get_sigmas, process_grid, sample
@@ -30,7 +30,7 @@ def _gen() -> torch.Generator:
 def test_window_one_is_the_sequential_sampler(method: str) -> None:
     den, x, sigmas = _gaussian(method)
     ref = sample(den, x, sigmas, method, _gen())
-    out, stats = picard_sample(den, x, sigmas, method, window=1, generator=_gen(), solver="anderson")
+    out, stats = parallel_sample(den, x, sigmas, method, window=1, generator=_gen(), solver="anderson")
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     assert stats.parallel_iterations == len(sigmas) - 1 and stats.solver == "anderson"
 
@@ -40,7 +40,7 @@ def test_window_one_is_the_sequential_sampler(method: str) -> None:
 def test_gaussian_converges_to_the_sequential_result(method: str, tol: float) -> None:
     den, x, sigmas = _gaussian(method)
     ref = sample(den, x, sigmas, method, _gen())
-    out, stats = picard_sample(den, x, sigmas, method, 16, tol, _gen(), solver="anderson", history=2)
+    out, stats = parallel_sample(den, x, sigmas, method, 16, tol, _gen(), solver="anderson", history=2)
     # The same error test as Picard's: every accepted state moved by < tol x its step's noise.
     assert float((out - ref).abs().max()) < tol * S
     assert stats.parallel_iterations <= len(sigmas) - 1
@@ -59,9 +59,9 @@ def test_the_fixed_point_is_unchanged() -> None:
 def test_rejects_an_unknown_solver_and_no_history() -> None:
     den, x, sigmas = _gaussian("euler")
     with pytest.raises(ValueError, match="solver"):
-        picard_sample(den, x, sigmas, "euler", solver="newton")  # type: ignore[arg-type]
+        parallel_sample(den, x, sigmas, "euler", solver="newton")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="history"):
-        picard_sample(den, x, sigmas, "euler", solver="anderson", history=0)
+        parallel_sample(den, x, sigmas, "euler", solver="anderson", history=0)
 
 
 def _digits_unet() -> Denoiser:
@@ -86,8 +86,8 @@ def test_never_more_iterations_than_picard_on_the_digits_unet(
     sigmas = process_grid(den.process, steps)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
     ref = sample(den, x, sigmas, method, _gen())
-    _, plain = picard_sample(den, x, sigmas, method, window, tol, _gen())
-    out, fast = picard_sample(den, x, sigmas, method, window, tol, _gen(), solver="anderson")
+    _, plain = parallel_sample(den, x, sigmas, method, window, tol, _gen())
+    out, fast = parallel_sample(den, x, sigmas, method, window, tol, _gen(), solver="anderson")
     assert fast.parallel_iterations <= plain.parallel_iterations
     assert float((out - ref).abs().max()) < tol * float(
         ref.abs().max()

@@ -1,5 +1,6 @@
 """The `fdm` command line as a user meets it: help for every argument, light start-up, and one clear line
-with exit code 2 for a run id or tracking store that is not there."""
+with exit code 2 for a run id or tracking store that is not there, or a bad `fdm sample` flag (the flags
+are generated from the one model of the sampling options)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,18 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from mlflow.tracking import MlflowClient
+from pydantic import BaseModel, Field
 
 from infra.tracking import Tracking
+from pipelines import sample_cmd
 from pipelines.cli import _parser, main
+from tasks.sample_options import PicardOptions, PicardPoolOptions, SampleConfig, SamplingOptions
+from tasks.stages.evaluate import EvalConfig
+from tasks.stages.picard_sample import PicardSampleConfig
 
 
 def _actions(parser: argparse.ArgumentParser):
@@ -66,3 +73,59 @@ def test_a_missing_sqlite_store_is_an_error_not_a_new_database(tmp_path: Path, c
     assert main(["stages", "0" * 32, "--tracking-uri", f"sqlite:///{db}"]) == 2
     assert "no MLflow database at" in capsys.readouterr().out.replace("\n", "")
     assert not db.exists() and not db.parent.exists()
+
+
+def _sample_parser(model: type[BaseModel] = SampleConfig) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fdm sample")
+    sample_cmd.add_model_flags(parser, model, {"Picard": PicardPoolOptions})
+    return parser
+
+
+def test_fdm_sample_flags_are_generated_from_the_sample_config() -> None:
+    class WithKnob(SampleConfig):
+        knob_size: Literal["small", "large"] = Field("small", description="a field added to the model")
+        depth: int = Field(7, ge=2, description="another one")
+
+    text = " ".join(_sample_parser(WithKnob).format_help().split())
+    assert "--knob-size {small,large} a field added to the model (default small)" in text
+    assert "--depth DEPTH another one (default 7)" in text
+    assert (
+        "--solver {picard,anderson}" in text and "--strategy {PACK,SPREAD,STRICT_PACK,STRICT_SPREAD}" in text
+    )
+    for name, info in SampleConfig.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in text and str(info.description) in text
+    args = _sample_parser().parse_args(["--picard", "--actor-cpus", "0.25", "--solver", "anderson"])
+    cfg = SampleConfig(**vars(args))
+    assert (cfg.picard, cfg.actor_cpus, cfg.solver, cfg.window) == (True, 0.25, "anderson", 64)
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--window", "0"], "argument --window: Input should be greater than or equal to 1"),
+        (["--actor-cpus", "0"], "argument --actor-cpus: Input should be greater than 0"),
+        (["--tol", "nan"], "argument --tol: Input should be a finite number"),
+        (["--solver", "newton"], "argument --solver: invalid choice: 'newton'"),
+    ],
+)
+def test_a_bad_fdm_sample_flag_exits_2_naming_it(argv: list[str], named: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "--checkpoint", "x", *argv])
+    assert exit_.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_evaluate_picard_sample_and_fdm_sample_share_one_definition_of_each_picard_option() -> None:
+    assert EvalConfig.model_fields["picard"].annotation == PicardOptions | None
+    assert issubclass(PicardSampleConfig, PicardPoolOptions) and issubclass(SampleConfig, PicardPoolOptions)
+    assert issubclass(PicardPoolOptions, PicardOptions) and issubclass(PicardSampleConfig, SamplingOptions)
+    for name, info in SamplingOptions.model_fields.items():  # Picard's settings, its actors, num and seed
+        for model in (PicardSampleConfig, SampleConfig):
+            other = model.model_fields[name]
+            assert (other.default, other.description, other.metadata) == (
+                info.default,
+                info.description,
+                info.metadata,
+            )
+    defaults = vars(_sample_parser().parse_args([]))
+    assert {k: defaults[k] for k in SamplingOptions.model_fields} == SamplingOptions().model_dump()

@@ -226,7 +226,7 @@ import sys, time
 from pathlib import Path
 import ray, torch
 from fdm_core.networks import MLP
-from fdm_core.picard import picard_sample
+from fdm_core.picard import parallel_sample
 from fdm_core.precond import Denoiser
 from fdm_core.processes import make_process
 from fdm_core.samplers import get_sigmas
@@ -251,7 +251,7 @@ x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0)) * 80.0
 reference = sample(model, x, sigmas, "ddpm", torch.Generator().manual_seed(1))
 with RayEvaluator(StepFactory(uri, endpoint), actors=2, strategy="SPREAD", num_cpus=0.5) as evaluator:
     noise = torch.Generator().manual_seed(1)
-    expected, _ = picard_sample(model, x, sigmas, "ddpm", 16, tol, noise, evaluator)
+    expected, _ = parallel_sample(model, x, sigmas, "ddpm", 16, tol, noise, evaluator)
     nodes = ray.get([a.node.remote() for a in evaluator.actors])
     calls = 0
     def losing(*args):
@@ -262,7 +262,7 @@ with RayEvaluator(StepFactory(uri, endpoint), actors=2, strategy="SPREAD", num_c
             while not go.exists():
                 time.sleep(0.1)
         return evaluator(*args)
-    out, stats = picard_sample(model, x, sigmas, "ddpm", 16, tol, torch.Generator().manual_seed(1), losing)
+    out, stats = parallel_sample(model, x, sigmas, "ddpm", 16, tol, torch.Generator().manual_seed(1), losing)
 print("CALLS", calls, stats.parallel_iterations, flush=True)
 print("DEVIATION", float((out - reference).abs().max()), float((out - expected).abs().max()), flush=True)
 """

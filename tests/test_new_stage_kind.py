@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_TOY2D, TOY2D, tiny_toy2d
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, Field
 from rich.console import Console
@@ -23,7 +24,6 @@ from tasks.registry import STAGES, registered
 from tasks.stage import STRICT, AutoNode, StageContext, StageKind, StageResult
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "pipelines" / "configs" / "toy2d.yaml"
 
 
 class SampleGridConfig(BaseModel):
@@ -39,9 +39,12 @@ def sample_grid(cfg: SampleGridConfig, ctx: StageContext, model: str) -> StageRe
     """The stage function: sample `model` and draw the samples (a scatter plot, the data being 2-D)."""
     from matplotlib.figure import Figure
 
-    from tasks.sample import SampleConfig, generate
+    from tasks.sample import draw_samples
+    from tasks.sample_options import SampleConfig
 
-    samples, _ = generate(SampleConfig(sampler="euler", steps=cfg.steps, num=cfg.num, seed=cfg.seed), model)
+    samples, _ = draw_samples(
+        SampleConfig(sampler="euler", steps=cfg.steps, num=cfg.num, seed=cfg.seed), model
+    )
     points = samples.numpy()
     fig = Figure(figsize=(4, 4))
     fig.subplots().scatter(points[:, 0], points[:, 1], s=4)
@@ -63,16 +66,6 @@ SAMPLE_GRID = StageKind(
     version="1",
     auto=AutoNode("sample_grid", "a drawing of the final model's samples"),
 )
-TINY = [
-    "train.steps=40",
-    "distill.start_steps=4",
-    "distill.end_steps=2",
-    "distill.round.updates=5",
-    "distill.round.final_updates=5",
-    "evaluate.num_samples=32",
-    "evaluate.batch_size=32",
-    "evaluate.samplers=[{method: euler, steps: 4}]",
-]
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +90,7 @@ def sample_grid_kind() -> Iterator[StageKind]:
 def test_a_registered_kind_is_planned_run_cached_and_recorded(
     sample_grid_kind: StageKind, tmp_path: Path
 ) -> None:
-    where = [f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    cfg = load_config(CONFIG, [*TINY, *where, "sample_grid.num=32"])
+    cfg = load_config(TOY2D, tiny_toy2d(tmp_path, "train.steps=40", "sample_grid.num=32"))
     stages = {s.name: s for s in plan(cfg)}
     assert list(stages)[-1] == "sample_grid"
     assert stages["sample_grid"].inputs == {"model": "distill_4to2"}  # the final model, wired by name
@@ -122,8 +114,10 @@ def test_a_registered_kind_is_planned_run_cached_and_recorded(
 
 def test_a_registered_kinds_section_is_validated_and_optional(sample_grid_kind: StageKind) -> None:
     with pytest.raises(ConfigError, match=r"sample_grid\.num: Input should be greater than or equal to 1"):
-        load_config(CONFIG, ["sample_grid.num=0"])
-    assert "sample_grid" not in {s.name for s in plan(load_config(CONFIG, TINY))}  # absent section: no stage
+        load_config(TOY2D, ["sample_grid.num=0"])
+    assert "sample_grid" not in {
+        s.name for s in plan(load_config(TOY2D, list(TINY_TOY2D)))
+    }  # absent section: no stage
 
 
 def test_pipelines_names_no_stage_kind() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fdm_core.analytic import GaussianDenoiser
-from fdm_core.picard import picard_sample
+from fdm_core.picard import parallel_sample
 from fdm_core.samplers import get_sigmas, nfe, sample, step_delta
 
 MU, S = 0.3, 0.5
@@ -30,7 +30,7 @@ def _gen() -> torch.Generator:
 def test_picard_lands_within_tolerance_of_sequential(method: str, tol: float) -> None:
     den, x, sigmas = _setup(method)
     ref = sample(den, x, sigmas, method, _gen())
-    out, stats = picard_sample(den, x, sigmas, method, window=16, tol=tol, generator=_gen())
+    out, stats = parallel_sample(den, x, sigmas, method, window=16, tol=tol, generator=_gen())
     # Every accepted state moved by < tol x the noise of its step; the flow carries that to < tol x s.
     assert float((out - ref).abs().max()) < tol * S
     assert stats.parallel_iterations < len(sigmas) - 1
@@ -40,7 +40,7 @@ def test_picard_lands_within_tolerance_of_sequential(method: str, tol: float) ->
 def test_window_one_is_the_sequential_sampler(method: str) -> None:
     den, x, sigmas = _setup(method)
     ref = sample(den, x, sigmas, method, _gen())
-    out, stats = picard_sample(den, x, sigmas, method, window=1, generator=_gen())
+    out, stats = parallel_sample(den, x, sigmas, method, window=1, generator=_gen())
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     assert stats.parallel_iterations == len(sigmas) - 1
     assert stats.model_evaluations == nfe(method, len(sigmas) - 1)
@@ -49,7 +49,7 @@ def test_window_one_is_the_sequential_sampler(method: str) -> None:
 def test_window_one_in_float32_matches_to_rounding() -> None:
     den, x, sigmas = _setup("ddpm", dtype=torch.float32)
     ref = sample(den, x, sigmas, "ddpm", _gen())
-    out, _ = picard_sample(den, x, sigmas, "ddpm", window=1, generator=_gen())
+    out, _ = parallel_sample(den, x, sigmas, "ddpm", window=1, generator=_gen())
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * S)
 
@@ -58,7 +58,7 @@ def test_window_one_in_float32_matches_to_rounding() -> None:
 def test_stats_add_up_and_each_iteration_is_one_batched_call(method: str, window: int) -> None:
     den, x, sigmas = _setup(method)
     n, batch = len(sigmas) - 1, x.shape[0]
-    _, stats = picard_sample(den, x, sigmas, method, window=window, generator=_gen())
+    _, stats = parallel_sample(den, x, sigmas, method, window=window, generator=_gen())
     starts = [0, *accumulate(stats.strides)][:-1]
     lengths = [min(window, n - b) for b in starts]
     assert sum(stats.strides) == n
@@ -76,7 +76,7 @@ def test_stats_add_up_and_each_iteration_is_one_batched_call(method: str, window
 def test_whole_trajectory_in_one_window_with_infinite_tolerance_is_one_iteration() -> None:
     den, x, sigmas = _setup("euler")
     n = len(sigmas) - 1
-    out, stats = picard_sample(den, x, sigmas, "euler", window=n + 10, tol=math.inf)
+    out, stats = parallel_sample(den, x, sigmas, "euler", window=n + 10, tol=math.inf)
     assert (stats.parallel_iterations, stats.model_evaluations, stats.strides) == (1, n, [n])
     # One Picard iteration from x_T everywhere: x_N = x_T + Σ_i (σ_{i+1} - σ_i)(x_T - D(x_T, σ_i))/σ_i.
     expected = x.clone()
@@ -90,7 +90,7 @@ def test_whole_trajectory_in_one_window_with_infinite_tolerance_is_one_iteration
 def test_every_state_moved_less_than_tolerance_unless_a_window_started_there(method: str) -> None:
     den, x, sigmas = _setup(method)
     tol = 0.1
-    _, stats = picard_sample(den, x, sigmas, method, window=16, tol=tol, generator=_gen())
+    _, stats = parallel_sample(den, x, sigmas, method, window=16, tol=tol, generator=_gen())
     starts = set(accumulate(stats.strides))
     assert len(stats.errors) == len(sigmas) - 1
     assert stats.errors[-1] == math.inf  # the final state has no step leaving it
@@ -101,13 +101,13 @@ def test_every_state_moved_less_than_tolerance_unless_a_window_started_there(met
 def test_rejects_multistep_solver_and_bad_arguments() -> None:
     den, x, sigmas = _setup("euler")
     with pytest.raises(ValueError, match="dpmpp_2m"):
-        picard_sample(den, x, sigmas, "dpmpp_2m")
+        parallel_sample(den, x, sigmas, "dpmpp_2m")
     with pytest.raises(ValueError, match="window"):
-        picard_sample(den, x, sigmas, "euler", window=0)
+        parallel_sample(den, x, sigmas, "euler", window=0)
     with pytest.raises(ValueError, match="tol"):
-        picard_sample(den, x, sigmas, "euler", tol=0)
+        parallel_sample(den, x, sigmas, "euler", tol=0)
     with pytest.raises(ValueError, match="denoiser"):
-        picard_sample(None, x, sigmas, "euler")
+        parallel_sample(None, x, sigmas, "euler")
 
 
 def test_custom_evaluator_receives_stacked_window_with_per_sample_sigmas() -> None:
@@ -118,8 +118,8 @@ def test_custom_evaluator_receives_stacked_window_with_per_sample_sigmas() -> No
         seen.append((xs.shape[0], sigma_t.clone(), sigma_s.clone()))
         return step_delta(den, xs, sigma_t, sigma_s, method)
 
-    ref, _ = picard_sample(den, x, sigmas, "euler", window=4)
-    out, _ = picard_sample(None, x, sigmas, "euler", window=4, evaluator=evaluator)
+    ref, _ = parallel_sample(den, x, sigmas, "euler", window=4)
+    out, _ = parallel_sample(None, x, sigmas, "euler", window=4, evaluator=evaluator)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     size, sigma_t, sigma_s = seen[0]
     assert size == 4 * 3

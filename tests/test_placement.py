@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from infra.placement import autoscalable, cluster_summary, describe, feasible
+from infra.placement import autoscalable, cluster_summary, describe_request, feasible
 
 WORKER = {"CPU": 2.0, "memory": 1e9, "node:127.0.0.1": 1.0}
 HEAD = {"memory": 1e9, "node:__internal_head__": 1.0}
@@ -39,5 +39,5 @@ def test_autoscalable_only_while_a_fitting_node_type_can_grow() -> None:
 
 
 def test_the_line_names_the_request_and_each_node() -> None:
-    assert describe([{"CPU": 0.5}] * 3, "STRICT_SPREAD") == "3 x {'CPU': 0.5} (STRICT_SPREAD)"
+    assert describe_request([{"CPU": 0.5}] * 3, "STRICT_SPREAD") == "3 x {'CPU': 0.5} (STRICT_SPREAD)"
     assert cluster_summary(NODES) == "3 alive nodes: {}, {CPU: 2, node_w1: 1}, {CPU: 2, node_w2: 1}"

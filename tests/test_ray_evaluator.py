@@ -11,7 +11,7 @@ import ray
 import torch
 
 from fdm_core.networks import MLP
-from fdm_core.picard import picard_sample
+from fdm_core.picard import parallel_sample
 from fdm_core.precond import Denoiser
 from fdm_core.processes import make_process
 from fdm_core.samplers import get_sigmas, process_grid
@@ -21,7 +21,8 @@ from infra.store import open_store
 from pipelines import sample_cmd
 from tasks.checkpoints import load_model, model_spec, write_model
 from tasks.registry import STAGES
-from tasks.sample import SampleConfig, StepFactory, sampling_grid
+from tasks.sample import StepFactory, sampling_grid
+from tasks.sample_options import SampleConfig
 from tasks.stage import StageContext, run_stage
 from tasks.stages.picard_sample import PicardSampleConfig
 
@@ -48,7 +49,7 @@ def _picard(model_uri: str, evaluator=None, solver: str = "picard"):
     model, _ = load_model(open_store(model_uri), "")
     x, sigmas = _inputs()
     gen = torch.Generator().manual_seed(1)
-    return picard_sample(model, x, sigmas, "ddpm", 16, 0.1, gen, evaluator, solver)  # type: ignore[arg-type]
+    return parallel_sample(model, x, sigmas, "ddpm", 16, 0.1, gen, evaluator, solver)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("solver", ["picard", "anderson"])

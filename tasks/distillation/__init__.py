@@ -12,7 +12,7 @@ from infra.store import ArtifactStore
 from infra.tracking import Tracking
 from tasks.distillation.outcome import (
     BASE_EVAL,
-    describe,
+    distillation_note,
     halving,
     log_numbers,
     model_ids,
@@ -66,7 +66,9 @@ class DistillationPolicy:
             n = h.final.spec.steps if h.final else 0
             kept = f"{h.final.spec.name} ({n} step{'s' * (n != 1)})" if h.final else "the base model"
             lines.append(f"final model: {kept}; halving stopped: {h.stopped}")
-        return Conclusion(record=h.record(), tags=tags, description=describe(run, cfg, h), lines=lines)
+        return Conclusion(
+            record=h.record(), tags=tags, description=distillation_note(run, cfg, h), lines=lines
+        )
 
 
 POLICY = DistillationPolicy()

@@ -135,7 +135,7 @@ def version_note(run: PipelineRun, h: Halving) -> str:
     )
 
 
-def describe(run: PipelineRun, cfg: Any, h: Halving) -> str:
+def distillation_note(run: PipelineRun, cfg: Any, h: Halving) -> str:
     """The distillation's part of the parent run's description: the data, the students, the final model
     with its numbers against the base model's, and the units of the parent's metrics."""
     text = f"Base model trained on `{cfg.data.source.kind}` data."

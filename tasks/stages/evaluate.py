@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from fdm_core.options import Method
+from tasks.sample_options import PicardOptions
 from tasks.stage import STRICT, StageKind
 
 
@@ -20,14 +21,6 @@ class SamplerSpec(BaseModel):
         return f"{self.method}{self.steps}"
 
 
-class PicardOptions(BaseModel):
-    """Sample the evaluations with ParaDiGMS (euler, heun, ddpm) instead of the sequential sampler."""
-
-    model_config = STRICT
-    window: int = Field(16, ge=1)
-    tol: float = Field(0.1, gt=0)
-
-
 class EvalConfig(BaseModel):
     """How every model in the pipeline is judged."""
 
@@ -38,7 +31,9 @@ class EvalConfig(BaseModel):
     seed: int = 0
     inception: str | None = Field(None, description="local TorchScript Inception (EDM/StyleGAN fid format)")
     grid_size: int = Field(8, ge=1, le=32)
-    picard: PicardOptions | None = None
+    picard: PicardOptions | None = Field(
+        None, description="sample the evaluations with ParaDiGMS (euler, heun, ddpm), not sequentially"
+    )
 
 
 STAGE = StageKind(
