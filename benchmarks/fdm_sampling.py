@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine, summary, write_report
+from benchmarks.fdm_cell import CellConfig, generate, study_setting
 from benchmarks.fdm_common import (
     CACHE,
     Digits,
     Results,
-    RunConfig,
+    describe,
     first_reach,
     fmt,
-    generate,
     mean,
     plot,
     run_pairs,
@@ -50,7 +50,7 @@ class Mode:
 
     name: str
     seeds: dict[ProcessName, tuple[int, ...]]
-    run: RunConfig
+    run: CellConfig
     sweep: tuple[int, ...]
     classifier_steps: int = 300
     workers: int = min(2, os.cpu_count() or 1)
@@ -60,14 +60,17 @@ class Mode:
 
 FULL = TRAINING_MODES["full"]
 MODES = {
-    "full": Mode("full", FULL.seeds, FULL.run, FULL.run.sweep, from_record=True),
+    "full": Mode("full", FULL.seeds, FULL.run, tuple(FULL.run.sweep), from_record=True),
     "quick": Mode(
-        "quick", {"edm": (0,)}, RunConfig(steps=400, eval_every=400, num_samples=200), (3, 4, 6, 9, 13, 18)
+        "quick",
+        {"edm": (0,)},
+        study_setting(steps=400, eval_every=400, num_samples=200),
+        (3, 4, 6, 9, 13, 18),
     ),
     "tiny": Mode(
         "tiny",
         {"edm": (0,)},
-        RunConfig(steps=2, eval_every=2, num_samples=40, sample_steps=3),
+        study_setting(steps=2, eval_every=2, num_samples=40, sample_steps=3),
         (2, 3),
         5,
         1,
@@ -78,7 +81,7 @@ MODES = {
 
 def sweep(process: ProcessName, fdm: bool, mode: Mode, seed: int, data: Digits) -> dict[str, Any]:
     """One model's record with its Heun sweep ([steps, NFE, FD] rows) (a pool job)."""
-    model = trained(process, fdm, mode.run, seed, data, mode.cache)
+    model = trained(mode.run.for_cell(process, fdm, seed), data)
     rows = [[n, nfe("heun", n), data.metric(generate(model, mode.run.num_samples, n))] for n in mode.sweep]
     print(f"  {process} fdm={fdm} seed {seed}: {', '.join(f'{q:.3f}' for *_, q in rows)}", flush=True)
     return {"process": process, "fdm": fdm, "seed": seed, "heun_sweep": rows}
@@ -215,7 +218,7 @@ def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     source = (
         "the final models of fdm_training's main cells (read from benchmarks/results/fdm_training.json)"
         if mode.from_record
-        else f"models trained here: {mode.run.describe().split('; evaluation')[0]}"
+        else f"models trained here: {describe(mode.run).split('; evaluation')[0]}"
     )
     report = f"""# FDM sampling speed: Heun NFE to reach a given quality ({mode.name})
 
