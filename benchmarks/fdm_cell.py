@@ -11,6 +11,7 @@ the cell's key).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 import time
@@ -21,14 +22,15 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
-from benchmarks.common import DIGITS_UNET
+from benchmarks.common import DIGITS_MODEL
 from fdm_core.metrics import frechet_distance
 from fdm_core.options import ProcessName
 from fdm_core.precond import Denoiser
 from fdm_core.samplers import Method, nfe, process_grid, sample
 from infra.store import open_store
 from tasks.dataset import load_split
-from tasks.stage import STRICT, StageContext, StageKind, StageResult
+from tasks.registry import STAGES
+from tasks.stage import STRICT, StageContext, StageResult
 from tasks.stages.train_base import ModelConfig, TrainConfig
 from tasks.train_base import train_denoiser
 from tasks.train_classifier import Classifier, load_classifier
@@ -72,15 +74,8 @@ def study_setting(
     steps: int, eval_every: int, num_samples: int, sample_steps: int = 18, sweep: tuple[int, ...] = ()
 ) -> CellConfig:
     """A setting of the study: the digits U-Net and the product's TrainConfig defaults (the study's own)."""
-    model = ModelConfig(
-        kind="unet",
-        model_channels=DIGITS_UNET["model_channels"],
-        channel_mult=list(DIGITS_UNET["channel_mult"]),
-        num_blocks=DIGITS_UNET["num_blocks"],
-        attn_resolutions=list(DIGITS_UNET["attn_resolutions"]),
-    )
     return CellConfig(
-        model=model,
+        model=DIGITS_MODEL,
         train=TrainConfig(steps=steps),
         eval_every=eval_every,
         num_samples=num_samples,
@@ -212,13 +207,12 @@ def train_cell(cfg: CellConfig, ctx: StageContext, dataset: str, classifier: str
     )
 
 
-CELL = StageKind(
+# The train_base stage's declaration with the cell's config, function and inputs.
+CELL = dataclasses.replace(
+    STAGES["train_base"],
     name="fdm_study_cell",
     config=CellConfig,
     run="benchmarks.fdm_cell:train_cell",
     inputs={"dataset": "dataset", "classifier": "classifier"},
-    output="model",
-    resources="train",
     headline="fd",
-    version="1",
 )

@@ -25,7 +25,6 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +37,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from benchmarks.common import DIGITS_DATA
 from benchmarks.fdm_cell import CELL, CellConfig, Curve, FeatureFrechet
 from benchmarks.stage_cache import Stages
 from fdm_core.precond import Denoiser
@@ -47,13 +47,9 @@ from infra.store import open_store
 from tasks.checkpoints import load_model
 from tasks.dataset import load_split
 from tasks.stage import StageResult
-from tasks.stages.prepare_data import DataConfig
 from tasks.stages.train_base import TrainConfig
 from tasks.stages.train_classifier import ClassifierConfig
 from tasks.train_classifier import load_classifier
-
-# Trained models and partial runs (FDM_BENCH_CACHE overrides; delete it to retrain from scratch).
-CACHE = Path(os.environ.get("FDM_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
 
 # Bump when what a cell's numbers mean changes (training loop, evaluation, metric); committed cells
 # recorded under another version are then re-run instead of mixed in. The switch to the product's training
@@ -132,9 +128,7 @@ def load_digits(root: Path, classifier_steps: int = 300) -> Digits:
     """Prepare sklearn's 8x8 digits (val 10%) in the store at `root` and train the evaluation classifier
     on them (both served from there when present)."""
     stages = Stages(str(root))
-    data = stages(
-        "prepare_data", DataConfig.model_validate({"source": {"kind": "digits"}, "val_fraction": 0.1})
-    )
+    data = stages("prepare_data", DIGITS_DATA)
     clf = stages("train_classifier", ClassifierConfig(steps=classifier_steps), dataset=data)
     x_train, _, _ = load_split(data.output_uri, "train")
     x_val, _, _ = load_split(data.output_uri, "val")

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine, summary, write_report
+from benchmarks.common import CACHE, machine, summary, write_report
 from benchmarks.fdm_cell import CellConfig, generate, study_setting
 from benchmarks.fdm_common import (
-    CACHE,
     Digits,
     Results,
     describe,
