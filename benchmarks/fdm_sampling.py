@@ -23,6 +23,7 @@ from typing import Any
 from benchmarks.common import CACHE, machine, summary, write_report
 from benchmarks.fdm_cell import CellConfig, generate, study_setting
 from benchmarks.fdm_common import (
+    TRAINED_BY,
     Digits,
     Results,
     describe,
@@ -34,6 +35,7 @@ from benchmarks.fdm_common import (
     trained,
 )
 from benchmarks.fdm_training import MODES as TRAINING_MODES
+from benchmarks.fdm_training import provenance
 from fdm_core.processes import ProcessName
 from fdm_core.samplers import nfe
 
@@ -86,12 +88,13 @@ def sweep(process: ProcessName, fdm: bool, mode: Mode, seed: int, data: Digits) 
     return {"process": process, "fdm": fdm, "seed": seed, "heun_sweep": rows}
 
 
-def records(mode: Mode) -> tuple[list[dict[str, Any]], list[str], str]:
-    """The swept models of `mode` (from the record or trained here), the cells still missing, and the
-    metric's description."""
+def records(mode: Mode) -> tuple[list[dict[str, Any]], list[str], str, str]:
+    """The swept models of `mode` (from the record or trained here), the cells still missing, the
+    metric's description and which training code produced the models."""
     if not mode.from_record:
         data, runs = run_pairs(sweep, mode)
-        return runs, [], metric_text(data.metric.reference.shape[1], data.classifier_accuracy)
+        trained_by = f"Training code: the product's (`{TRAINED_BY}`)."
+        return runs, [], metric_text(data.metric.reference.shape[1], data.classifier_accuracy), trained_by
     training = TRAINING_MODES["full"]
     results = Results(training.record, training.classifier_steps)
     found, missing = [], []
@@ -104,7 +107,7 @@ def records(mode: Mode) -> tuple[list[dict[str, Any]], list[str], str]:
         else:
             missing.append(cell.label)
     accuracy = results.doc.get("meta", {}).get("classifier_val_accuracy", float("nan"))
-    return found, missing, metric_text(64, accuracy)
+    return found, missing, metric_text(64, accuracy), provenance(results)
 
 
 def metric_text(dims: int, accuracy: float) -> str:
@@ -198,7 +201,7 @@ nearly free of sampling noise): {readings[-1]}.
 def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     """Collect the swept models (record or fresh), then build the report and its plot."""
     t0 = time.perf_counter()
-    recs, missing, metric = records(mode)
+    recs, missing, metric, trained_by = records(mode)
     sections, readings, panels = [], [], {}
     for p in mode.seeds:
         mine = [r for r in recs if r["process"] == p]
@@ -226,6 +229,7 @@ Models: {source}. Sampling: {mode.run.num_samples} samples from fixed noise per 
 default grid (EDM Karras ρ = 7, VP uniform t, VE geometric); NFE = 2n − 1 (no correction on the last step).
 Quality: {metric}. Targets: the baseline's FD at its largest NFE times {", ".join(f"{f:g}" for f in TARGETS)};
 NFEs are interpolated on each model's sweep and paired by seed.
+{trained_by}
 {("Cells still missing: " + ", ".join(missing) + ".") if missing else ""}
 
 ![quality vs NFE]({png})

@@ -557,7 +557,8 @@ Progress: {done} of {total} cells recorded.
 # both; see provenance().
 LOOP_CHECK = (
     "Check of the switch (one EDM pair, seed 0, 400 steps, FD of 200 Heun-18 samples every 100 steps, the "
-    "same data and classifier; main's loop vs the product's, side by side under the exclusive CPU lock): "
+    "same data and classifier; the benchmark's own loop vs the product's, side by side under the exclusive "
+    "CPU lock): "
     "mean training loss per 100 steps, baseline 1.190/0.655/0.565/0.532 (own loop) vs "
     "1.188/0.659/0.566/0.537 (product), FDM 0.821/0.610/0.571/0.538 vs 0.817/0.605/0.574/0.542; "
     "FD at steps 100-400, baseline "
@@ -579,8 +580,9 @@ def provenance(results: Results) -> str:
         f"Training code: the study now trains every cell through the product's code (`{TRAINED_BY}`, "
         f"TrainConfig, its checkpoints; benchmarks/fdm_cell.py); {len(cells) - product} of the "
         f"{len(cells)} recorded cells predate that switch and were trained by the benchmark's own loop (same "
-        f"optimiser, lr ramp, EMA, clipping and loss; batches drawn with replacement from one generator "
-        f"instead of the product's shuffled loader). {LOOP_CHECK}"
+        f"optimiser, lr ramp, EMA, clipping and loss; batches (drawn with replacement) and training noise "
+        f"from one seeded generator instead of the product's shuffled loader and noise generator). "
+        + LOOP_CHECK
     )
 
 
