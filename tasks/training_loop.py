@@ -74,8 +74,9 @@ def fit(
 ) -> FitResult:
     """Train `model` for `loop.steps` optimizer steps, resuming where a checkpoint left off.
 
-    `batches(step)` starts the data stream at `step` and the training noise comes from a generator seeded
-    by `loop.seed` and the step, so a resumed run draws what an uninterrupted one would have drawn.
+    `batches(step)` starts the data stream of a run that begins at `step`, and the training noise comes
+    from a generator seeded by `loop.seed` and that step: a resumed run is reproducible, though after its
+    checkpoint it draws other batches and noise than an uninterrupted run (the stages seed both afresh).
     `saved` is the module checkpointed (the unwrapped model under DDP); rank 0 alone logs and checkpoints.
     `callback` (rank 0) runs after every step, before that step's checkpoint, so what it records at a step
     is never older than the checkpoint a resumed run starts from.
