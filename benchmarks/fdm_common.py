@@ -153,8 +153,9 @@ def trained_curve(cfg: CellConfig, data: Digits) -> Curve:
 def cached_model(cfg: CellConfig, data: Digits) -> Denoiser | None:
     """The cached final EMA model of this cell, or None."""
     stages = Stages(data.root)
-    key = stages.key(CELL, cfg, {"dataset": data.dataset, "classifier": data.classifier})
-    result = stages.served(CELL, key)
+    inputs = {"dataset": data.dataset, "classifier": data.classifier}
+    key = stages.key(CELL, cfg, inputs)
+    result = stages.served(CELL, key, inputs)
     if result is None:
         return None
     print(f"  {key}: reusing the cached model", flush=True)

@@ -23,7 +23,8 @@ from tasks.stage import MetricLogger, StageContext, StageKind, StageResult, run_
 
 class Stages:
     """Runs stages in the store at `root` (a local directory), serving a key whose current version is
-    complete; `log_metrics` receives what the stages log (the console, or a test that interrupts them)."""
+    complete and made from the same inputs (their manifests' digests); `log_metrics` receives what the
+    stages log (a test that interrupts them)."""
 
     def __init__(self, root: str, log_metrics: MetricLogger | None = None) -> None:
         self.root, self.store = root, open_store(root)
@@ -32,20 +33,22 @@ class Stages:
     def key(self, kind: StageKind, cfg: BaseModel, inputs: dict[str, StageResult]) -> str:
         return stage_key(kind, cfg.model_dump(mode="json"), {n: r.key for n, r in inputs.items()})
 
-    def served(self, kind: StageKind, key: str) -> StageResult | None:
-        """The key's current complete output, or None."""
+    def served(self, kind: StageKind, key: str, inputs: dict[str, StageResult]) -> StageResult | None:
+        """The key's current output if it is complete and was made from these very inputs, else None."""
         out_root = posixpath.join("stages", kind.name, key)
         prefix = current_version(self.store, out_root)
         if prefix == out_root or not is_complete(self.store, prefix):
             return None
         manifest = read_manifest(self.store, prefix)
+        if manifest.result is None or manifest.inputs != {n: r.digest for n, r in inputs.items()}:
+            return None
         return StageResult.from_record(manifest.result, self.store, manifest.digest)
 
     def __call__(self, kind: StageKind | str, cfg: BaseModel, **inputs: StageResult) -> StageResult:
         """The stage's result: served from the store, else computed into a new version made current."""
         kind = STAGES[kind] if isinstance(kind, str) else kind
         key = self.key(kind, cfg, inputs)
-        hit = self.served(kind, key)
+        hit = self.served(kind, key, inputs)
         if hit is not None:
             return hit
         out_root, version = posixpath.join("stages", kind.name, key), new_version()

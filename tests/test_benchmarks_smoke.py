@@ -224,11 +224,12 @@ def test_fdm_interrupted_cell_resumes_from_the_product_checkpoint(tmp_path: Path
     with pytest.raises(KeyboardInterrupt):
         stages(CELL, cfg, dataset=data.dataset, classifier=data.classifier)
     store = open_store(str(tmp_path))
-    key = stages.key(CELL, cfg, {"dataset": data.dataset, "classifier": data.classifier})
+    inputs = {"dataset": data.dataset, "classifier": data.classifier}
+    key = stages.key(CELL, cfg, inputs)
     checkpoints = f"checkpoints/{CELL.name}/{key}"
     assert read_manifest(store, f"{checkpoints}/step-000000002").producer["kind"] == "training_checkpoint"
     assert json.loads(store.read_bytes(f"{checkpoints}/{CURVE}"))["steps"] == [2, 4]
-    assert stages.served(CELL, key) is None  # nothing complete-looking
+    assert stages.served(CELL, key, inputs) is None  # nothing complete-looking
     capsys.readouterr()
     curve = trained_curve(cfg, data)
     assert "resuming at step 2" in capsys.readouterr().out and curve.steps == [2, 4, 6]
