@@ -13,8 +13,13 @@ import torch
 from matplotlib.figure import Figure
 
 from infra.tracking import Tracking
+from tasks.stages.prepare_data import DataConfig
+from tasks.stages.train_base import ModelConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The benchmarks' stage cache: a store laid out as `fdm run` lays it out (benchmarks.stage_cache), shared by
+# the studies (FDM_BENCH_CACHE overrides; delete it to retrain from scratch).
+CACHE = Path(os.environ.get("FDM_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
 
 # The digits U-Net the benchmarks share (the shipped digits.yaml model), as fdm_core.networks.UNet kwargs.
 DIGITS_UNET = {
@@ -25,6 +30,16 @@ DIGITS_UNET = {
     "num_blocks": 1,
     "attn_resolutions": (4,),
 }
+
+# sklearn's 8x8 digits with 10% held out, prepared as the shipped digits.yaml prepares them.
+DIGITS_DATA = DataConfig.model_validate({"source": {"kind": "digits"}, "val_fraction": 0.1})
+DIGITS_MODEL = ModelConfig(
+    kind="unet",
+    model_channels=DIGITS_UNET["model_channels"],
+    channel_mult=list(DIGITS_UNET["channel_mult"]),
+    num_blocks=DIGITS_UNET["num_blocks"],
+    attn_resolutions=list(DIGITS_UNET["attn_resolutions"]),
+)  # the same U-Net as the product's model config, for the benchmarks that train through the product
 
 
 def cpu_name() -> str:

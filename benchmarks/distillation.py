@@ -16,8 +16,9 @@ Cost: optimizer updates and wall time of the rounds, to 4 steps and to 1 step, ร
     python -m benchmarks.distillation --quick      # one lever, short runs (minutes)
 
 Every finished (recipe, seed) cell is recorded in benchmarks/results/distillation.json (commit it; a later
-run skips what is there); models are cached under benchmarks/.cache/distill, keyed by their inputs, so
-recipes that share rounds train them once.
+run skips what is there); every stage runs through the product's stage functions into the benchmarks' cache
+(benchmarks/.cache), a store laid out as `fdm run` lays it out (benchmarks.stage_cache), so recipes that
+share rounds train them once and an interrupted round resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -36,22 +37,17 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
-from pydantic import BaseModel
 
-from benchmarks.common import RESULTS, command, machine, png, summary, write_report
-from infra.manifest import is_complete, read_manifest
-from infra.store import open_store
-from pipelines.plan import stage_key
-from tasks.registry import STAGES
-from tasks.stage import StageContext, StageResult, run_stage
+from benchmarks.common import CACHE, DIGITS_DATA, RESULTS, command, machine, png, summary, write_report
+from benchmarks.stage_cache import Stages
+from tasks.distillation.schedule import DistillSchedule
+from tasks.stage import StageResult
 from tasks.stages.distill_round import DistillConfig, DistillRoundConfig
 from tasks.stages.evaluate import EvalConfig, SamplerSpec
-from tasks.stages.prepare_data import DataConfig
 from tasks.stages.train_base import ModelConfig, TrainBaseConfig, TrainConfig
 from tasks.stages.train_classifier import ClassifierConfig
 
 BENCH_VERSION = "distill-levers-2"  # 2: students of FDM teachers see their input (see_input)
-CACHE = Path(__file__).resolve().parent / ".cache" / "distill"
 TEACHER_SAMPLER = SamplerSpec(method="heun", steps=18)
 SCORED = (4, 2, 1)  # the student step counts a recipe is judged on
 GOALS = {4: 1.25, 2: 1.5, 1: 2.0}  # issue 16's goals: student FD รท teacher (Heun-18) FD
@@ -168,38 +164,16 @@ MODES = {
 
 
 # --- one cell: a recipe distilled on one seed -----------------------------------------------------------
-class Stages:
-    """Runs stages in a store, each keyed as the pipeline keys it (config, inputs' keys, declaration version
-    and the source of the code it runs): a stage whose output is complete there is served from it, so
-    recipes sharing a prefix of rounds compute it once, and a code change recomputes what it touches."""
-
-    def __init__(self, root: str) -> None:
-        self.root, self.store = root, open_store(root)
-
-    def __call__(self, kind: str, cfg: BaseModel, **inputs: StageResult) -> StageResult:
-        key = stage_key(STAGES[kind], cfg.model_dump(mode="json"), {n: r.key for n, r in inputs.items()})
-        prefix = f"{kind}/{key}"
-        if is_complete(self.store, prefix):
-            manifest = read_manifest(self.store, prefix)
-            return StageResult.from_record(manifest.result, self.store, manifest.digest)
-        ctx = StageContext(self.root, prefix, key=key, num_threads=1)
-        uris = {n: r.output_uri for n, r in inputs.items()}
-        return run_stage(STAGES[kind], cfg, ctx, **uris)
-
-
 def judged(stages: Stages, mode: Mode) -> dict[str, StageResult]:
     """The dataset and the evaluation classifier, shared by every cell."""
-    data = stages("prepare_data", DataConfig(source={"kind": "digits"}, val_fraction=0.1, seed=0))
+    data = stages("prepare_data", DIGITS_DATA)
     clf = stages("train_classifier", ClassifierConfig(steps=mode.classifier_steps, seed=0), dataset=data)
     return {"dataset": data, "classifier": clf}
 
 
 def halvings(start: int) -> list[int]:
-    out, n = [], start
-    while n > 1:
-        n //= 2
-        out.append(n)
-    return out
+    """The students' step counts of a recipe distilled from `start` steps down to 1, as the pipeline's."""
+    return DistillSchedule(start_steps=start, end_steps=1).student_steps
 
 
 def distill_settings(recipe: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -1,33 +1,35 @@
-"""What the FDM benchmarks share: the digits data, a classifier-feature Fréchet distance, a training loop
-that scores its EMA model at regular step intervals, and the cell store that makes a long study resumable.
+"""What the FDM benchmarks share: the digits data and its classifier-feature metric, the study's cells and
+the committed record of the finished ones, and the pool that runs them.
 
-A *cell* is one training run: (process, fdm, seed, setting). Baseline and FDM cells of one seed use the
-same U-Net, initial weights, optimiser, batches and training noise; only the process's `fdm` flag differs
-(c_in = gamma(sigma) and the loss-weight warm-up, docs/design.md: The math). A finished cell is kept twice:
+A *cell* is one training run: (process, fdm, seed, setting). It trains through the product's code
+(benchmarks.fdm_cell: `tasks.train_base`, `tasks.training_loop.fit`, TrainConfig and its checkpoints);
+baseline and FDM cells of one seed use the same U-Net, initial weights, optimiser, batches and training
+noise; only the process's `fdm` flag differs (c_in = gamma(sigma) and the loss-weight warm-up,
+docs/design.md: The math). A finished cell is kept twice:
 - its curve (and Heun NFE sweep of the final model) as a record in a committed JSON file
   (benchmarks/results/fdm_training.json), so a later session treats it as done;
-- its final EMA model and curve in the gitignored model cache (benchmarks/.cache), for this session.
-While a cell trains it checkpoints its full state (weights, EMA, Adam, random generator, curve) into the
-model cache at every evaluation, so an interrupted run resumes that cell bit-exactly at its last evaluation.
+- its final EMA model, with the curve in its manifest, in the gitignored model cache (benchmarks/.cache), a
+  store laid out as `fdm run` lays it out (benchmarks.stage_cache), for this session.
+While a cell trains it checkpoints as the product does, at every evaluation, so an interrupted run resumes
+that cell from its last evaluation.
 
-A cell's identity is its settings plus `BENCH_VERSION` (bumped when the benchmark's training or evaluation
-semantics change), deliberately not a hash of the project's code, so unrelated refactors keep the cells.
+A cell's record identity is its settings plus `BENCH_VERSION` (bumped when the benchmark's training or
+evaluation semantics change), deliberately not a hash of the project's code, so unrelated refactors keep the
+recorded cells. Records made before the study trained through the product's loop carry no `trained_by`.
 """
 
 from __future__ import annotations
 
-import hashlib
+import atexit
 import io
 import json
 import math
 import multiprocessing
-import os
+import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,322 +37,135 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from benchmarks.common import DIGITS_UNET
-from fdm_core.metrics import frechet_distance
-from fdm_core.networks import UNet
+from benchmarks.common import DIGITS_DATA
+from benchmarks.fdm_cell import CELL, CellConfig, Curve, FeatureFrechet
+from benchmarks.stage_cache import Stages
 from fdm_core.precond import Denoiser
 from fdm_core.processes import DEFAULT_WARMUP, ProcessName, make_process
-from fdm_core.samplers import Method, nfe, process_grid, sample
-from fdm_core.training import EMA, TrainState, denoising_loss, train_step
+from fdm_core.samplers import nfe
+from infra.store import open_store
+from tasks.checkpoints import load_model
 from tasks.dataset import load_split
-from tasks.registry import STAGES
-from tasks.stage import StageContext, run_stage
-from tasks.stages.prepare_data import DataConfig
+from tasks.stage import StageResult
+from tasks.stages.train_base import TrainConfig
 from tasks.stages.train_classifier import ClassifierConfig
-from tasks.train_classifier import Classifier, load_classifier
-
-# Trained models and partial runs (FDM_BENCH_CACHE overrides; delete it to retrain from scratch).
-CACHE = Path(os.environ.get("FDM_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
-
-# The final model is scored from these sampling seeds (the first is the curve's own), so the quality it
-# ends at is known to ~1/sqrt(5) of one evaluation's sampling noise.
-FINAL_NOISE_SEEDS = (1234, 1235, 1236, 1237, 1238)
+from tasks.train_classifier import load_classifier
 
 # Bump when what a cell's numbers mean changes (training loop, evaluation, metric); committed cells
-# recorded under another version are then re-run instead of mixed in.
+# recorded under another version are then re-run instead of mixed in. The switch to the product's training
+# loop kept it: a check cell trained both ways measured the same (fdm_training.md says how close).
 BENCH_VERSION = "fdm-study-1"
+TRAINED_BY = "tasks.training_loop.fit"  # what a record made by this code trained with
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """One training run: Adam on `batch_size` batches for `steps`, EMA model scored every `eval_every`.
-
-    lr ramps up linearly over `lr_rampup` steps (as TrainConfig). The EMA's mean weight age
-    1/(1 - decay) is capped at `ema_rampup` x the steps taken (EDM's ema_rampup_ratio), so its lag grows
-    with the run instead of being a fixed number of steps, which would bias a step ratio towards 1;
-    `ema_rampup=None` keeps `ema_decay` constant. `warmup_iters` None: the reference W (EDM 200, VP/VE 400
-    optimizer steps). `sweep`: Heun step counts at which the final model is also scored (fdm_sampling)."""
-
-    steps: int
-    eval_every: int
-    num_samples: int
-    sample_steps: int = 18
-    batch_size: int = 128
-    lr: float = 2e-3
-    lr_rampup: int = 100
-    ema_decay: float = 0.999
-    ema_rampup: float | None = 0.1
-    grad_clip: float | None = 1.0
-    model_channels: int = 16
-    warmup_iters: int | None = None
-    sweep: tuple[int, ...] = ()
-
-    def warmup(self, process: ProcessName) -> int:
-        return self.warmup_iters or DEFAULT_WARMUP[process]
-
-    def unet(self) -> dict[str, Any]:
-        return {**DIGITS_UNET, "model_channels": self.model_channels}
-
-    def identity(self, process: ProcessName, fdm: bool, seed: int, classifier_steps: int) -> dict[str, Any]:
-        """Everything that fixes a cell's curve (as JSON-normal data); a baseline has no warm-up W."""
-        fields = asdict(self)
-        fields.pop("sweep")
-        fields["warmup_iters"] = self.warmup(process) if fdm else None
-        ident = {"bench": BENCH_VERSION, "process": process, "fdm": fdm, "seed": seed, "unet": self.unet()}
-        ident |= {"classifier_steps": classifier_steps, **fields}
-        return json.loads(json.dumps(ident))
-
-    def training_key(self, process: ProcessName, fdm: bool, seed: int, classifier_steps: int = 300) -> str:
-        ident = self.identity(process, fdm, seed, classifier_steps)
-        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-        return f"{process}{'-fdm' if fdm else ''}-s{seed}-{digest}"
-
-    def describe(self) -> str:
-        ema = (
-            f"EMA decay {self.ema_decay}"
-            if self.ema_rampup is None
-            else f"EMA decay {self.ema_decay} with its mean age capped at {self.ema_rampup:g} x steps so far"
-        )
-        clip = "no grad clip" if self.grad_clip is None else f"grad clip {self.grad_clip}"
-        warmup = (
-            "W = 200 (EDM) / 400 (VP, VE) optimizer steps as the reference"
-            if self.warmup_iters is None
-            else f"W = {self.warmup_iters} steps"
-        )
-        return (
-            f"U-Net {self.model_channels} channels (mult (1, 2), 1 block, attention at 4x4), "
-            f"Adam lr {self.lr} (linear ramp-up {self.lr_rampup} steps), batch {self.batch_size}, "
-            f"{self.steps} steps, {ema}, "
-            f"{clip}; FDM m = 2 (VE 1), {warmup}; evaluation every {self.eval_every} steps: "
-            f"{self.num_samples} samples from fixed noise, Heun {self.sample_steps} steps "
-            f"({nfe('heun', self.sample_steps)} NFE) on the process's default grid"
-        )
+def warmup(train: TrainConfig) -> int:
+    """FDM's warm-up W of a training config: its own, else the reference's for its process."""
+    return train.warmup_iters or DEFAULT_WARMUP[train.process]
 
 
-class FeatureFrechet:
-    """Fréchet distance between samples and the training split in the features of a small classifier
-    trained once on that split (lower is better); samples are clamped to the data range [-1, 1]."""
+def identity(cfg: CellConfig, classifier_steps: int) -> dict[str, Any]:
+    """Everything that fixes a cell's curve (as JSON-normal data, in the record's format); a baseline has
+    no warm-up W."""
+    t, m = cfg.train, cfg.model
+    unet = {"img_resolution": 8, "in_channels": 1, "model_channels": m.model_channels}
+    unet |= {
+        "channel_mult": m.channel_mult,
+        "num_blocks": m.num_blocks,
+        "attn_resolutions": m.attn_resolutions,
+    }
+    ident = {"bench": BENCH_VERSION, "process": t.process, "fdm": t.fdm, "seed": t.seed, "unet": unet}
+    ident |= {"classifier_steps": classifier_steps, "steps": t.steps, "eval_every": cfg.eval_every}
+    ident |= {"num_samples": cfg.num_samples, "sample_steps": cfg.sample_steps, "batch_size": t.batch_size}
+    ident |= {"lr": t.lr, "lr_rampup": t.lr_rampup, "ema_decay": t.ema_decay, "ema_rampup": t.ema_rampup}
+    ident |= {"grad_clip": t.grad_clip, "model_channels": m.model_channels}
+    ident["warmup_iters"] = warmup(t) if t.fdm else None
+    if t.multiplier is not None:
+        ident["multiplier"] = t.multiplier
+    return json.loads(json.dumps(ident))
 
-    def __init__(self, classifier: Classifier, reference: Tensor) -> None:
-        self.classifier = classifier.eval()
-        self.reference = self.features(reference)
 
-    @torch.no_grad()
-    def features(self, x: Tensor) -> Tensor:
-        return self.classifier.features(x.clamp(-1, 1))
-
-    def __call__(self, x: Tensor) -> float:
-        return frechet_distance(self.features(x), self.reference)
+def describe(cfg: CellConfig) -> str:
+    """A setting in words (the report's "Main setting")."""
+    t = cfg.train
+    ema = (
+        f"EMA decay {t.ema_decay}"
+        if t.ema_rampup is None
+        else f"EMA decay {t.ema_decay} with its mean age capped at {t.ema_rampup:g} x steps so far"
+    )
+    clip = "no grad clip" if t.grad_clip is None else f"grad clip {t.grad_clip}"
+    warmup = (
+        "W = 200 (EDM) / 400 (VP, VE) optimizer steps as the reference"
+        if t.warmup_iters is None
+        else f"W = {t.warmup_iters} steps"
+    )
+    return (
+        f"U-Net {cfg.model.model_channels} channels (mult (1, 2), 1 block, attention at 4x4), "
+        f"Adam lr {t.lr} (linear ramp-up {t.lr_rampup} steps), batch {t.batch_size}, "
+        f"{t.steps} steps, {ema}, "
+        f"{clip}; FDM m = 2 (VE 1), {warmup}; evaluation every {cfg.eval_every} steps: "
+        f"{cfg.num_samples} samples from fixed noise, Heun {cfg.sample_steps} steps "
+        f"({nfe('heun', cfg.sample_steps)} NFE) on the process's default grid"
+    )
 
 
 @dataclass
 class Digits:
     """The digits training split and the metric built on it; `floor` is the FD of the held-out real
-    images (a noise floor for the metric, and a fingerprint that the metric is the same across sessions)."""
+    images (a noise floor for the metric, and a fingerprint that the metric is the same across sessions).
+    `root` is the store holding the prepared data, the classifier (`dataset`, `classifier`) and the cells."""
 
     x_train: Tensor
     metric: FeatureFrechet
     classifier_accuracy: float
     classifier_steps: int
+    root: str
+    dataset: StageResult
+    classifier: StageResult
     floor: float = float("nan")
 
 
 def load_digits(root: Path, classifier_steps: int = 300) -> Digits:
-    """Prepare sklearn's 8x8 digits (val 10%) under `root` and train the evaluation classifier on them."""
-    cfg = DataConfig.model_validate({"source": {"kind": "digits"}, "val_fraction": 0.1})
-    uri = run_stage(
-        STAGES["prepare_data"], cfg, StageContext(str(root), "stages/prepare_data/x", "x")
-    ).output_uri
-    clf_cfg = ClassifierConfig(steps=classifier_steps)
-    ctx = StageContext(str(root), "stages/train_classifier/x", "x")
-    clf = run_stage(STAGES["train_classifier"], clf_cfg, ctx, dataset=uri)
-    x_train, _, _ = load_split(uri, "train")
-    x_val, _, _ = load_split(uri, "val")
-    metric = FeatureFrechet(load_classifier(clf.outputs["classifier"]), x_train)
-    return Digits(x_train, metric, clf.metrics["val_accuracy"], classifier_steps, metric(x_val))
+    """Prepare sklearn's 8x8 digits (val 10%) in the store at `root` and train the evaluation classifier
+    on them (both served from there when present)."""
+    stages = Stages(str(root))
+    data = stages("prepare_data", DIGITS_DATA)
+    clf = stages("train_classifier", ClassifierConfig(steps=classifier_steps), dataset=data)
+    x_train, _, _ = load_split(data.output_uri, "train")
+    x_val, _, _ = load_split(data.output_uri, "val")
+    metric = FeatureFrechet(load_classifier(clf.output_uri), x_train)
+    accuracy = clf.metrics["val_accuracy"]
+    return Digits(x_train, metric, accuracy, classifier_steps, str(root), data, clf, metric(x_val))
 
 
-def make_denoiser(process: ProcessName, fdm: bool, cfg: RunConfig, seed: int) -> Denoiser:
-    """A fresh U-Net (initialised from `seed`, so a baseline/FDM pair starts from the same weights)."""
-    torch.manual_seed(seed)
-    proc = make_process(process, fdm=fdm, warmup_iters=cfg.warmup(process))
-    return Denoiser(UNet(**cfg.unet()), proc)
+def cell_result(cfg: CellConfig, data: Digits) -> StageResult:
+    """A cell's stage result: served from the store at `data.root`, else trained there (resuming)."""
+    return Stages(data.root)(CELL, cfg, dataset=data.dataset, classifier=data.classifier)
 
 
-def generate(denoiser: Denoiser, n: int, steps: int, method: Method = "heun", seed: int = 1234) -> Tensor:
-    """`n` samples on the process's default grid of `steps` steps; one seed gives one start noise."""
-    sigmas = process_grid(denoiser.process, steps)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64) * float(sigmas[0])
-    return sample(denoiser.eval(), x.float(), sigmas, method)
+def trained_curve(cfg: CellConfig, data: Digits) -> Curve:
+    """The cell's quality curve: the cached one when its model is complete, else a fresh run's."""
+    result = cell_result(cfg, data)
+    if result.cached:
+        print(f"  {result.key}: reusing the cached curve", flush=True)
+    return Curve(**result.info["curve"])
 
 
-@dataclass
-class Curve:
-    """Quality (Fréchet distance) of the EMA model at the evaluated training steps, of the final model at
-    the Heun step counts of the sweep ([steps, NFE, FD] rows), and of the final model from each of
-    `FINAL_NOISE_SEEDS` (`final`: one model's FD varies by ~0.3-0.5 at FD ~2 between sample sets)."""
-
-    process: ProcessName
-    fdm: bool
-    seed: int
-    steps: list[int] = field(default_factory=list)
-    quality: list[float] = field(default_factory=list)
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    sweep: list[list[float]] = field(default_factory=list)
-    final: list[float] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        return f"{self.process.upper()}{'-FDM' if self.fdm else ''}"
-
-
-def print_now(message: str) -> None:
-    print(message, flush=True)  # pool workers write to a file: unflushed lines would arrive late
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _paths(cache: Path, key: str) -> tuple[Path, Path, Path]:
-    """(final model, final curve, in-progress checkpoint) of a cell in the model cache."""
-    return cache / "models" / f"{key}.pt", cache / "curves" / f"{key}.json", cache / "partial" / f"{key}.pt"
-
-
-def train(
-    process: ProcessName,
-    fdm: bool,
-    cfg: RunConfig,
-    seed: int,
-    data: Digits,
-    log: Callable[[str], None] = print_now,
-    cache: Path | None = CACHE,
-) -> tuple[Denoiser, Curve]:
-    """Train one cell; every `eval_every` steps (and at the end) score its EMA with Heun samples.
-
-    Batches and training noise come from a generator seeded by `seed`, so the pair sees the same draws.
-    With a `cache`, the run checkpoints at every evaluation and resumes from there, and its final EMA model
-    and curve are kept (None: nothing is written)."""
-    key = cfg.training_key(process, fdm, seed, data.classifier_steps)
-    denoiser = make_denoiser(process, fdm, cfg, seed)
-    ema = EMA(denoiser.net, cfg.ema_decay, cfg.ema_rampup)
-    ema_denoiser = Denoiser(ema.model, denoiser.process)
-    opt = torch.optim.Adam(denoiser.net.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(seed)
-    state, curve = TrainState(), Curve(process, fdm, seed)
-    partial_path = None if cache is None else _paths(cache, key)[2]
-    if partial_path is not None and partial_path.exists():
-        ckpt = torch.load(partial_path, weights_only=False)
-        denoiser.net.load_state_dict(ckpt["net"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        gen.set_state(ckpt["gen"])
-        state, curve = TrainState(**ckpt["state"]), Curve(**ckpt["curve"])
-        log(f"  {curve.label} seed {seed}: resuming at step {state.step}")
-    x_train = data.x_train
-    while state.step < cfg.steps:
-        t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (state.step + 1) / max(1, cfg.lr_rampup))
-        idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
-        loss_fn = partial(denoising_loss, denoiser, x_train[idx], state.warmup_step, gen)
-        train_step(denoiser.net, opt, loss_fn, state, ema, cfg.grad_clip)
-        t1 = time.perf_counter()
-        curve.train_seconds += t1 - t0
-        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
-            q = data.metric(generate(ema_denoiser, cfg.num_samples, cfg.sample_steps))
-            curve.steps.append(state.step)
-            curve.quality.append(q)
-            curve.eval_seconds += time.perf_counter() - t1
-            if partial_path is not None and state.step < cfg.steps:
-                buf = io.BytesIO()
-                torch.save(
-                    {
-                        "net": denoiser.net.state_dict(),
-                        "ema": ema.state_dict(),
-                        "opt": opt.state_dict(),
-                        "gen": gen.get_state(),
-                        "state": state.as_dict(),
-                        "curve": asdict(curve),
-                    },
-                    buf,
-                )
-                _atomic_write(partial_path, buf.getvalue())
-            log(f"  {curve.label} seed {seed} step {state.step}: FD {q:.3f}")
-    if not curve.final:
-        t1 = time.perf_counter()
-        curve.final = final_quality(ema_denoiser, cfg, data, curve.quality[-1])
-        curve.eval_seconds += time.perf_counter() - t1
-    if not curve.sweep:
-        t1 = time.perf_counter()
-        for n in cfg.sweep:
-            q = (
-                curve.quality[-1]
-                if n == cfg.sample_steps
-                else data.metric(generate(ema_denoiser, cfg.num_samples, n))
-            )
-            curve.sweep.append([n, nfe("heun", n), q])
-        curve.eval_seconds += time.perf_counter() - t1
-    if cache is not None:
-        model_path, curve_path, _ = _paths(cache, key)
-        buf = io.BytesIO()
-        torch.save({"net": ema.model.state_dict(), "unet": cfg.unet(), "seed": seed}, buf)
-        _atomic_write(model_path, buf.getvalue())
-        _atomic_write(curve_path, json.dumps(asdict(curve)).encode())
-        if partial_path is not None:
-            partial_path.unlink(missing_ok=True)
-    return ema_denoiser, curve
-
-
-def final_quality(model: Denoiser, cfg: RunConfig, data: Digits, first: float | None = None) -> list[float]:
-    """FD of `model` from each sampling seed of `FINAL_NOISE_SEEDS` (`first`: the known value of the
-    first, the curve's own fixed noise)."""
-    return [
-        first
-        if i == 0 and first is not None
-        else data.metric(generate(model, cfg.num_samples, cfg.sample_steps, seed=s))
-        for i, s in enumerate(FINAL_NOISE_SEEDS)
-    ]
-
-
-def trained_curve(
-    process: ProcessName, fdm: bool, cfg: RunConfig, seed: int, data: Digits, cache: Path | None = CACHE
-) -> Curve:
-    """The cached quality curve of this run (when its model is complete too), else a fresh run's."""
-    if cache is not None:
-        model_path, curve_path, _ = _paths(cache, cfg.training_key(process, fdm, seed, data.classifier_steps))
-        if model_path.exists() and curve_path.exists():
-            print(f"  {curve_path.name}: reusing the cached curve")
-            return Curve(**json.loads(curve_path.read_text()))
-    return train(process, fdm, cfg, seed, data, cache=cache)[1]
-
-
-def cached_model(
-    process: ProcessName, fdm: bool, cfg: RunConfig, seed: int, data: Digits, cache: Path | None = CACHE
-) -> Denoiser | None:
-    """The cached final EMA model of this training config, or None."""
-    if cache is None:
+def cached_model(cfg: CellConfig, data: Digits) -> Denoiser | None:
+    """The cached final EMA model of this cell, or None."""
+    stages = Stages(data.root)
+    inputs = {"dataset": data.dataset, "classifier": data.classifier}
+    key = stages.key(CELL, cfg, inputs)
+    result = stages.served(CELL, key, inputs)
+    if result is None:
         return None
-    model_path = _paths(cache, cfg.training_key(process, fdm, seed, data.classifier_steps))[0]
-    if not model_path.exists():
-        return None
-    print(f"  {model_path.name}: reusing the cached model")
-    denoiser = make_denoiser(process, fdm, cfg, seed)
-    denoiser.net.load_state_dict(torch.load(model_path, weights_only=False)["net"])
-    return denoiser.eval()
+    print(f"  {key}: reusing the cached model", flush=True)
+    return load_model(open_store(result.output_uri), "")[0]
 
 
-def trained(
-    process: ProcessName, fdm: bool, cfg: RunConfig, seed: int, data: Digits, cache: Path | None = CACHE
-) -> Denoiser:
-    """The cached final EMA model of this training config if there is one, else a fresh run's."""
-    model = cached_model(process, fdm, cfg, seed, data, cache)
-    return model if model is not None else train(process, fdm, cfg, seed, data, cache=cache)[0]
+def trained(cfg: CellConfig, data: Digits) -> Denoiser:
+    """The final EMA model of this cell, from the cache if it is there, else a fresh run's."""
+    model = cached_model(cfg, data)
+    return model if model is not None else load_model(open_store(cell_result(cfg, data).output_uri), "")[0]
 
 
 def input_scale(process: ProcessName, fdm: bool, data_std: float, n: int = 100_000) -> tuple[float, float]:
@@ -365,13 +180,16 @@ def input_scale(process: ProcessName, fdm: bool, data_std: float, n: int = 100_0
 # --- cells: what a study runs, and the committed record of what it has run --------------------------
 @dataclass(frozen=True)
 class Cell:
-    """One training run of a study: (process, fdm, seed) under the named setting's RunConfig."""
+    """One training run of a study: (process, fdm, seed) under the named setting's config."""
 
     process: ProcessName
     fdm: bool
     seed: int
     setting: str
-    run: RunConfig
+    run: CellConfig
+
+    def config(self) -> CellConfig:
+        return self.run.for_cell(self.process, self.fdm, self.seed)
 
     @property
     def label(self) -> str:
@@ -390,7 +208,7 @@ class Results:
             self.doc = json.loads(path.read_text())
 
     def identity(self, cell: Cell) -> dict[str, Any]:
-        return cell.run.identity(cell.process, cell.fdm, cell.seed, self.classifier_steps)
+        return identity(cell.config(), self.classifier_steps)
 
     def find(self, cell: Cell) -> dict[str, Any] | None:
         ident = self.identity(cell)
@@ -409,12 +227,15 @@ class Results:
             "eval_seconds": round(curve.eval_seconds, 1),
             "metric_floor": round(floor, 4),
             "config": self.identity(cell),
+            "trained_by": TRAINED_BY,
+            "train_loss": [[s, round(loss, 5)] for s, loss in zip(curve.steps, curve.losses)],
         }
         self.doc["cells"] = [r for r in self.doc["cells"] if r.get("config") != record["config"]] + [record]
 
     def save(self) -> None:
         if self.path is not None:
-            _atomic_write(self.path, (json.dumps(self.doc, indent=1) + "\n").encode())
+            store = open_store(str(self.path.parent))
+            store.write_bytes(self.path.name, (json.dumps(self.doc, indent=1) + "\n").encode())
 
 
 def unique_cells(cells: Sequence[Cell], results: Results) -> dict[str, Cell]:
@@ -425,9 +246,9 @@ def unique_cells(cells: Sequence[Cell], results: Results) -> dict[str, Cell]:
     return unique
 
 
-def run_cell(cell: Cell, data: Digits, cache: Path | None) -> Curve:
+def run_cell(cell: Cell, data: Digits) -> Curve:
     """One cell's curve, from the model cache when it finished there before (a pool job)."""
-    return trained_curve(cell.process, cell.fdm, cell.run, cell.seed, data, cache)
+    return trained_curve(cell.config(), data)
 
 
 def run_cells(
@@ -435,7 +256,6 @@ def run_cells(
     results: Results,
     data: Digits,
     workers: int,
-    cache: Path | None,
     on_done: Callable[[], None] = lambda: None,
 ) -> None:
     """Run every cell that `results` lacks, `workers` at a time in cell order, recording each one (and
@@ -452,14 +272,14 @@ def run_cells(
 
     if workers <= 1 or len(todo) <= 1:
         for cell in todo:
-            finish(cell, run_cell(cell, data, cache))
+            finish(cell, run_cell(cell, data))
         return
     spawn = multiprocessing.get_context("spawn")  # fork after OpenMP has started can hang the children
     with ProcessPoolExecutor(min(workers, len(todo)), spawn, torch.set_num_threads, (1,)) as pool:
         queue: Iterator[Cell] = iter(todo)
         running = {}
         for cell in queue:  # submit only `workers` at a time so cells start in order
-            running[pool.submit(run_cell, cell, data, cache)] = cell
+            running[pool.submit(run_cell, cell, data)] = cell
             if len(running) >= workers:
                 break
         while running:
@@ -468,7 +288,7 @@ def run_cells(
                 finish(running.pop(fut), fut.result())
                 nxt = next(queue, None)
                 if nxt is not None:
-                    running[pool.submit(run_cell, nxt, data, cache)] = nxt
+                    running[pool.submit(run_cell, nxt, data)] = nxt
 
 
 class PairMode(Protocol):
@@ -477,19 +297,23 @@ class PairMode(Protocol):
     seeds: dict[ProcessName, tuple[int, ...]]
     classifier_steps: int
     workers: int
+    cache: Path | None
 
 
-def digits_data(classifier_steps: int) -> Digits:
-    """The digits data and its metric, built with one torch thread (more than free cores thrashes)."""
+def digits_data(classifier_steps: int, cache: Path | None) -> Digits:
+    """The digits data and its metric in the store `cache` (None: a temporary one, removed at exit), built
+    with one torch thread (more than free cores thrashes)."""
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        return load_digits(Path(tmp), classifier_steps)
+    if cache is None:
+        cache = Path(tempfile.mkdtemp(prefix="fdm-bench-"))
+        atexit.register(shutil.rmtree, cache, True)
+    return load_digits(cache, classifier_steps)
 
 
 def run_pairs(fn: Callable[..., object], mode: PairMode) -> tuple[Digits, list]:
     """Load the digits data and its metric once, then `fn(process, fdm, mode, seed, data)` for the baseline
     then the FDM run of every process and seed, over `mode.workers` processes; (data, results in order)."""
-    data = digits_data(mode.classifier_steps)
+    data = digits_data(mode.classifier_steps, mode.cache)
     jobs = [
         (p, fdm, mode, seed, data) for p, ss in mode.seeds.items() for seed in ss for fdm in (False, True)
     ]

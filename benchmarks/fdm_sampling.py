@@ -20,21 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine, summary, write_report
+from benchmarks.common import CACHE, machine, summary, write_report
+from benchmarks.fdm_cell import CellConfig, generate, study_setting
 from benchmarks.fdm_common import (
-    CACHE,
+    TRAINED_BY,
     Digits,
     Results,
-    RunConfig,
+    describe,
     first_reach,
     fmt,
-    generate,
     mean,
     plot,
     run_pairs,
     trained,
 )
 from benchmarks.fdm_training import MODES as TRAINING_MODES
+from benchmarks.fdm_training import provenance
 from fdm_core.processes import ProcessName
 from fdm_core.samplers import nfe
 
@@ -50,7 +51,7 @@ class Mode:
 
     name: str
     seeds: dict[ProcessName, tuple[int, ...]]
-    run: RunConfig
+    run: CellConfig
     sweep: tuple[int, ...]
     classifier_steps: int = 300
     workers: int = min(2, os.cpu_count() or 1)
@@ -60,14 +61,17 @@ class Mode:
 
 FULL = TRAINING_MODES["full"]
 MODES = {
-    "full": Mode("full", FULL.seeds, FULL.run, FULL.run.sweep, from_record=True),
+    "full": Mode("full", FULL.seeds, FULL.run, tuple(FULL.run.sweep), from_record=True),
     "quick": Mode(
-        "quick", {"edm": (0,)}, RunConfig(steps=400, eval_every=400, num_samples=200), (3, 4, 6, 9, 13, 18)
+        "quick",
+        {"edm": (0,)},
+        study_setting(steps=400, eval_every=400, num_samples=200),
+        (3, 4, 6, 9, 13, 18),
     ),
     "tiny": Mode(
         "tiny",
         {"edm": (0,)},
-        RunConfig(steps=2, eval_every=2, num_samples=40, sample_steps=3),
+        study_setting(steps=2, eval_every=2, num_samples=40, sample_steps=3),
         (2, 3),
         5,
         1,
@@ -78,18 +82,19 @@ MODES = {
 
 def sweep(process: ProcessName, fdm: bool, mode: Mode, seed: int, data: Digits) -> dict[str, Any]:
     """One model's record with its Heun sweep ([steps, NFE, FD] rows) (a pool job)."""
-    model = trained(process, fdm, mode.run, seed, data, mode.cache)
+    model = trained(mode.run.for_cell(process, fdm, seed), data)
     rows = [[n, nfe("heun", n), data.metric(generate(model, mode.run.num_samples, n))] for n in mode.sweep]
     print(f"  {process} fdm={fdm} seed {seed}: {', '.join(f'{q:.3f}' for *_, q in rows)}", flush=True)
     return {"process": process, "fdm": fdm, "seed": seed, "heun_sweep": rows}
 
 
-def records(mode: Mode) -> tuple[list[dict[str, Any]], list[str], str]:
-    """The swept models of `mode` (from the record or trained here), the cells still missing, and the
-    metric's description."""
+def records(mode: Mode) -> tuple[list[dict[str, Any]], list[str], str, str]:
+    """The swept models of `mode` (from the record or trained here), the cells still missing, the
+    metric's description and which training code produced the models."""
     if not mode.from_record:
         data, runs = run_pairs(sweep, mode)
-        return runs, [], metric_text(data.metric.reference.shape[1], data.classifier_accuracy)
+        trained_by = f"Training code: the product's (`{TRAINED_BY}`)."
+        return runs, [], metric_text(data.metric.reference.shape[1], data.classifier_accuracy), trained_by
     training = TRAINING_MODES["full"]
     results = Results(training.record, training.classifier_steps)
     found, missing = [], []
@@ -102,7 +107,7 @@ def records(mode: Mode) -> tuple[list[dict[str, Any]], list[str], str]:
         else:
             missing.append(cell.label)
     accuracy = results.doc.get("meta", {}).get("classifier_val_accuracy", float("nan"))
-    return found, missing, metric_text(64, accuracy)
+    return found, missing, metric_text(64, accuracy), provenance(results)
 
 
 def metric_text(dims: int, accuracy: float) -> str:
@@ -196,7 +201,7 @@ nearly free of sampling noise): {readings[-1]}.
 def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     """Collect the swept models (record or fresh), then build the report and its plot."""
     t0 = time.perf_counter()
-    recs, missing, metric = records(mode)
+    recs, missing, metric, trained_by = records(mode)
     sections, readings, panels = [], [], {}
     for p in mode.seeds:
         mine = [r for r in recs if r["process"] == p]
@@ -215,7 +220,7 @@ def run(mode: Mode) -> tuple[str, dict[str, bytes]]:
     source = (
         "the final models of fdm_training's main cells (read from benchmarks/results/fdm_training.json)"
         if mode.from_record
-        else f"models trained here: {mode.run.describe().split('; evaluation')[0]}"
+        else f"models trained here: {describe(mode.run).split('; evaluation')[0]}"
     )
     report = f"""# FDM sampling speed: Heun NFE to reach a given quality ({mode.name})
 
@@ -224,6 +229,7 @@ Models: {source}. Sampling: {mode.run.num_samples} samples from fixed noise per 
 default grid (EDM Karras ρ = 7, VP uniform t, VE geometric); NFE = 2n − 1 (no correction on the last step).
 Quality: {metric}. Targets: the baseline's FD at its largest NFE times {", ".join(f"{f:g}" for f in TARGETS)};
 NFEs are interpolated on each model's sweep and paired by seed.
+{trained_by}
 {("Cells still missing: " + ", ".join(missing) + ".") if missing else ""}
 
 ![quality vs NFE]({png})

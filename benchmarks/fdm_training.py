@@ -27,7 +27,6 @@ on one idle core (16 channels; the 32-channel ablation about 20).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import math
 import os
@@ -38,15 +37,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, machine, write_report
+from benchmarks.common import CACHE, RESULTS, machine, write_report
+from benchmarks.fdm_cell import CellConfig, study_setting
 from benchmarks.fdm_common import (
     BENCH_VERSION,
-    CACHE,
+    TRAINED_BY,
     Cell,
     Digits,
     Results,
-    RunConfig,
     cached_model,
+    describe,
     digits_data,
     first_reach,
     fmt,
@@ -55,33 +55,34 @@ from benchmarks.fdm_common import (
     plot,
     run_cells,
     unique_cells,
+    warmup,
 )
 from fdm_core.processes import ProcessName, make_process, vp_sigma
 
 HEUN_SWEEP = (4, 5, 6, 8, 10, 13, 18, 25)
-MAIN = RunConfig(steps=4000, eval_every=250, num_samples=1000, sweep=HEUN_SWEEP)
+MAIN = study_setting(steps=4000, eval_every=250, num_samples=1000, sweep=HEUN_SWEEP)
 # EDM ablations: each changes one thing of MAIN (a baseline that does not depend on it is MAIN's).
-ABLATIONS: dict[str, tuple[RunConfig, str]] = {
-    "W50": (dataclasses.replace(MAIN, warmup_iters=50, sweep=()), "W = 50 steps"),
-    "W800": (dataclasses.replace(MAIN, warmup_iters=800, sweep=()), "W = 800 steps"),
-    "noclip": (dataclasses.replace(MAIN, grad_clip=None, sweep=()), "no gradient clipping"),
+ABLATIONS: dict[str, tuple[CellConfig, str]] = {
+    "W50": (MAIN.changed(warmup_iters=50, sweep=[]), "W = 50 steps"),
+    "W800": (MAIN.changed(warmup_iters=800, sweep=[]), "W = 800 steps"),
+    "noclip": (MAIN.changed(grad_clip=None, sweep=[]), "no gradient clipping"),
     "ema995": (
-        dataclasses.replace(MAIN, ema_decay=0.995, ema_rampup=None, sweep=()),
+        MAIN.changed(ema_decay=0.995, ema_rampup=None, sweep=[]),
         "constant EMA decay 0.995 (the old benchmark's)",
     ),
-    "wide32": (dataclasses.replace(MAIN, model_channels=32, sweep=()), "U-Net 32 channels (4x the weights)"),
+    "wide32": (MAIN.changed(model_channels=32, sweep=[]), "U-Net 32 channels (4x the weights)"),
 }
 # Past MAIN's 4000 steps (one seed, evaluated every 500): where VP-FDM's lag closes, and where VE (still
 # falling steeply at 4000) flattens and which of the pair is ahead there.
-LONG: dict[ProcessName, RunConfig] = {
-    "vp": dataclasses.replace(MAIN, steps=12000, eval_every=500, sweep=()),
-    "ve": dataclasses.replace(MAIN, steps=8000, eval_every=500, sweep=()),
+LONG: dict[ProcessName, CellConfig] = {
+    "vp": MAIN.changed(steps=12000, eval_every=500, sweep=[]),
+    "ve": MAIN.changed(steps=8000, eval_every=500, sweep=[]),
 }
 
 
-def long_setting(cfg: RunConfig) -> str:
+def long_setting(cfg: CellConfig) -> str:
     """The setting name of a long pair's cells, e.g. long12000."""
-    return f"long{cfg.steps}"
+    return f"long{cfg.train.steps}"
 
 
 @dataclass(frozen=True)
@@ -92,14 +93,14 @@ class Mode:
 
     name: str
     seeds: dict[ProcessName, tuple[int, ...]]
-    run: RunConfig
-    ablations: dict[str, tuple[RunConfig, str]] = field(default_factory=dict)
+    run: CellConfig
+    ablations: dict[str, tuple[CellConfig, str]] = field(default_factory=dict)
     ablation_seeds: tuple[int, ...] = (0, 1)
     classifier_steps: int = 300
     workers: int = min(2, os.cpu_count() or 1)
     cache: Path | None = CACHE
     record: Path | None = None
-    long: dict[ProcessName, RunConfig] = field(default_factory=dict)
+    long: dict[ProcessName, CellConfig] = field(default_factory=dict)
     long_seeds: tuple[int, ...] = (0,)
 
     def cells(self) -> list[Cell]:
@@ -134,17 +135,17 @@ MODES = {
         record=RESULTS / "fdm_training.json",
         long=LONG,
     ),
-    "quick": Mode("quick", {"edm": (0,)}, RunConfig(steps=400, eval_every=50, num_samples=200)),
+    "quick": Mode("quick", {"edm": (0,)}, study_setting(steps=400, eval_every=50, num_samples=200)),
     "tiny": Mode(
         "tiny",
         {"edm": (0,)},
-        RunConfig(steps=4, eval_every=2, num_samples=40, sample_steps=3),
+        study_setting(steps=4, eval_every=2, num_samples=40, sample_steps=3),
         {},
         (),
         5,
         1,
         None,
-        long={"edm": RunConfig(steps=6, eval_every=2, num_samples=40, sample_steps=3)},
+        long={"edm": study_setting(steps=6, eval_every=2, num_samples=40, sample_steps=3)},
     ),
 }
 
@@ -335,7 +336,7 @@ def main_section(
     summary["late_fd_baseline"] = [round(v, 4) for v in late["base"]]
     summary["late_fd_fdm"] = [round(v, 4) for v in late["fdm"]]
     late_ratio = [f / b for b, f in zip(late["base"], late["fdm"])]
-    text = f"""## {name}: baseline vs {name}-FDM (W = {cells[0].run.warmup(process)} steps)
+    text = f"""## {name}: baseline vs {name}-FDM (W = {warmup(cells[0].config().train)} steps)
 
 Paper anchor: FDM reaches the baseline's final quality with about half the training (ratio ≈ 2).
 
@@ -379,7 +380,7 @@ def ablation_section(mode: Mode, results: Results) -> str:
             rows.append(f"| {name} | {what} | 0 | | | | | not run yet |")
             continue
         pairs = [pair_fit(b, f) for b, f in found]
-        if len(found) == len(mode.ablation_seeds) and cfg.model_channels == mode.run.model_channels:
+        if len(found) == len(mode.ablation_seeds) and cfg.model == mode.run.model:
             complete[name] = found, pairs  # candidates for the best setting: same network, same step cost
         sets = [mean([mean(r["final_fds"]) for r in arm]) for arm in zip(*found)]
         rows.append(
@@ -414,7 +415,7 @@ models). Ratio: the step ratio baseline ÷ FDM on the fits, paired by seed.
 {best}"""
 
 
-def long_section(process: ProcessName, cfg: RunConfig, mode: Mode, results: Results) -> tuple[str, dict]:
+def long_section(process: ProcessName, cfg: CellConfig, mode: Mode, results: Results) -> tuple[str, dict]:
     """A pair trained past MAIN's length: its curves side by side (centred running means) and the first
     step from which FDM's running mean stays at or below the baseline's; the plot panel."""
     name, blocks, panel = process.upper(), [], {}
@@ -448,9 +449,10 @@ def long_section(process: ProcessName, cfg: RunConfig, mode: Mode, results: Resu
         )
         panel = {f"baseline (seed {seed})": (steps, bq), f"FDM (seed {seed})": (steps, fq)}
     seeds = ", ".join(map(str, mode.long_seeds))
-    text = f"""## {name}: {cfg.steps} steps (seeds {seeds}): the pair trained past {mode.run.steps} steps
+    steps, main_steps = cfg.train.steps, mode.run.train.steps
+    text = f"""## {name}: {steps} steps (seeds {seeds}): the pair trained past {main_steps} steps
 
-The main setting but {cfg.steps} steps, evaluated every {cfg.eval_every}.
+The main setting but {steps} steps, evaluated every {cfg.eval_every}.
 
 {chr(10).join(blocks)}
 """
@@ -497,11 +499,11 @@ def render(mode: Mode, results: Results, data: Digits, wall: float) -> tuple[str
         text, panel = long_section(p, cfg, mode, results)
         sections.append(text)
         if panel:
-            panels[f"{p.upper()}, {cfg.steps} steps"] = panel
+            panels[f"{p.upper()}, {cfg.train.steps} steps"] = panel
     results.doc["summary"] = summary
     results.doc["meta"] = {
         "bench_version": BENCH_VERSION,
-        "main": mode.run.describe(),
+        "main": describe(mode.run),
         "metric_floor": round(data.floor, 4),
         "classifier_val_accuracy": round(data.classifier_accuracy, 4),
         "cells_missing": missing,
@@ -530,13 +532,14 @@ Machine: {machine()}. Command: `{cmd}`. Wall time of this invocation {wall:.0f} 
 are read from {"`benchmarks/results/fdm_training.json`" if mode.record else "memory"}). Benchmark version
 `{BENCH_VERSION}`.
 Data: sklearn digits, 8x8, train split ({len(data.x_train)} images, 10% held out).
-Main setting: {mode.run.describe()}. Quality: Fréchet distance of the EMA model's samples to the train
+Main setting: {describe(mode.run)}. Quality: Fréchet distance of the EMA model's samples to the train
 split in the {data.metric.reference.shape[1]}-d features of a classifier trained once on it (val accuracy
 {data.classifier_accuracy:.3f}); lower is better. The 180 held-out real images score {data.floor:.3f}
 (the metric's floor at that sample size). A seed fixes the initial weights, batches and training noise of
 both cells of a pair; the ratio is computed per seed pair.
 
 Progress: {done} of {total} cells recorded.
+{provenance(results)}
 {("Cells still missing: " + ", ".join(missing) + ".") if missing else "All cells recorded."}
 
 ![quality vs steps]({png})
@@ -550,6 +553,39 @@ Progress: {done} of {total} cells recorded.
     return report, files
 
 
+# The old-vs-new check of the switch to the product's training loop (issue 27): one EDM pair trained by
+# both; see provenance().
+LOOP_CHECK = (
+    "Check of the switch (one EDM pair, seed 0, 400 steps, FD of 200 Heun-18 samples every 100 steps, the "
+    "same data and classifier; the benchmark's own loop vs the product's, side by side under the exclusive "
+    "CPU lock): "
+    "mean training loss per 100 steps, baseline 1.190/0.655/0.565/0.532 (own loop) vs "
+    "1.188/0.659/0.566/0.537 (product), FDM 0.821/0.610/0.571/0.538 vs 0.817/0.605/0.574/0.542; "
+    "FD at steps 100-400, baseline "
+    "141.9/29.4/16.1/12.9 vs 141.5/30.9/16.9/16.2, FDM 114.8/37.7/22.5/15.0 vs 111.7/39.8/24.7/19.7; the "
+    "final model's mean FD over its 5 sampling seeds, baseline 14.99 vs 14.55, FDM 16.12 vs 18.53 (one "
+    "model's FD spans 11-21 over those seeds); training 31/27 s vs 31/28 s. The losses agree within 1% and "
+    "the FDs within one model's spread over sampling seeds, so the recorded cells are kept, not re-run."
+)
+
+
+def provenance(results: Results) -> str:
+    """Which training code produced the recorded cells: the product's loop (records with `trained_by`) or
+    the benchmark's own loop it replaced, with the check that both measure the same."""
+    cells = results.doc["cells"]
+    product = sum(1 for r in cells if r.get("trained_by") == TRAINED_BY)
+    if product == len(cells):
+        return f"Every recorded cell was trained by the product's training code (`{TRAINED_BY}`)."
+    return (
+        f"Training code: the study now trains every cell through the product's code (`{TRAINED_BY}`, "
+        f"TrainConfig, its checkpoints; benchmarks/fdm_cell.py); {len(cells) - product} of the "
+        f"{len(cells)} recorded cells predate that switch and were trained by the benchmark's own loop (same "
+        f"optimiser, lr ramp, EMA, clipping and loss; batches (drawn with replacement) and training noise "
+        f"from one seeded generator instead of the product's shuffled loader and noise generator). "
+        + LOOP_CHECK
+    )
+
+
 VP_BANDS = (1e-5, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -557,7 +593,7 @@ def vp_band_errors(mode: Mode, results: Results, data: Digits, seed: int = 0) ->
     """Where VP-FDM is worse: the ε-MSE |(D − x0)/σ|² of the final VP and VP-FDM models of `seed` (from the
     model cache) on the training images, by band of t (σ = σ_vp(t)), recorded in the results' diagnostics."""
     g, rows = torch.Generator().manual_seed(0), []
-    models = [cached_model("vp", fdm, mode.run, seed, data, mode.cache) for fdm in (False, True)]
+    models = [cached_model(mode.run.for_cell("vp", fdm, seed), data) for fdm in (False, True)]
     if None in models:
         print("vp bands: the final VP models of this seed are not in the model cache")
         return
@@ -600,7 +636,7 @@ Where VP-FDM is worse (`python -m benchmarks.fdm_training --vp-bands`, seed {dia
 def run(mode: Mode, train_missing: bool = True, jobs: int | None = None) -> tuple[str, dict[str, bytes]]:
     """Train every cell of `mode` that is not recorded yet (recording each as it finishes), then render."""
     t0 = time.perf_counter()
-    data = digits_data(mode.classifier_steps)
+    data = digits_data(mode.classifier_steps, mode.cache)
     results = Results(mode.record, mode.classifier_steps)
     if train_missing:
 
@@ -612,7 +648,7 @@ def run(mode: Mode, train_missing: bool = True, jobs: int | None = None) -> tupl
                 for name, png in files.items():
                     (mode.record.parent / name).write_bytes(png)
 
-        run_cells(mode.cells(), results, data, jobs or mode.workers, mode.cache, checkpoint)
+        run_cells(mode.cells(), results, data, jobs or mode.workers, checkpoint)
     report, files = render(mode, results, data, time.perf_counter() - t0)
     results.save()
     return report, files
@@ -631,7 +667,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
     if args.vp_bands:
-        vp_band_errors(mode, Results(mode.record, mode.classifier_steps), digits_data(mode.classifier_steps))
+        data = digits_data(mode.classifier_steps, mode.cache)
+        vp_band_errors(mode, Results(mode.record, mode.classifier_steps), data)
     report, files = run(mode, not (args.report_only or args.vp_bands), args.jobs)
     print(report)
     path = write_report("fdm_training" + ("_quick" if args.quick else ""), report, files)

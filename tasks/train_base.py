@@ -16,7 +16,7 @@ from tasks.checkpoints import model_spec, save_model
 from tasks.dataset import ParquetBatches, dataset_meta
 from tasks.stage import StageContext, StageResult
 from tasks.stages.train_base import ModelConfig, TrainBaseConfig, TrainConfig
-from tasks.training_loop import LoopSettings, fit
+from tasks.training_loop import Callback, LoopSettings, fit
 
 
 def train_base(cfg: TrainBaseConfig, ctx: StageContext, dataset: str) -> StageResult:
@@ -34,7 +34,7 @@ def train_base(cfg: TrainBaseConfig, ctx: StageContext, dataset: str) -> StageRe
         )
     else:
         torch.set_num_threads(max(1, ctx.num_threads))
-        metrics = _train(cfg.model, cfg.train, dataset, ctx, torch.device(ctx.device), ctx.out_dir)
+        metrics = train_denoiser(cfg.model, cfg.train, dataset, ctx, torch.device(ctx.device), ctx.out_dir)
     net = cfg.model.build(dataset_meta(dataset, ctx.s3).shape)
     return StageResult(
         stage="train_base",
@@ -53,11 +53,12 @@ def _train_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, ctx.num_threads))
     with tempfile.TemporaryDirectory(prefix="fdm-rank-") as files:
         report_outputs(
-            _train(cfg.model, cfg.train, config["dataset"], ctx, device, Path(files), rank, world), files
+            train_denoiser(cfg.model, cfg.train, config["dataset"], ctx, device, Path(files), rank, world),
+            files,
         )
 
 
-def _train(
+def train_denoiser(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
     dataset: str,
@@ -66,10 +67,11 @@ def _train(
     out_dir: Path,
     rank: int = 0,
     world: int = 1,
+    callback: Callback | None = None,
 ) -> dict[str, float]:
     """The training run, or one DDP rank of it: every rank draws its own batches of batch_size/world and
     noise; gradients are averaged, so all ranks hold the same weights and rank 0 alone writes them to
-    `out_dir`."""
+    `out_dir`. `callback` watches rank 0's steps (the FDM study scores its learning curve there)."""
     meta = dataset_meta(dataset, ctx.s3)
     torch.manual_seed(cfg.seed)
     process = cfg.build_process()
@@ -102,6 +104,7 @@ def _train(
         ema=ema,
         saved=model,
         rank=rank,
+        callback=callback,
     )
     if rank == 0:
         spec = model_spec(ema.model, parameters=count_parameters(model), data_shape=list(meta.shape))

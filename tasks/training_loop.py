@@ -2,7 +2,8 @@
 
 It owns what they share: resuming from the newest checkpoint under `ctx.checkpoints`, the optimizer step
 with its non-finite-loss refusal (`fdm_core.training.train_step`), mean-loss logging at real steps, and
-periodic checkpoints. A stage supplies its model, optimizer, batches and loss.
+periodic checkpoints. A stage supplies its model, optimizer, batches and loss; a caller that watches the run
+(a study's learning curve) passes a `callback`, as k-diffusion's samplers take one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,20 @@ from tasks.checkpoints import resume_training, save_training_checkpoint
 from tasks.stage import StageContext
 
 LossFn = Callable[[Any, TrainState, torch.Generator], Tensor]
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """What `fit`'s callback sees after an optimizer step: the counters, that step's loss, the model
+    being trained (unwrapped) and its EMA, if any."""
+
+    state: TrainState
+    loss: float
+    model: nn.Module
+    ema: EMA | None
+
+
+Callback = Callable[[StepDone], None]
 
 
 @dataclass(frozen=True)
@@ -55,12 +70,16 @@ def fit(
     ema: EMA | None = None,
     saved: nn.Module | None = None,
     rank: int = 0,
+    callback: Callback | None = None,
 ) -> FitResult:
     """Train `model` for `loop.steps` optimizer steps, resuming where a checkpoint left off.
 
-    `batches(step)` starts the data stream at `step` and the training noise comes from a generator seeded
-    by `loop.seed` and the step, so a resumed run draws what an uninterrupted one would have drawn.
+    `batches(step)` starts the data stream of a run that begins at `step`, and the training noise comes
+    from a generator seeded by `loop.seed` and that step: a resumed run is reproducible, though after its
+    checkpoint it draws other batches and noise than an uninterrupted run (the stages seed both afresh).
     `saved` is the module checkpointed (the unwrapped model under DDP); rank 0 alone logs and checkpoints.
+    `callback` (rank 0) runs after every step, before that step's checkpoint, so what it records at a step
+    is never older than the checkpoint a resumed run starts from.
     """
     saved = saved if saved is not None else model
     store = open_store(ctx.store_uri, ctx.s3)
@@ -90,6 +109,8 @@ def fit(
             if rank == 0:
                 ctx.log_metrics({f"{loop.name}/loss": last_loss, f"{loop.name}/lr": lr}, state.step)
             loss_sum, n_loss = 0.0, 0
+        if callback is not None and rank == 0:
+            callback(StepDone(state, loss, saved, ema))
         due = checkpointing and state.step % loop.checkpoint_every == 0 and state.step < loop.steps
         if due and rank == 0:
             save_training_checkpoint(store, ctx.checkpoints, saved, ema, optimizer, state)

@@ -22,7 +22,11 @@ from benchmarks import (
     prepare,
 )
 from benchmarks.common import machine, stated_command
-from benchmarks.fdm_common import first_reach, load_digits, train, trained, trained_curve
+from benchmarks.fdm_cell import CELL, CURVE, study_setting
+from benchmarks.fdm_common import first_reach, load_digits, trained, trained_curve
+from benchmarks.stage_cache import Stages
+from infra.manifest import CURRENT, MANIFEST_NAME, read_manifest
+from infra.store import open_store
 from pipelines import cli
 
 
@@ -49,18 +53,37 @@ def test_fdm_cache_serves_fdm_training_runs_to_both_benchmarks(tmp_path: Path, c
     first, _ = fdm_training.run(mode)
     assert "## EDM: 6 steps (seeds 0): the pair trained past 4 steps" in first  # the long pair, read as such
     assert "Step ratio baseline ÷ FDM on the log-log fits" in first
-    data = load_digits(tmp_path / "data", mode.classifier_steps)
+    data = load_digits(tmp_path, mode.classifier_steps)
     capsys.readouterr()
-    curve = trained_curve("edm", True, mode.run, 0, data, tmp_path)
-    model = trained("edm", True, mode.run, 0, data, tmp_path)
+    cfg = mode.run.for_cell("edm", True, 0)
+    curve = trained_curve(cfg, data)
+    model = trained(cfg, data)
     assert capsys.readouterr().out.count("reusing the cached") == 2
     assert f"{curve.quality[-1]:.3f} |" in first
-    fresh, _ = train("edm", True, mode.run, 0, data, print, cache=None)
+    fresh = trained(cfg, load_digits(tmp_path / "fresh", mode.classifier_steps))
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
     sampling = dataclasses.replace(fdm_sampling.MODES["tiny"], run=mode.run, cache=tmp_path)
     fdm_sampling.run(sampling)
     assert "reusing the cached model" in capsys.readouterr().out
+
+
+def test_fdm_cell_is_the_product_training_in_the_store_layout(tmp_path: Path) -> None:
+    """A study cell trains through tasks.train_base (its metrics) into the layout `fdm run` writes:
+    stages/<kind>/<key>/<version>/ with the model artifact and a manifest holding the curve, CURRENT naming
+    the version, and the product's checkpoints gone once the cell is complete."""
+    data = load_digits(tmp_path, 5)
+    cfg = study_setting(steps=3, eval_every=2, num_samples=20, sample_steps=2).for_cell("edm", True, 0)
+    result = Stages(str(tmp_path))(CELL, cfg, dataset=data.dataset, classifier=data.classifier)
+    store = open_store(str(tmp_path))
+    key_dir = f"stages/{CELL.name}/{result.key}"
+    version = store.read_bytes(f"{key_dir}/{CURRENT}").decode()
+    manifest = read_manifest(store, f"{key_dir}/{version}")
+    assert set(manifest.files) == {"model.json", "weights.safetensors"}
+    assert manifest.result["info"]["curve"]["steps"] == [2, 3]
+    assert {"resumed_from", "images_seen", "train/loss"} <= set(result.metrics)  # train_denoiser's metrics
+    assert not store.list(f"checkpoints/{CELL.name}")
+    assert current_versions(tmp_path, "prepare_data") and current_versions(tmp_path, "train_classifier")
 
 
 def check_report(report: str, files: dict[str, bytes], tables: list[str], anchors: list[str]) -> None:
@@ -77,8 +100,21 @@ def check_report(report: str, files: dict[str, bytes], tables: list[str], anchor
             assert f"({name})" in report and data.startswith(b"\x89PNG")
 
 
-def test_distillation_tiny_builds_report_and_plot() -> None:
-    report, files = distillation.run(distillation.MODES["tiny"])
+def current_versions(root: Path, kind: str) -> list[str]:
+    """The complete versions that the CURRENT files of a stage kind's keys name in the store at `root`."""
+    store = open_store(str(root))
+    found = []
+    for path in store.list(f"stages/{kind}"):
+        if path.endswith(f"/{CURRENT}"):
+            version = f"{path.rsplit('/', 1)[0]}/{store.read_bytes(path).decode()}"
+            found += [version] if store.exists(f"{version}/{MANIFEST_NAME}") else []
+    return found
+
+
+def test_distillation_tiny_builds_report_and_plot(tmp_path: Path) -> None:
+    report, files = distillation.run(dataclasses.replace(distillation.MODES["tiny"], cache=tmp_path))
+    for kind in ("prepare_data", "train_classifier", "train_base", "distill_round", "evaluate"):
+        assert current_versions(tmp_path, kind)  # the store layout `fdm run` writes
     table = "| variant | 2 steps | 1 steps | score | updates to 4 | wall to 4 | updates to 1 | wall to 1 |"
     check_report(report, files, [table], ["## Lever 1: teacher targets", "## The chosen recipe", "Reading: "])
     assert list(files) == ["distillation_tiny.png", "distillation_tiny.summary.json"]
@@ -172,25 +208,33 @@ def test_pipeline_tiny_builds_report() -> None:
     assert "| distill_4to2 | done |" in report and "of which start-up" in report
 
 
-def test_fdm_interrupted_cell_resumes_bit_exactly(tmp_path: Path) -> None:
-    """A cell stopped after an evaluation resumes from its checkpoint and ends with the same EMA weights
-    and curve as an uninterrupted run."""
-    cfg = fdm_common.RunConfig(steps=4, eval_every=2, num_samples=20, sample_steps=2)
-    data = load_digits(tmp_path / "data", 5)
+def test_fdm_interrupted_cell_resumes_from_the_product_checkpoint(tmp_path: Path, capsys) -> None:
+    """A cell stopped at an evaluation left the product's checkpoint of the evaluation before and its curve
+    so far; run again, it resumes there, redoes the lost steps and keeps the earlier point. (The product's
+    resume restarts the data stream and training noise from (seed, step), so the redone steps draw other
+    batches than an uninterrupted run: only the points before the checkpoint are the uninterrupted run's.)"""
+    data = load_digits(tmp_path, 5)
+    cfg = study_setting(steps=6, eval_every=2, num_samples=20, sample_steps=2).for_cell("edm", True, 0)
 
-    def stop_at_step_2(message: str) -> None:
-        if "step 2:" in message:
+    def stop_at_step_4(metrics: dict[str, float], step: int) -> None:
+        if "fd" in metrics and step == 4:
             raise KeyboardInterrupt
 
+    stages = Stages(str(tmp_path), log_metrics=stop_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train("edm", True, cfg, 0, data, stop_at_step_2, cache=tmp_path)
-    lines: list[str] = []
-    resumed, curve = train("edm", True, cfg, 0, data, lines.append, cache=tmp_path)
-    assert "resuming at step 2" in lines[0] and curve.steps == [2, 4]
-    fresh, fresh_curve = train("edm", True, cfg, 0, data, print, cache=None)
-    assert curve.quality == fresh_curve.quality
-    for a, b in zip(resumed.state_dict().values(), fresh.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        stages(CELL, cfg, dataset=data.dataset, classifier=data.classifier)
+    store = open_store(str(tmp_path))
+    inputs = {"dataset": data.dataset, "classifier": data.classifier}
+    key = stages.key(CELL, cfg, inputs)
+    checkpoints = f"checkpoints/{CELL.name}/{key}"
+    assert read_manifest(store, f"{checkpoints}/step-000000002").producer["kind"] == "training_checkpoint"
+    assert json.loads(store.read_bytes(f"{checkpoints}/{CURVE}"))["steps"] == [2, 4]
+    assert stages.served(CELL, key, inputs) is None  # nothing complete-looking
+    capsys.readouterr()
+    curve = trained_curve(cfg, data)
+    assert "resuming at step 2" in capsys.readouterr().out and curve.steps == [2, 4, 6]
+    fresh = trained_curve(cfg, load_digits(tmp_path / "fresh", 5))
+    assert curve.quality[0] == fresh.quality[0] and len(curve.final) == 5
 
 
 def test_fdm_recorded_cells_are_not_rerun(tmp_path: Path) -> None:
@@ -213,10 +257,14 @@ def test_fdm_recorded_cells_are_not_rerun(tmp_path: Path) -> None:
         "seeds",
         "steps",
     }
+    assert all(c["trained_by"] == fdm_common.TRAINED_BY and len(c["train_loss"]) for c in doc["cells"])
     results = fdm_common.Results(record, mode.classifier_steps)
-    data = fdm_common.Digits(torch.zeros(1), None, 0.0, mode.classifier_steps)  # type: ignore[arg-type]
+    data = fdm_common.Digits(torch.zeros(1), None, 0.0, mode.classifier_steps, "", None, None)  # type: ignore[arg-type]
     cells = mode.cells()
-    fdm_common.run_cells(cells, results, data, 1, None)  # would fail on the dummy data if it trained
-    other_w = dataclasses.replace(mode.run, warmup_iters=7)
+    fdm_common.run_cells(cells, results, data, 1)  # would fail on the dummy data if it trained
+    assert "Every recorded cell was trained by the product's" in fdm_training.provenance(results)
+    del results.doc["cells"][0]["trained_by"]  # as the cells recorded before the switch
+    assert "1 of the 4 recorded cells predate that switch" in fdm_training.provenance(results)
+    other_w = mode.run.changed(warmup_iters=7)
     assert results.find(fdm_common.Cell("edm", False, 0, "W7", other_w)) is not None
     assert results.find(fdm_common.Cell("edm", True, 0, "W7", other_w)) is None
