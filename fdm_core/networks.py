@@ -51,11 +51,13 @@ def _config(kind: str, arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 class MLP(nn.Module):
-    """Residual MLP for D-dimensional data (2-D toy sets), the noise level entering as scale and shift."""
+    """Residual MLP for D-dimensional data (2-D toy sets), the noise level entering as scale and shift.
+    The data's dimension `dim` is positional; the sizes are named."""
 
     def __init__(
         self,
         dim: int = 2,
+        *,
         hidden: int = 128,
         depth: int = 3,
         emb_dim: int = 64,

@@ -36,7 +36,7 @@ class ModelConfig(BaseModel):
         if self.kind == "mlp":
             if len(shape) != 1:
                 raise ValueError(f"model.kind: mlp needs vector data, the dataset has shape {list(shape)}")
-            return MLP(shape[0], self.hidden, self.depth, embedding=self.embedding)
+            return MLP(shape[0], hidden=self.hidden, depth=self.depth, embedding=self.embedding)
         if len(shape) != 3 or shape[1] != shape[2]:
             raise ValueError(f"model.kind: unet needs square images (C, H, W), the dataset has {list(shape)}")
         return UNet(
