@@ -7,7 +7,7 @@ git at run time: one process decodes every image into a list, stacks it, stores 
 current stage in a fresh local Ray of 2 CPUs (Ray start-up not timed), its peak being the sum of the
 driver's and every Ray worker's own peak (Ray's per-node agents left out). Generate the folders first:
 
-    python -m benchmarks.prepare [--quick]        # under flock -x /work/coord/cpu.lock
+    python -m benchmarks.prepare [--quick]        # with nothing else computing on the machine
 
 writes benchmarks/results/prepare{,_quick}.md with its headline in prepare{,_quick}.summary.json, and logs
 them to MLflow.
