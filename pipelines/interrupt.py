@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 if TYPE_CHECKING:
     from infra.tracking import Tracking
     from tasks.graph import PipelineRun
@@ -100,10 +102,8 @@ def driver_tags() -> dict[str, str]:
 
 def _started(pid: int) -> float | None:
     try:
-        import psutil
-
         return psutil.Process(pid).create_time()
-    except Exception:  # psutil missing, or no such process
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
 

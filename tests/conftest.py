@@ -141,7 +141,7 @@ class MultiNode:
 
     def add_worker(self, name: str) -> Any:
         """Start a worker node with 2 CPUs and the custom resource `name` (e.g. to replace a removed one)."""
-        node = self.cluster.add_node(num_cpus=2, resources={name: 1})
+        node = self.cluster.add_node(**worker_node_args(name))
         self.cluster.wait_for_nodes()
         self.workers[name] = node
         return node
@@ -149,6 +149,14 @@ class MultiNode:
     def remove_worker(self, name: str) -> None:
         """Kill the worker node `name` like a lost machine (no graceful drain)."""
         self.cluster.remove_node(self.workers.pop(name), allow_graceful=False)
+
+
+def worker_node_args(name: str) -> dict[str, Any]:
+    """A worker node with 2 CPUs, the custom resource `name`, and its own runtime-env directory, as a
+    separate machine has: all nodes of a `Cluster` share one session dir, and Ray's working_dir plugin
+    re-unpacks a package (rmtree, then unzip) when a node first uses it, which would pull a submitted job's
+    code out from under the driver running on the head."""
+    return {"num_cpus": 2, "resources": {name: 1}, "runtime_env_dir_name": f"runtime_resources_{name}"}
 
 
 def _wait_for_job_api(url: str, timeout: float = 600) -> None:
@@ -218,7 +226,7 @@ def multinode(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         )
         try:
             workers = {
-                name: cluster.add_node(num_cpus=2, resources={name: 1}) for name in ("node_w1", "node_w2")
+                name: cluster.add_node(**worker_node_args(name)) for name in ("node_w1", "node_w2")
             }
             cluster.wait_for_nodes()
             _wait_for_job_api(f"http://127.0.0.1:{dashboard}")

@@ -44,11 +44,15 @@ class Place:
     endpoint: str | None
 
     @property
+    def s3(self) -> S3Settings:
+        return S3Settings(self.endpoint)
+
+    @property
     def store(self) -> ArtifactStore:
-        return open_store(self.root, S3Settings(self.endpoint))
+        return open_store(self.root, self.s3)
 
     def ctx(self, out: str = "stages/prepare_data/k") -> StageContext:
-        return StageContext(store_uri=self.root, out_prefix=out, key="k", s3=S3Settings(self.endpoint))
+        return StageContext(store_uri=self.root, out_prefix=out, key="k", s3=self.s3)
 
 
 def prepare_data(cfg: DataConfig, ctx: StageContext) -> StageResult:
@@ -150,7 +154,7 @@ def sorted_rows(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> n
 
 
 def stream_all(uri: str, place: Place, split: str = "train", **kw) -> tuple[torch.Tensor, torch.Tensor]:
-    batches = list(ParquetBatches(uri, split=split, s3=S3Settings(place.endpoint), **kw))
+    batches = list(ParquetBatches(uri, split=split, s3=place.s3, **kw))
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
@@ -165,21 +169,21 @@ def test_round_trip(kind, place):
     uri = result.outputs["dataset"]
     assert uri == place.store.uri("stages/prepare_data/k")
     assert result.info["shape"] == list(shape) and result.info["num_classes"] == num_classes
-    manifest = verify(open_store(uri, S3Settings(place.endpoint)), "")
+    manifest = verify(open_store(uri, place.s3), "")
     assert manifest.producer["stage"] == "prepare_data" and manifest.producer["key"] == "k"
-    meta = dataset_meta(uri, place.endpoint)
+    meta = dataset_meta(uri, place.s3)
     assert meta.shape == shape and meta.num_classes == num_classes
     n = int(result.metrics["n_train"] + result.metrics["n_val"])
     assert result.metrics["n_val"] == round(0.2 * n) == meta.rows("val")
     assert sum(manifest.files[f].rows for f in meta.files("train")) == meta.rows("train")
 
     x_train, y_train = stream_all(uri, place, batch_size=5, shuffle_buffer=4, drop_last=False)
-    x_val, y_val, _ = load_split(uri, "val", place.endpoint)
+    x_val, y_val, _ = load_split(uri, "val", place.s3)
     assert x_train.dtype == torch.float32 and x_train.shape[1:] == shape and y_train.dtype == torch.int64
     assert len(y_train) == meta.rows("train") and len(y_val) == meta.rows("val")
     x_all, y_all = torch.cat([x_train, x_val]), torch.cat([y_train, y_val])
     if x_expected is None:  # toy2d: generated, so compare the loader with the stored split
-        x_stored, y_stored, _ = load_split(uri, "train", place.endpoint)
+        x_stored, y_stored, _ = load_split(uri, "train", place.s3)
         np.testing.assert_array_equal(sorted_rows(x_train, y_train), sorted_rows(x_stored, y_stored))
         assert (y_all == -1).all() and torch.isfinite(x_all).all()
     else:
@@ -269,15 +273,15 @@ def test_loader_batches_epochs_and_seed(local):
 
 def test_flipped_byte_in_shard_is_refused(place):
     result = prepare_data(DataConfig(source={"kind": "digits"}, shard_rows=600), place.ctx())
-    store = open_store(result.outputs["dataset"], S3Settings(place.endpoint))
+    store = open_store(result.outputs["dataset"], place.s3)
     data = bytearray(store.read_bytes("train/part-00001.parquet"))
     data[len(data) // 2] ^= 0x01
     store.write_bytes("train/part-00001.parquet", bytes(data))
     shard_uri = re.escape(store.uri("train/part-00001.parquet"))
     with pytest.raises(CorruptOutputError, match=shard_uri):
-        list(ParquetBatches(result.outputs["dataset"], s3=S3Settings(place.endpoint)))
+        list(ParquetBatches(result.outputs["dataset"], s3=place.s3))
     with pytest.raises(CorruptOutputError, match=shard_uri):
-        load_split(result.outputs["dataset"], "train", place.endpoint)
+        load_split(result.outputs["dataset"], "train", place.s3)
     assert not is_complete(store, "")
 
 
@@ -309,7 +313,7 @@ def test_interrupted_stage_leaves_the_earlier_output_intact(place, monkeypatch):
         prepare_data(cfg, place.ctx())
     # The failed stage wrote only to its local staging directory: the store still holds the old output.
     assert verify(store, out) == before
-    assert len(list(ParquetBatches(store.uri(out), s3=S3Settings(place.endpoint)))) > 0
+    assert len(list(ParquetBatches(store.uri(out), s3=place.s3))) > 0
 
 
 def assert_refused(place: Place, cfg: DataConfig, names: str) -> None:
@@ -419,7 +423,7 @@ def test_same_shards_whatever_the_partitioning(place):
     prepare_data(cfg.model_copy(update={"block_rows": 4}), place.ctx("b"))
     assert shard_digests(place, "a") == shard_digests(place, "b")
     assert len(shard_digests(place, "a")) == 3  # 4 train rows in 2 shards, 2 val rows in 1
-    meta = dataset_meta(place.store.uri("a"), place.endpoint)
+    meta = dataset_meta(place.store.uri("a"), place.s3)
     assert meta.x_dtype == "uint8" and meta.normalization == {"from": [0.0, 255.0], "to": [-1, 1]}
 
 
@@ -470,7 +474,7 @@ def test_parquet_source(place):
     place.store.write_bytes("src/pq/_SUCCESS", b"")
     src = {"kind": "parquet", "path": place.store.uri("src/pq"), "x_column": "image", "label_column": "y"}
     result = prepare_data(DataConfig(source=src, val_fraction=0), place.ctx("p"))
-    x, y, meta = load_split(result.outputs["dataset"], "train", place.endpoint)
+    x, y, meta = load_split(result.outputs["dataset"], "train", place.s3)
     assert meta.shape == (3, 4, 5) and meta.num_classes == 3
     expected = to_model_space(pixels.transpose(0, 3, 1, 2), 255)
     np.testing.assert_array_equal(sorted_rows(x, y), sorted_rows(expected, labels))
@@ -481,7 +485,7 @@ def test_parquet_source(place):
     place.store.write_bytes("src/vec.parquet", sink.getvalue().to_pybytes())
     vec = {"kind": "parquet", "path": place.store.uri("src/vec.parquet")}
     result = prepare_data(DataConfig(source=vec, val_fraction=0), place.ctx("v"))
-    x, y, meta = load_split(result.outputs["dataset"], "train", place.endpoint)
+    x, y, meta = load_split(result.outputs["dataset"], "train", place.s3)
     assert meta.x_dtype == "float32" and meta.shape == (2,) and (y == -1).all()
     np.testing.assert_array_equal(sorted_rows(x, y), sorted_rows(values, -np.ones(6)))
 
