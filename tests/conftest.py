@@ -225,9 +225,7 @@ def multinode(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             },
         )
         try:
-            workers = {
-                name: cluster.add_node(**worker_node_args(name)) for name in ("node_w1", "node_w2")
-            }
+            workers = {name: cluster.add_node(**worker_node_args(name)) for name in ("node_w1", "node_w2")}
             cluster.wait_for_nodes()
             _wait_for_job_api(f"http://127.0.0.1:{dashboard}")
             yield MultiNode(
